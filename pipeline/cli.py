@@ -1,0 +1,284 @@
+"""The `harvest` command: local runs, the simulator, run status, DLQ inspection and replay."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.config import Config
+from pipeline.errors import ConfigError, HarvestError
+from pipeline.stages import STAGE_NAMES
+from pipeline.window import Window
+
+DEFAULT_OUT = "harvest-out"
+# The default simulated tree: 10 troops × 10 warriors × 10 data groups = 1,111 calls.
+DEFAULT_TREE = {"troops": 10, "warriors": 10, "data_groups": 10}
+
+
+def _window(args: argparse.Namespace) -> Window:
+    if bool(args.start) != bool(args.end):
+        raise ConfigError("give both --from and --to, or neither (the previous UTC day)")
+    return Window.parse(args.start, args.end) if args.start else Window.previous_day()
+
+
+def _local_config(out: str) -> Config:
+    """Config for commands that read a local run's state (no vendor needed)."""
+    root = Path(out)
+    if not (root / ".harvest").is_dir():
+        raise ConfigError(
+            f"no local harvest state in {root}: run `harvest local --out {root}` first"
+        )
+    return Config(
+        vendor_url="http://localhost",
+        backend="local",
+        sink=str(root),
+        state_dir=str(root / ".harvest"),
+    )
+
+
+def _state_config(args: argparse.Namespace) -> Config:
+    if args.aws:
+        config = Config.from_env()
+        if config.backend != "aws":
+            raise ConfigError(
+                "--aws needs HARVEST_BACKEND=aws (or unset) and the HARVEST_* outputs"
+            )
+        return config
+    return _local_config(args.out)
+
+
+def cmd_local(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    from pipeline.display import print_summary, progress_table
+    from pipeline.local import LocalOptions, Progress, run_local
+    from pipeline.simulator import SimulatorConfig
+
+    token = args.token or os.environ.get("HARVEST_VENDOR_TOKEN")
+    if args.vendor_url and not token:
+        raise ConfigError("--vendor-url needs a token: --token or HARVEST_VENDOR_TOKEN")
+    options = LocalOptions(
+        window=_window(args),
+        out=Path(args.out),
+        vendor_url=args.vendor_url,
+        token=token,
+        rate_calls=args.rate_calls,
+        rate_period=args.rate_period,
+        tick=args.tick,
+        concurrency=args.concurrency,
+        simulator=SimulatorConfig(
+            troops=args.sim_troops,
+            warriors_per_troop=args.sim_warriors,
+            data_groups_per_warrior=args.sim_data_groups,
+            rate_calls=args.rate_calls,
+            rate_period=args.rate_period,
+            latency=args.sim_latency,
+            error_rate=args.sim_error_rate,
+            gone_rate=args.sim_gone_rate,
+            nasty_ids=not args.sim_plain_ids,
+        ),
+    )
+    console = Console(stderr=True)
+    source = args.vendor_url or "the built-in simulator"
+    console.print(f"harvesting {source} for {options.window.from_text} → {options.window.to_text}")
+    if console.is_terminal:
+        with Live(console=console, refresh_per_second=4) as live:
+
+            def show(p: Progress) -> None:
+                live.update(progress_table(p))
+
+            result = run_local(options, show)
+    else:
+        last = [0.0]
+
+        def show_plain(p: Progress) -> None:
+            if p.elapsed - last[0] >= 5:
+                last[0] = p.elapsed
+                done = sum(s.done + s.gone for s in p.stages.values())
+                queued = sum(s.queued + s.in_flight for s in p.stages.values())
+                console.print(
+                    f"{p.elapsed:6.1f} s: {done} done, {queued} queued, {p.calls} calls"
+                    f" ({p.calls_per_second:.0f}/s of {p.limit_per_second:g}/s)"
+                )
+
+        result = run_local(options, show_plain)
+    print_summary(Console(), result)
+    return result.exit_code
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from pipeline.simulator import SimulatorConfig, serve
+
+    config = SimulatorConfig(
+        seed=args.seed,
+        troops=args.troops,
+        warriors_per_troop=args.warriors,
+        data_groups_per_warrior=args.data_groups,
+        token=os.environ.get("HARVEST_SIMULATOR_TOKEN", SimulatorConfig.token),
+        rate_calls=args.rate_calls,
+        rate_period=args.rate_period,
+        latency=args.latency,
+        error_rate=args.error_rate,
+        stall_rate=args.stall_rate,
+        truncate_rate=args.truncate_rate,
+        gone_rate=args.gone_rate,
+        nasty_ids=args.nasty_ids,
+    )
+    print(
+        f"simulated vendor on http://{args.host}:{args.port} "
+        f"(token from HARVEST_SIMULATOR_TOKEN or '{SimulatorConfig.token}'); "
+        "ground truth at /_sim/truth?from=..&to=..; Ctrl-C stops",
+        file=sys.stderr,
+    )
+    serve(config, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from pipeline.display import status_view
+    from pipeline.runtime import build
+
+    rt = build(_state_config(args))
+    runs = rt.ledger.runs()
+    run_id = args.run or (runs[0] if runs else None)
+    status = rt.ledger.status(run_id) if run_id else None
+    if status is None:
+        raise ConfigError(f"no run {args.run!r}" if args.run else "no runs recorded yet")
+    console = Console()
+    console.print(status_view(status))
+    for dead in rt.ledger.dead(status.run_id):
+        console.print(f"  dead: {dead.stage} {' / '.join(dead.path)}: {dead.error}")
+    return 0 if status.complete else 1
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from pipeline.display import dlq_view
+    from pipeline.envelope import Envelope
+    from pipeline.errors import MessageError
+    from pipeline.replay import inspect
+    from pipeline.runtime import build
+
+    rt = build(_state_config(args))
+
+    def last_error(body: str) -> str:
+        try:
+            e = Envelope.from_json(body)
+        except MessageError:
+            return ""
+        return rt.ledger.last_error(e.run_id, e.stage, e.key)
+
+    letters = inspect(rt.dlqs[args.stage], limit=args.limit, last_error=last_error)
+    Console().print(dlq_view(args.stage, letters))
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from pipeline.runtime import build
+
+    rt = build(_state_config(args))
+    report = rt.run_replay(args.stage, max_messages=args.max, dry_run=args.dry_run, rate=args.rate)
+    verb = "would move" if args.dry_run else "moved"
+    count = report.seen if args.dry_run else report.moved
+    print(f"{verb} {count} messages from the {args.stage} DLQ to its queue")
+    for reason, n in report.reasons.most_common():
+        print(f"  {n:6d}  {reason}")
+    if not args.dry_run and args.aws is False and count:
+        print(f"run `harvest local --out {args.out}` with the same window to process them")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="harvest", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    local = sub.add_parser("local", help="harvest on this machine: embedded queues, local sink")
+    local.add_argument("--vendor-url", help="a real vendor base URL (default: built-in simulator)")
+    local.add_argument(
+        "--token",
+        help="vendor token (visible in `ps`: prefer the HARVEST_VENDOR_TOKEN variable)",
+    )
+    local.add_argument("--out", default=DEFAULT_OUT, help=f"output directory ({DEFAULT_OUT})")
+    local.add_argument("--from", dest="start", help="window start, RFC 3339 (default: yesterday)")
+    local.add_argument("--to", dest="end", help="window end, RFC 3339, exclusive")
+    local.add_argument("--rate-calls", type=int, default=100, help="calls per period (100)")
+    local.add_argument("--rate-period", type=float, default=1.0, help="period in seconds (1)")
+    local.add_argument(
+        "--tick", type=float, default=5.0, help="seconds between drain invocations (5; AWS: 60)"
+    )
+    local.add_argument("--concurrency", type=int, default=16, help="calls in flight per drain")
+    local.add_argument("--sim-troops", type=int, default=DEFAULT_TREE["troops"])
+    local.add_argument("--sim-warriors", type=int, default=DEFAULT_TREE["warriors"])
+    local.add_argument("--sim-data-groups", type=int, default=DEFAULT_TREE["data_groups"])
+    local.add_argument("--sim-latency", type=float, default=0.02, help="simulated latency (s)")
+    local.add_argument("--sim-error-rate", type=float, default=0.01, help="share of 5xx faults")
+    local.add_argument("--sim-gone-rate", type=float, default=0.01, help="share of gone entities")
+    local.add_argument("--sim-plain-ids", action="store_true", help="no reserved chars in ids")
+    local.set_defaults(func=cmd_local)
+
+    sim = sub.add_parser("simulate", help="serve the vendor simulator over HTTP")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8000)
+    sim.add_argument("--seed", type=int, default=7)
+    sim.add_argument("--troops", type=int, default=DEFAULT_TREE["troops"])
+    sim.add_argument("--warriors", type=int, default=DEFAULT_TREE["warriors"])
+    sim.add_argument("--data-groups", type=int, default=DEFAULT_TREE["data_groups"])
+    sim.add_argument("--rate-calls", type=int, default=100)
+    sim.add_argument("--rate-period", type=float, default=1.0)
+    sim.add_argument("--latency", type=float, default=0.0)
+    sim.add_argument("--error-rate", type=float, default=0.0)
+    sim.add_argument("--stall-rate", type=float, default=0.0)
+    sim.add_argument("--truncate-rate", type=float, default=0.0)
+    sim.add_argument("--gone-rate", type=float, default=0.0)
+    sim.add_argument("--nasty-ids", action="store_true")
+    sim.set_defaults(func=cmd_simulate)
+
+    def state_args(cmd: argparse.ArgumentParser) -> None:
+        where = cmd.add_mutually_exclusive_group()
+        where.add_argument("--out", default=DEFAULT_OUT, help="a local run's output directory")
+        where.add_argument(
+            "--aws", action="store_true", help="the deployed pipeline (HARVEST_* environment)"
+        )
+
+    status = sub.add_parser("status", help="per-stage progress of a run")
+    status.add_argument("run", nargs="?", help="run id (default: the latest)")
+    state_args(status)
+    status.set_defaults(func=cmd_status)
+
+    dlq = sub.add_parser("dlq", help="list a stage's dead letters grouped by reason")
+    dlq.add_argument("stage", choices=STAGE_NAMES)
+    dlq.add_argument("--limit", type=int, default=1000)
+    state_args(dlq)
+    dlq.set_defaults(func=cmd_dlq)
+
+    replay = sub.add_parser("replay", help="move a stage's DLQ back to its queue")
+    replay.add_argument("stage", choices=STAGE_NAMES)
+    replay.add_argument("--max", type=int, help="move at most N messages")
+    replay.add_argument("--dry-run", action="store_true", help="count and group, move nothing")
+    replay.add_argument("--rate", type=float, help="at most R messages per second")
+    state_args(replay)
+    replay.set_defaults(func=cmd_replay)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except HarvestError as exc:
+        print(f"harvest: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("harvest: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

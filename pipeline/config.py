@@ -1,0 +1,144 @@
+"""One frozen configuration object, built once from the environment (Lambda) or CLI flags.
+
+Environment contract (Terraform sets these on every function):
+
+HARVEST_BACKEND            "aws" (default) or "local"
+HARVEST_VENDOR_URL         vendor base URL
+HARVEST_VENDOR_TOKEN       the token itself (local runs only; never set in Lambda)
+HARVEST_VENDOR_TOKEN_PARAMETER  SSM SecureString name holding the token (AWS)
+HARVEST_RATE_CALLS         calls allowed per period (default 100)
+HARVEST_RATE_PERIOD        the period in seconds (default 1)
+HARVEST_QUEUES             JSON {stage: {"url": ..., "dlq_url": ...}} (AWS)
+HARVEST_STAGE              the stage a drain function serves
+HARVEST_SINK               s3://bucket/prefix or a local directory
+HARVEST_STATE_TABLE        DynamoDB table of the run ledger and the rate budget (AWS)
+HARVEST_STATE_DIR          directory of the local queues, ledger and budget (local)
+HARVEST_MAX_RECEIVE_COUNT  receives before a message is dead-lettered (default 5)
+HARVEST_CONCURRENCY        vendor calls in flight per drain (default 16)
+HARVEST_SAFETY_MARGIN      seconds of an invocation kept free at the end (default 10)
+HARVEST_VISIBILITY_TIMEOUT seconds a received message stays hidden (default 180)
+HARVEST_READ_TIMEOUT       seconds a vendor response may stall before a retry (default 10)
+HARVEST_RETRY_DELAY        first retry delay of a failed message, doubling (default 5)
+HARVEST_WAIT_SECONDS       long-poll wait of an empty receive (default 1)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from pipeline.errors import ConfigError
+from pipeline.stages import STAGE_NAMES
+
+ENV_PREFIX = "HARVEST_"
+
+
+@dataclass(frozen=True)
+class QueueUrls:
+    url: str
+    dlq_url: str
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a kickoff, drain or replay needs to build its objects."""
+
+    vendor_url: str
+    token: str = field(default="", repr=False)
+    token_parameter: str = ""
+    backend: str = "aws"
+    rate_calls: int = 100
+    rate_period: float = 1.0
+    stage: str = ""
+    queues: Mapping[str, QueueUrls] = field(default_factory=dict)
+    sink: str = ""
+    state_table: str = ""
+    state_dir: str = ""
+    max_receive_count: int = 5
+    concurrency: int = 16
+    safety_margin: float = 10.0
+    visibility_timeout: float = 180.0
+    connect_timeout: float = 3.05
+    read_timeout: float = 10.0
+    retry_delay: float = 5.0
+    wait_seconds: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("aws", "local"):
+            raise ConfigError(f"backend must be 'aws' or 'local', not {self.backend!r}")
+        if not self.vendor_url.startswith(("http://", "https://")):
+            raise ConfigError(f"vendor URL must be http(s)://..., not {self.vendor_url!r}")
+        if self.rate_calls < 1 or self.rate_period <= 0:
+            raise ConfigError("rate limit needs calls >= 1 and a period > 0 seconds")
+        if self.stage and self.stage not in STAGE_NAMES:
+            raise ConfigError(f"unknown stage {self.stage!r}; known: {', '.join(STAGE_NAMES)}")
+        if self.max_receive_count < 1 or self.concurrency < 1:
+            raise ConfigError("max receive count and concurrency must be >= 1")
+
+    def with_(self, **changes: Any) -> Config:
+        return replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
+        """Build from HARVEST_* variables (see the module docstring)."""
+        env = os.environ if env is None else env
+
+        def get(name: str, default: str = "") -> str:
+            return env.get(ENV_PREFIX + name, default)
+
+        try:
+            raw_queues = json.loads(get("QUEUES", "{}"))
+            queues = {k: QueueUrls(v["url"], v["dlq_url"]) for k, v in raw_queues.items()}
+            return cls(
+                vendor_url=get("VENDOR_URL"),
+                token=get("VENDOR_TOKEN"),
+                token_parameter=get("VENDOR_TOKEN_PARAMETER"),
+                backend=get("BACKEND", "aws"),
+                rate_calls=int(get("RATE_CALLS", "100")),
+                rate_period=float(get("RATE_PERIOD", "1")),
+                stage=get("STAGE"),
+                queues=queues,
+                sink=get("SINK"),
+                state_table=get("STATE_TABLE"),
+                state_dir=get("STATE_DIR"),
+                max_receive_count=int(get("MAX_RECEIVE_COUNT", "5")),
+                concurrency=int(get("CONCURRENCY", "16")),
+                safety_margin=float(get("SAFETY_MARGIN", "10")),
+                visibility_timeout=float(get("VISIBILITY_TIMEOUT", "180")),
+                read_timeout=float(get("READ_TIMEOUT", "10")),
+                retry_delay=float(get("RETRY_DELAY", "5")),
+                wait_seconds=float(get("WAIT_SECONDS", "1")),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ConfigError(f"bad HARVEST_* environment: {exc}") from exc
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that `from_env` reads back into this config (token excluded)."""
+        return {
+            ENV_PREFIX + k: v
+            for k, v in {
+                "VENDOR_URL": self.vendor_url,
+                "VENDOR_TOKEN_PARAMETER": self.token_parameter,
+                "BACKEND": self.backend,
+                "RATE_CALLS": str(self.rate_calls),
+                "RATE_PERIOD": str(self.rate_period),
+                "STAGE": self.stage,
+                "QUEUES": json.dumps(
+                    {k: {"url": q.url, "dlq_url": q.dlq_url} for k, q in self.queues.items()}
+                ),
+                "SINK": self.sink,
+                "STATE_TABLE": self.state_table,
+                "STATE_DIR": self.state_dir,
+                "MAX_RECEIVE_COUNT": str(self.max_receive_count),
+                "CONCURRENCY": str(self.concurrency),
+                "SAFETY_MARGIN": str(self.safety_margin),
+                "VISIBILITY_TIMEOUT": str(self.visibility_timeout),
+                "READ_TIMEOUT": str(self.read_timeout),
+                "RETRY_DELAY": str(self.retry_delay),
+                "WAIT_SECONDS": str(self.wait_seconds),
+            }.items()
+            if v
+        }

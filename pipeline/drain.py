@@ -1,0 +1,376 @@
+"""The drain loop: receive up to 10 messages, call the vendor, fan out, delete; until time runs out.
+
+One loop serves every stage (the stage definition says which listing to call and where
+the results go). Messages are processed by a thread pool so that vendor latency does not
+cap throughput: the rate budget, not the thread count, sets the pace. A batch of 10 is
+finished as a unit: children are recorded and sent in batches of 10, dead messages are sent
+to the DLQ with their reason, then done, gone and dead messages are deleted in one call.
+Retryable failures go back to the queue with a growing visibility delay and are
+dead-lettered by the drain itself at the last allowed receive, with the error as reason.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from aws_lambda_powertools import Logger
+
+from pipeline.envelope import Envelope
+from pipeline.errors import (
+    AuthError,
+    GoneError,
+    MessageError,
+    PoisonError,
+    RetryableError,
+)
+from pipeline.ledger import DEAD, DONE, GONE, Ledger
+from pipeline.queues import BATCH, Message, Outgoing, Queue
+from pipeline.sinks import Sink, write_records
+from pipeline.stages import Stage
+from pipeline.stats import CallStats
+from pipeline.vendor import VendorClient
+
+logger = Logger(service="harvest", child=True)
+
+RETRY, STOP, RELEASE = "retry", "stop", "release"
+MAX_ERROR_CHARS = 1000
+# Attribute names that a dead-lettered message carries (besides its own).
+ERROR_CLASS, ERROR_MESSAGE = "error_class", "error_message"
+DEAD_STAGE, DEAD_AT, DEAD_RECEIVES = "dead_stage", "dead_at", "dead_receive_count"
+
+
+@dataclass
+class Outcome:
+    message: Message
+    envelope: Envelope | None
+    kind: str
+    children: list[Envelope] = field(default_factory=list)
+    error: str = ""
+    error_class: str = ""
+
+
+@dataclass
+class DrainReport:
+    """What one drain invocation did: handlers turn it into metrics, `harvest local` too."""
+
+    stage: str
+    received: int = 0
+    done: int = 0
+    gone: int = 0
+    dead: int = 0
+    retried: int = 0
+    children: int = 0
+    stopped: str = ""  # deadline | idle | auth
+    auth_error: str = ""
+    runs: set[str] = field(default_factory=set)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "runs": sorted(self.runs)}
+
+
+@dataclass
+class _Batch:
+    messages: Sequence[Message]
+    outcomes: list[Outcome] = field(default_factory=list)
+
+
+def describe(exc: BaseException) -> tuple[str, str]:
+    """(class name, message) of an error, the message cut to a size a queue attribute holds."""
+    return type(exc).__name__, str(exc)[:MAX_ERROR_CHARS]
+
+
+class Drain:
+    """Drains one stage's queue into the next stage's queue (or the sink)."""
+
+    def __init__(
+        self,
+        stage: Stage,
+        *,
+        queue: Queue,
+        dlq: Queue,
+        child_queue: Queue | None,
+        upstream: Sequence[Queue],
+        client: VendorClient,
+        sink: Sink,
+        ledger: Ledger,
+        stats: CallStats,
+        concurrency: int = 16,
+        max_receive_count: int = 5,
+        retry_delay: float = 5.0,
+        wait_seconds: float = 1.0,
+    ) -> None:
+        if stage.child is not None and child_queue is None:
+            raise ValueError(f"stage {stage.name} fans out to {stage.child} but has no child queue")
+        self.stage = stage
+        self.queue, self.dlq, self.child_queue = queue, dlq, child_queue
+        self.upstream = upstream
+        self.client, self.sink, self.ledger, self.stats = client, sink, ledger, stats
+        self.concurrency = concurrency
+        self.max_receive_count = max_receive_count
+        self.retry_delay = retry_delay
+        self.wait_seconds = wait_seconds
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self, remaining: Callable[[], float], safety_margin: float) -> DrainReport:
+        """Drain until `remaining()` falls to `safety_margin`, the stage is idle, or a 401."""
+        report = DrainReport(self.stage.name)
+        cond = threading.Condition()
+        state = {"active": 0}
+        stop = threading.Event()
+        # Enough received messages that every thread has one waiting, not more: the rest
+        # stay visible to other invocations.
+        room = self.concurrency + BATCH
+
+        def release(n: int) -> None:
+            with cond:
+                state["active"] -= n
+                cond.notify_all()
+
+        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"drain-{self.stage.name}")
+        try:
+            while not stop.is_set():
+                if remaining() <= safety_margin:
+                    report.stopped = "deadline"
+                    break
+                with cond:
+                    if state["active"] + BATCH > room:
+                        cond.wait(0.2)
+                        continue
+                wait = max(0.0, min(self.wait_seconds, remaining() - safety_margin))
+                messages = self.queue.receive(BATCH, wait_seconds=wait)
+                if not messages:
+                    with cond:
+                        busy = state["active"] > 0
+                    if not busy and self._idle():
+                        report.stopped = "idle"
+                        break
+                    continue
+                report.received += len(messages)
+                with cond:
+                    state["active"] += len(messages)
+                batch = _Batch(messages)
+                for message in messages:
+                    pool.submit(
+                        self._work, batch, message, report, stop, remaining, safety_margin, release
+                    )
+        finally:
+            pool.shutdown(wait=True)
+        if stop.is_set():
+            report.stopped = "auth"
+        return report
+
+    def _idle(self) -> bool:
+        """Nothing left here or upstream: stop instead of polling an empty queue."""
+        return self.queue.depth().total == 0 and all(q.depth().total == 0 for q in self.upstream)
+
+    def _work(
+        self,
+        batch: _Batch,
+        message: Message,
+        report: DrainReport,
+        stop: threading.Event,
+        remaining: Callable[[], float],
+        safety_margin: float,
+        release: Callable[[int], None],
+    ) -> None:
+        if stop.is_set():
+            outcome = Outcome(message, None, STOP)
+        elif remaining() <= safety_margin / 2:
+            outcome = Outcome(message, None, RELEASE)
+        else:
+            outcome = self.process(message)
+            if outcome.kind == STOP:
+                report.auth_error = outcome.error
+                stop.set()
+        with _BATCH_LOCK:
+            batch.outcomes.append(outcome)
+            finished = len(batch.outcomes) == len(batch.messages)
+        if finished:
+            try:
+                self.finish(batch.outcomes, report)
+            except Exception:
+                # Nothing was deleted that was not safely recorded: the messages come back.
+                logger.exception("finishing a batch failed; its messages will be redelivered")
+            finally:
+                release(len(batch.messages))
+
+    # -- one message ----------------------------------------------------------------------
+
+    def process(self, message: Message) -> Outcome:
+        """Process one message and say what becomes of it; never raises."""
+        try:
+            envelope = Envelope.from_json(message.body)
+            if envelope.stage != self.stage.name:
+                raise MessageError(f"a {envelope.stage} message on the {self.stage.name} queue")
+        except MessageError as exc:
+            return _failed(message, None, DEAD, exc)
+        try:
+            if self.stage.child is not None:
+                children = [
+                    envelope.child(self.stage.child, child_id)
+                    for child_id in self._child_ids(envelope)
+                ]
+                return Outcome(message, envelope, DONE, children)
+            self._harvest(envelope)
+            return Outcome(message, envelope, DONE)
+        except GoneError as exc:
+            return _failed(message, envelope, GONE, exc)
+        except PoisonError as exc:
+            return _failed(message, envelope, DEAD, exc)
+        except AuthError as exc:
+            return _failed(message, envelope, STOP, exc)
+        except RetryableError as exc:
+            return self._retry_or_dead(message, envelope, exc)
+        except Exception as exc:  # a bug or an unforeseen response: retry, then dead-letter
+            logger.exception(
+                "unexpected error processing a message", extra={"stage": self.stage.name}
+            )
+            return self._retry_or_dead(message, envelope, exc)
+
+    def _retry_or_dead(self, message: Message, envelope: Envelope, exc: Exception) -> Outcome:
+        kind = DEAD if message.receive_count >= self.max_receive_count else RETRY
+        return _failed(message, envelope, kind, exc)
+
+    def _child_ids(self, envelope: Envelope) -> list[str]:
+        ids: list[str] = []
+        for item in self.client.items(self.stage.path, envelope.entity_id):
+            child_id = item.get("id") if isinstance(item, dict) else None
+            if not isinstance(child_id, str) or not child_id:
+                raise PoisonError(
+                    f"{self.stage.name} listing returned an item without an id: {item!r}"
+                )
+            ids.append(child_id)
+        # A listing that repeats an id must not make the entity twice.
+        return list(dict.fromkeys(ids))
+
+    def _harvest(self, envelope: Envelope) -> None:
+        window = envelope.window
+        points: list[dict[str, Any]] = []
+        params = {"from": window.from_text, "to": window.to_text}
+        for item in self.client.items(self.stage.path, envelope.entity_id, params):
+            if (
+                not isinstance(item, dict)
+                or not isinstance(item.get("ts"), str)
+                or not isinstance(item.get("value"), int | float)
+            ):
+                raise PoisonError(f"data point without ts/value: {item!r}")
+            points.append({"ts": item["ts"], "value": item["value"]})
+        troop_id, warrior_id, data_group_id = envelope.path
+        record = {
+            "run_id": envelope.run_id,
+            "troop_id": troop_id,
+            "warrior_id": warrior_id,
+            "data_group_id": data_group_id,
+            "from": window.from_text,
+            "to": window.to_text,
+            "points": points,
+        }
+        write_records(self.sink, envelope.run_id, envelope.key, [record])
+
+    # -- one batch ------------------------------------------------------------------------
+
+    def finish(self, outcomes: Sequence[Outcome], report: DrainReport) -> None:
+        """Record, fan out, dead-letter, delete: in the order that never loses a message."""
+        by_kind: dict[str, list[Outcome]] = {}
+        for o in outcomes:
+            by_kind.setdefault(o.kind, []).append(o)
+            if o.envelope is not None:
+                report.runs.add(o.envelope.run_id)
+        done, gone, dead = by_kind.get(DONE, []), by_kind.get(GONE, []), by_kind.get(DEAD, [])
+
+        children = [c for o in done for c in o.children]
+        if children and self.child_queue is not None:
+            for run_id, group in _by_run(children).items():
+                self.ledger.enqueued(run_id, group[0].stage, [(c.key, c.path) for c in group])
+            self.child_queue.send([Outgoing(c.to_json()) for c in children])
+        if dead:
+            self.dlq.send([self._dead_letter(o) for o in dead])
+        for kind, items in ((DONE, done), (GONE, gone), (DEAD, dead)):
+            for o in items:
+                if o.envelope is not None:
+                    self.ledger.finish(
+                        o.envelope.run_id, self.stage.name, o.envelope.key, kind, o.error
+                    )
+        self.queue.delete([o.message.receipt for o in (*done, *gone, *dead)])
+
+        retry = by_kind.get(RETRY, [])
+        for o in retry:
+            if o.envelope is not None:
+                self.ledger.record_error(
+                    o.envelope.run_id,
+                    self.stage.name,
+                    o.envelope.key,
+                    f"{o.error_class}: {o.error}",
+                )
+        for delay, delayed in _by_delay(retry, self.retry_delay).items():
+            self.queue.change_visibility([o.message.receipt for o in delayed], delay)
+        # Messages not processed (401 or the deadline) become visible again at once; their
+        # receive count grows by one, which is why the drain stops at the first 401.
+        released = [o.message.receipt for o in (*by_kind.get(STOP, []), *by_kind.get(RELEASE, []))]
+        if released:
+            self.queue.change_visibility(released, 0)
+
+        for o in dead:
+            logger.warning(
+                "message dead-lettered",
+                extra={"stage": self.stage.name, "reason": f"{o.error_class}: {o.error}"},
+            )
+        report.done += len(done)
+        report.gone += len(gone)
+        report.dead += len(dead)
+        report.retried += len(retry)
+        report.children += len(children)
+        self.stats.add(
+            messages_done=len(done),
+            messages_gone=len(gone),
+            messages_dead=len(dead),
+            messages_failed=len(retry),
+        )
+
+    def _dead_letter(self, o: Outcome) -> Outgoing:
+        attributes: Mapping[str, str] = {
+            **o.message.attributes,
+            ERROR_CLASS: o.error_class or "Error",
+            ERROR_MESSAGE: o.error or "(no message)",
+            DEAD_STAGE: self.stage.name,
+            DEAD_RECEIVES: str(o.message.receive_count),
+            DEAD_AT: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        return Outgoing(o.message.body, attributes)
+
+
+_BATCH_LOCK = threading.Lock()
+
+
+def _failed(message: Message, envelope: Envelope | None, kind: str, exc: BaseException) -> Outcome:
+    error_class, error = describe(exc)
+    return Outcome(message, envelope, kind, error=error, error_class=error_class)
+
+
+def _by_run(children: Sequence[Envelope]) -> dict[str, list[Envelope]]:
+    groups: dict[str, list[Envelope]] = {}
+    for c in children:
+        groups.setdefault(c.run_id, []).append(c)
+    return groups
+
+
+def _by_delay(outcomes: Sequence[Outcome], base: float) -> dict[float, list[Outcome]]:
+    """Exponential backoff by receive count: base, 2*base, 4*base, ... capped at 15 minutes."""
+    groups: dict[float, list[Outcome]] = {}
+    for o in outcomes:
+        delay = min(base * 2 ** max(0, o.message.receive_count - 1), 900.0)
+        groups.setdefault(delay, []).append(o)
+    return groups
+
+
+def monotonic_deadline(seconds: float) -> Callable[[], float]:
+    """A `remaining()` for code that has no Lambda context: seconds left of `seconds` from now."""
+    end = time.monotonic() + seconds
+    return lambda: end - time.monotonic()

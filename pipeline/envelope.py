@@ -1,0 +1,98 @@
+"""The queue message envelope: versioned JSON, validated on receipt."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.errors import MessageError
+from pipeline.stages import STAGE_NAMES, stage
+from pipeline.window import Window
+
+VERSION = 1
+# Far above any real message (three ids of at most 128 characters) and far below SQS's
+# 256 KiB: anything bigger is not ours.
+MAX_BODY_BYTES = 16 * 1024
+MAX_ID_CHARS = 128
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """One entity to process: a troop, a warrior or a data group of one run."""
+
+    run_id: str
+    stage: str
+    path: tuple[str, ...]
+    window: Window
+
+    @property
+    def entity_id(self) -> str:
+        return self.path[-1]
+
+    @property
+    def key(self) -> str:
+        """Deterministic key of this entity within its run: same entity, same key."""
+        raw = json.dumps([self.stage, *self.path], ensure_ascii=False)
+        return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+    def child(self, child_stage: str, child_id: str) -> Envelope:
+        return Envelope(self.run_id, child_stage, (*self.path, child_id), self.window)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "v": VERSION,
+                "run_id": self.run_id,
+                "stage": self.stage,
+                "path": list(self.path),
+                "from": self.window.from_text,
+                "to": self.window.to_text,
+            },
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, body: str) -> Envelope:
+        """Parse and validate a message body; MessageError says what is wrong with it."""
+        if len(body.encode("utf-8", "surrogatepass")) > MAX_BODY_BYTES:
+            raise MessageError(f"message body over {MAX_BODY_BYTES} bytes")
+        try:
+            data: Any = json.loads(body)
+        except ValueError as exc:
+            raise MessageError(f"message body is not JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise MessageError("message body is not a JSON object")
+        if data.get("v") != VERSION:
+            raise MessageError(f"unknown envelope version {data.get('v')!r}; expected {VERSION}")
+        name = data.get("stage")
+        if name not in STAGE_NAMES:
+            raise MessageError(f"unknown stage {name!r}")
+        run_id, path = data.get("run_id"), data.get("path")
+        if not isinstance(run_id, str) or not run_id:
+            raise MessageError("run_id must be a non-empty string")
+        if not isinstance(path, list) or len(path) != stage(name).depth:
+            raise MessageError(f"path must be a list of {stage(name).depth} ids for {name}")
+        for item in path:
+            if not _valid_id(item):
+                raise MessageError(f"invalid id in path: {item!r}")
+        start, end = data.get("from"), data.get("to")
+        if not isinstance(start, str) or not isinstance(end, str):
+            raise MessageError("from and to must be RFC 3339 strings")
+        try:
+            window = Window.parse(start, end)
+        except Exception as exc:  # ConfigError from a bad instant is bad input here
+            raise MessageError(f"bad window: {exc}") from exc
+        if window.run_id != run_id:
+            raise MessageError(f"run_id {run_id!r} does not match its window {window.run_id!r}")
+        return cls(run_id, name, tuple(path), window)
+
+
+def _valid_id(value: object) -> bool:
+    return (
+        isinstance(value, str)
+        and 1 <= len(value) <= MAX_ID_CHARS
+        and not any(ord(c) < 32 or 127 <= ord(c) < 160 for c in value)
+    )

@@ -1,0 +1,43 @@
+"""The error hierarchy: one base class, one subclass per way the drain must react."""
+
+from __future__ import annotations
+
+
+class HarvestError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class VendorError(HarvestError):
+    """A vendor call failed; the subclass says what the drain does about it."""
+
+
+class GoneError(VendorError):
+    """404: the entity no longer exists. The message is done, recorded as gone."""
+
+
+class PoisonError(VendorError):
+    """400, or a request that can never succeed. The message goes to its DLQ at once."""
+
+
+class AuthError(VendorError):
+    """401: the token is wrong. The drain stops and alerts; messages stay queued."""
+
+
+class RetryableError(VendorError):
+    """5xx, stall, truncated body, or 429 after retries: the message returns via the queue."""
+
+
+class RateLimitedError(RetryableError):
+    """429 from the vendor, carrying its Retry-After in seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class MessageError(HarvestError):
+    """A queue message is malformed, oversize, or of an unknown stage or version."""
+
+
+class ConfigError(HarvestError):
+    """The configuration is incomplete or inconsistent."""

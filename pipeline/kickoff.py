@@ -1,0 +1,43 @@
+"""The kickoff: list the troops and fan each out as a message on the first stage's queue."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aws_lambda_powertools import Logger
+
+from pipeline.envelope import Envelope
+from pipeline.errors import PoisonError
+from pipeline.ledger import Ledger
+from pipeline.queues import Outgoing, Queue
+from pipeline.stages import FIRST_STAGE, ROOT_PATH
+from pipeline.vendor import VendorClient
+from pipeline.window import Window
+
+logger = Logger(service="harvest", child=True)
+
+
+@dataclass(frozen=True)
+class KickoffReport:
+    run_id: str
+    troops: int
+    window_from: str
+    window_to: str
+
+
+def kickoff(window: Window, *, client: VendorClient, queue: Queue, ledger: Ledger) -> KickoffReport:
+    """Start (or restart) the run of `window`; rerunning it is harmless, entities count once."""
+    run_id = window.run_id
+    ledger.start_run(run_id, window.from_text, window.to_text)
+    troops: list[Envelope] = []
+    for item in client.items(ROOT_PATH):
+        troop_id = item.get("id") if isinstance(item, dict) else None
+        if not isinstance(troop_id, str) or not troop_id:
+            raise PoisonError(f"troop listing returned an item without an id: {item!r}")
+        troops.append(Envelope(run_id, FIRST_STAGE, (troop_id,), window))
+    troops = list({t.key: t for t in troops}.values())
+    ledger.enqueued(run_id, FIRST_STAGE, [(t.key, t.path) for t in troops])
+    queue.send([Outgoing(t.to_json()) for t in troops])
+    ledger.kicked_off(run_id)
+    logger.info("run kicked off", extra={"run_id": run_id, "troops": len(troops)})
+    return KickoffReport(run_id, len(troops), window.from_text, window.to_text)

@@ -1,0 +1,436 @@
+"""The run ledger: per run and stage, which entities were enqueued, done, gone or dead.
+
+Entities are keyed (stage, entity key), so duplicate deliveries and redeliveries after a
+crash count once: counts are exact under at-least-once delivery. A run is *settled* when
+everything enqueued is done, gone or dead, and *complete* when it is settled with nothing
+dead. `SqliteLedger` serves local runs; `DynamoLedger` keeps the same records in the
+state table in AWS.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pipeline.stages import STAGE_NAMES
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb import DynamoDBClient
+
+QUEUED, DONE, GONE, DEAD = "queued", "done", "gone", "dead"
+FINAL_STATES = (DONE, GONE, DEAD)
+STAT_FIELDS = ("calls", "rate_limited", "retries")
+
+
+@dataclass(frozen=True)
+class StageCounts:
+    enqueued: int = 0
+    done: int = 0
+    gone: int = 0
+    dead: int = 0
+
+    @property
+    def pending(self) -> int:
+        return self.enqueued - self.done - self.gone - self.dead
+
+
+@dataclass(frozen=True)
+class DeadEntity:
+    stage: str
+    path: tuple[str, ...]
+    error: str
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    run_id: str
+    window_from: str
+    window_to: str
+    kicked_off: bool
+    started_at: float
+    completed_at: float | None
+    stages: Mapping[str, StageCounts]
+    stats: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def settled(self) -> bool:
+        """Kicked off, and everything enqueued is done, gone or dead."""
+        return self.kicked_off and all(c.pending == 0 for c in self.stages.values())
+
+    @property
+    def dead(self) -> int:
+        return sum(c.dead for c in self.stages.values())
+
+    @property
+    def complete(self) -> bool:
+        return self.settled and self.dead == 0
+
+
+class Ledger(Protocol):
+    """Run records and per-entity states; every write is idempotent."""
+
+    def start_run(self, run_id: str, window_from: str, window_to: str) -> None: ...
+
+    def kicked_off(self, run_id: str) -> None: ...
+
+    def enqueued(
+        self, run_id: str, stage: str, entities: Sequence[tuple[str, tuple[str, ...]]]
+    ) -> None:
+        """Record (key, path) entities as queued unless already known."""
+
+    def finish(self, run_id: str, stage: str, key: str, state: str, error: str = "") -> None:
+        """Move an entity to done, gone or dead. dead never overwrites done or gone."""
+
+    def record_error(self, run_id: str, stage: str, key: str, error: str) -> None:
+        """Remember the last error of an entity that will be retried."""
+
+    def add_stats(self, run_id: str, **amounts: int) -> None: ...
+
+    def status(self, run_id: str) -> RunStatus | None: ...
+
+    def dead(self, run_id: str) -> list[DeadEntity]: ...
+
+    def last_error(self, run_id: str, stage: str, key: str) -> str: ...
+
+    def mark_completed(self, run_id: str) -> bool:
+        """Record completion; True only for the call that recorded it first."""
+
+    def runs(self) -> list[str]:
+        """Known run ids, newest first."""
+
+
+# ---------------------------------------------------------------------------------------
+# SQLite (local runs)
+# ---------------------------------------------------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, window_from TEXT, window_to TEXT, started_at REAL,
+    kicked_off INTEGER DEFAULT 0, completed_at REAL,
+    calls INTEGER DEFAULT 0, rate_limited INTEGER DEFAULT 0, retries INTEGER DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS entities (
+    run_id TEXT, stage TEXT, key TEXT, path TEXT, state TEXT, error TEXT DEFAULT '',
+    PRIMARY KEY (run_id, stage, key)
+);
+"""
+
+
+class SqliteLedger:
+    """The ledger in a SQLite file; thread-safe, readable by other processes (`harvest status`)."""
+
+    def __init__(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db.executescript(_SCHEMA)
+
+    def _write(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            cur = self._db.executemany(sql, rows)
+            self._db.execute("COMMIT")
+            return cur.rowcount
+
+    def start_run(self, run_id: str, window_from: str, window_to: str) -> None:
+        self._write(
+            "INSERT OR IGNORE INTO runs (run_id, window_from, window_to, started_at)"
+            " VALUES (?, ?, ?, ?)",
+            [(run_id, window_from, window_to, time.time())],
+        )
+
+    def kicked_off(self, run_id: str) -> None:
+        self._write("UPDATE runs SET kicked_off = 1 WHERE run_id = ?", [(run_id,)])
+
+    def enqueued(
+        self, run_id: str, stage: str, entities: Sequence[tuple[str, tuple[str, ...]]]
+    ) -> None:
+        self._write(
+            "INSERT OR IGNORE INTO entities (run_id, stage, key, path, state)"
+            " VALUES (?, ?, ?, ?, ?)",
+            [(run_id, stage, k, json.dumps(p, ensure_ascii=False), QUEUED) for k, p in entities],
+        )
+
+    def finish(self, run_id: str, stage: str, key: str, state: str, error: str = "") -> None:
+        guard = " AND state NOT IN ('done', 'gone')" if state == DEAD else ""
+        self._write(
+            "UPDATE entities SET state = ?, error = ?"
+            f" WHERE run_id = ? AND stage = ? AND key = ?{guard}",
+            [(state, error, run_id, stage, key)],
+        )
+
+    def record_error(self, run_id: str, stage: str, key: str, error: str) -> None:
+        self._write(
+            "UPDATE entities SET error = ? WHERE run_id = ? AND stage = ? AND key = ?",
+            [(error, run_id, stage, key)],
+        )
+
+    def add_stats(self, run_id: str, **amounts: int) -> None:
+        names = [n for n in amounts if n in STAT_FIELDS]
+        if names:
+            sets = ", ".join(f"{n} = {n} + ?" for n in names)
+            self._write(
+                f"UPDATE runs SET {sets} WHERE run_id = ?",
+                [(*(amounts[n] for n in names), run_id)],
+            )
+
+    def status(self, run_id: str) -> RunStatus | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT window_from, window_to, kicked_off, started_at, completed_at,"
+                " calls, rate_limited, retries FROM runs WHERE run_id = ?",
+                (run_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            counts = self._db.execute(
+                "SELECT stage, state, COUNT(*) FROM entities"
+                " WHERE run_id = ? GROUP BY stage, state",
+                (run_id,),
+            ).fetchall()
+        return RunStatus(
+            run_id=run_id,
+            window_from=row[0],
+            window_to=row[1],
+            kicked_off=bool(row[2]),
+            started_at=row[3],
+            completed_at=row[4],
+            stages=_stage_counts((s, st, n) for s, st, n in counts),
+            stats=dict(zip(STAT_FIELDS, row[5:8], strict=True)),
+        )
+
+    def dead(self, run_id: str) -> list[DeadEntity]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT stage, path, error FROM entities WHERE run_id = ? AND state = 'dead'"
+                " ORDER BY stage, key",
+                (run_id,),
+            ).fetchall()
+        return [DeadEntity(s, tuple(json.loads(p)), e) for s, p, e in rows]
+
+    def last_error(self, run_id: str, stage: str, key: str) -> str:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT error FROM entities WHERE run_id = ? AND stage = ? AND key = ?",
+                (run_id, stage, key),
+            ).fetchone()
+        return str(row[0]) if row and row[0] else ""
+
+    def mark_completed(self, run_id: str) -> bool:
+        return (
+            self._write(
+                "UPDATE runs SET completed_at = ? WHERE run_id = ? AND completed_at IS NULL",
+                [(time.time(), run_id)],
+            )
+            > 0
+        )
+
+    def runs(self) -> list[str]:
+        with self._lock:
+            rows = self._db.execute("SELECT run_id FROM runs ORDER BY started_at DESC").fetchall()
+        return [r[0] for r in rows]
+
+
+def _stage_counts(rows: Iterable[tuple[str, str, int]]) -> dict[str, StageCounts]:
+    tally: dict[str, dict[str, int]] = {s: {} for s in STAGE_NAMES}
+    for stage, state, n in rows:
+        tally.setdefault(stage, {})[state] = tally.get(stage, {}).get(state, 0) + n
+    return {
+        stage: StageCounts(
+            enqueued=sum(t.values()),
+            done=t.get(DONE, 0),
+            gone=t.get(GONE, 0),
+            dead=t.get(DEAD, 0),
+        )
+        for stage, t in tally.items()
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# DynamoDB (AWS): pk/sk items in the state table
+# ---------------------------------------------------------------------------------------
+
+
+def _run_pk(run_id: str) -> str:
+    return f"run#{run_id}"
+
+
+def _entity_pk(run_id: str, stage: str) -> str:
+    return f"run#{run_id}#{stage}"
+
+
+class DynamoLedger:
+    """The ledger as items of the state table: one per run, one per (run, stage, entity)."""
+
+    RUNS_PK = "runs"
+
+    def __init__(self, client: DynamoDBClient, table: str) -> None:
+        self._ddb = client
+        self.table = table
+
+    def start_run(self, run_id: str, window_from: str, window_to: str) -> None:
+        now = str(time.time())
+        self._ddb.update_item(
+            TableName=self.table,
+            Key={"pk": {"S": _run_pk(run_id)}, "sk": {"S": "meta"}},
+            UpdateExpression="SET window_from = if_not_exists(window_from, :f),"
+            " window_to = if_not_exists(window_to, :t), started_at = if_not_exists(started_at, :n)",
+            ExpressionAttributeValues={
+                ":f": {"S": window_from},
+                ":t": {"S": window_to},
+                ":n": {"N": now},
+            },
+        )
+        self._ddb.put_item(
+            TableName=self.table,
+            Item={"pk": {"S": self.RUNS_PK}, "sk": {"S": run_id}, "started_at": {"N": now}},
+        )
+
+    def kicked_off(self, run_id: str) -> None:
+        self._ddb.update_item(
+            TableName=self.table,
+            Key={"pk": {"S": _run_pk(run_id)}, "sk": {"S": "meta"}},
+            UpdateExpression="SET kicked_off = :y",
+            ExpressionAttributeValues={":y": {"BOOL": True}},
+        )
+
+    def enqueued(
+        self, run_id: str, stage: str, entities: Sequence[tuple[str, tuple[str, ...]]]
+    ) -> None:
+        for key, path in entities:
+            self._ddb.update_item(
+                TableName=self.table,
+                Key={"pk": {"S": _entity_pk(run_id, stage)}, "sk": {"S": key}},
+                UpdateExpression="SET #s = if_not_exists(#s, :q), #p = if_not_exists(#p, :p)",
+                ExpressionAttributeNames={"#s": "state", "#p": "path"},
+                ExpressionAttributeValues={
+                    ":q": {"S": QUEUED},
+                    ":p": {"S": json.dumps(path, ensure_ascii=False)},
+                },
+            )
+
+    def finish(self, run_id: str, stage: str, key: str, state: str, error: str = "") -> None:
+        kwargs: dict[str, Any] = {}
+        if state == DEAD:
+            kwargs["ConditionExpression"] = "NOT #s IN (:d, :g)"
+            kwargs["ExpressionAttributeValues"] = {":d": {"S": DONE}, ":g": {"S": GONE}}
+        values = {
+            ":s": {"S": state},
+            ":e": {"S": error},
+            **kwargs.pop("ExpressionAttributeValues", {}),
+        }
+        try:
+            self._ddb.update_item(
+                TableName=self.table,
+                Key={"pk": {"S": _entity_pk(run_id, stage)}, "sk": {"S": key}},
+                UpdateExpression="SET #s = :s, #e = :e",
+                ExpressionAttributeNames={"#s": "state", "#e": "error"},
+                ExpressionAttributeValues=values,
+                **kwargs,
+            )
+        except self._ddb.exceptions.ConditionalCheckFailedException:
+            pass  # already done or gone: a late duplicate must not mark it dead
+
+    def record_error(self, run_id: str, stage: str, key: str, error: str) -> None:
+        self._ddb.update_item(
+            TableName=self.table,
+            Key={"pk": {"S": _entity_pk(run_id, stage)}, "sk": {"S": key}},
+            UpdateExpression="SET #e = :e",
+            ExpressionAttributeNames={"#e": "error"},
+            ExpressionAttributeValues={":e": {"S": error}},
+        )
+
+    def add_stats(self, run_id: str, **amounts: int) -> None:
+        names = [n for n in amounts if n in STAT_FIELDS and amounts[n]]
+        if not names:
+            return
+        self._ddb.update_item(
+            TableName=self.table,
+            Key={"pk": {"S": _run_pk(run_id)}, "sk": {"S": "meta"}},
+            UpdateExpression="ADD " + ", ".join(f"{n} :{n}" for n in names),
+            ExpressionAttributeValues={f":{n}": {"N": str(amounts[n])} for n in names},
+        )
+
+    def status(self, run_id: str) -> RunStatus | None:
+        item = self._ddb.get_item(
+            TableName=self.table,
+            Key={"pk": {"S": _run_pk(run_id)}, "sk": {"S": "meta"}},
+            ConsistentRead=True,
+        ).get("Item")
+        if item is None:
+            return None
+        rows: list[tuple[str, str, int]] = []
+        for stage in STAGE_NAMES:
+            for entity in self._query(_entity_pk(run_id, stage), "#s"):
+                rows.append((stage, entity["state"]["S"], 1))
+        return RunStatus(
+            run_id=run_id,
+            window_from=item.get("window_from", {}).get("S", ""),
+            window_to=item.get("window_to", {}).get("S", ""),
+            kicked_off=item.get("kicked_off", {}).get("BOOL", False),
+            started_at=float(item.get("started_at", {}).get("N", "0")),
+            completed_at=float(item["completed_at"]["N"]) if "completed_at" in item else None,
+            stages=_stage_counts(rows),
+            stats={n: int(item.get(n, {}).get("N", "0")) for n in STAT_FIELDS},
+        )
+
+    def _query(self, pk: str, projection: str) -> Iterable[dict[str, Any]]:
+        pages = self._ddb.get_paginator("query").paginate(
+            TableName=self.table,
+            KeyConditionExpression="pk = :pk",
+            ExpressionAttributeValues={":pk": {"S": pk}},
+            ProjectionExpression=projection,
+            ExpressionAttributeNames={"#s": "state", "#p": "path", "#e": "error"}
+            if "#p" in projection
+            else {"#s": "state"},
+            ConsistentRead=True,
+        )
+        for page in pages:
+            yield from page.get("Items", [])
+
+    def dead(self, run_id: str) -> list[DeadEntity]:
+        found = []
+        for stage in STAGE_NAMES:
+            for e in self._query(_entity_pk(run_id, stage), "#s, #p, #e"):
+                if e["state"]["S"] == DEAD:
+                    path = tuple(json.loads(e.get("path", {}).get("S", "[]")))
+                    found.append(DeadEntity(stage, path, e.get("error", {}).get("S", "")))
+        return found
+
+    def last_error(self, run_id: str, stage: str, key: str) -> str:
+        item = self._ddb.get_item(
+            TableName=self.table,
+            Key={"pk": {"S": _entity_pk(run_id, stage)}, "sk": {"S": key}},
+        ).get("Item", {})
+        return str(item.get("error", {}).get("S", ""))
+
+    def mark_completed(self, run_id: str) -> bool:
+        try:
+            self._ddb.update_item(
+                TableName=self.table,
+                Key={"pk": {"S": _run_pk(run_id)}, "sk": {"S": "meta"}},
+                UpdateExpression="SET completed_at = :n",
+                ConditionExpression="attribute_not_exists(completed_at)",
+                ExpressionAttributeValues={":n": {"N": str(time.time())}},
+            )
+            return True
+        except self._ddb.exceptions.ConditionalCheckFailedException:
+            return False
+
+    def runs(self) -> list[str]:
+        items = self._ddb.query(
+            TableName=self.table,
+            KeyConditionExpression="pk = :pk",
+            ExpressionAttributeValues={":pk": {"S": self.RUNS_PK}},
+        ).get("Items", [])
+        items.sort(key=lambda i: float(i.get("started_at", {}).get("N", "0")), reverse=True)
+        return [i["sk"]["S"] for i in items]

@@ -1,0 +1,337 @@
+"""`harvest local`: the kickoff and the real drain handlers on embedded queues, on one machine.
+
+The scheduler plays EventBridge and Lambda: every `tick` seconds it invokes each stage's
+drain handler in a thread, unless that stage already has `reserved_concurrency`
+invocations running; each invocation gets a context whose remaining time counts down from
+`invocation_timeout`, as in Lambda. The run ends when the ledger says it has settled
+(everything enqueued is done, gone or dead) and every drain has returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config
+from pipeline.errors import AuthError
+from pipeline.ledger import RunStatus
+from pipeline.queues import Depth
+from pipeline.runtime import Runtime, reset_cache, runtime
+from pipeline.simulator import Simulator, SimulatorConfig
+from pipeline.stages import STAGE_NAMES
+from pipeline.verify import Comparison, compare
+from pipeline.window import Window
+
+STATE_DIR = ".harvest"
+LOG_FILE = "harvest.log"
+
+
+@dataclass(frozen=True)
+class LocalOptions:
+    window: Window
+    out: Path
+    vendor_url: str | None = None
+    token: str | None = None
+    rate_calls: int = 100
+    rate_period: float = 1.0
+    tick: float = 5.0
+    invocation_timeout: float = 120.0
+    reserved_concurrency: int = 2
+    concurrency: int = 16
+    max_receive_count: int = 5
+    retry_delay: float = 1.0
+    read_timeout: float = 10.0
+    safety_margin: float = 15.0
+    simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
+
+
+@dataclass(frozen=True)
+class StageProgress:
+    queued: int
+    in_flight: int
+    done: int
+    gone: int
+    dead: int
+    enqueued: int
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One look at a running harvest, for the live display."""
+
+    elapsed: float
+    stages: Mapping[str, StageProgress]
+    calls: int
+    calls_per_second: float
+    limit_per_second: float
+    rate_limited: int
+    retries: int
+    drains_running: int
+
+
+@dataclass
+class LocalResult:
+    run_id: str
+    status: RunStatus | None
+    wall_seconds: float
+    calls: int
+    rate_limited: int
+    retries: int
+    limit_per_second: float
+    out: Path
+    manifest: Path
+    comparison: Comparison | None = None
+    auth_error: str = ""
+    stalled: bool = False
+    dlq_depth: int = 0
+    queue_requests: int = 0
+
+    @property
+    def utilization(self) -> float:
+        """Share of the rate limit used over the whole run."""
+        return (
+            self.calls / (self.wall_seconds * self.limit_per_second) if self.wall_seconds else 0.0
+        )
+
+    @property
+    def exit_code(self) -> int:
+        if self.auth_error:
+            return 3
+        if self.status is None or not self.status.complete or self.dlq_depth:
+            return 1
+        if self.comparison is not None and not self.comparison.exact:
+            return 1
+        return 0
+
+
+class LocalContext:
+    """Enough of a Lambda context for the handlers and Powertools."""
+
+    def __init__(self, name: str, timeout: float) -> None:
+        self.function_name = f"harvest-local-{name}"
+        self.function_version = "$LATEST"
+        self.invoked_function_arn = (
+            f"arn:aws:lambda:local:000000000000:function:{self.function_name}"
+        )
+        self.memory_limit_in_mb = 256
+        self.aws_request_id = str(uuid.uuid4())
+        self.log_group_name = f"/local/{self.function_name}"
+        self.log_stream_name = "local"
+        self._deadline = time.monotonic() + timeout
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self._deadline - time.monotonic()) * 1000))
+
+
+def run_local(
+    options: LocalOptions, on_progress: Callable[[Progress], None] | None = None
+) -> LocalResult:
+    """Harvest `options.window` into `options.out`; resume the same run if it was started."""
+    # Imported here: the handlers build their Powertools objects at import.
+    from workers import drain as drain_worker
+    from workers import kickoff as kickoff_worker
+
+    simulator: Simulator | None = None
+    url, token = options.vendor_url, options.token
+    if url is None:
+        simulator = Simulator(options.simulator)
+        url = simulator.start()
+        token = token or options.simulator.token
+    out = options.out.resolve()
+    config = Config(
+        vendor_url=url,
+        token=token or "",
+        backend="local",
+        rate_calls=options.rate_calls,
+        rate_period=options.rate_period,
+        sink=str(out),
+        state_dir=str(out / STATE_DIR),
+        max_receive_count=options.max_receive_count,
+        concurrency=options.concurrency,
+        safety_margin=options.safety_margin,
+        visibility_timeout=options.invocation_timeout + 60,
+        retry_delay=options.retry_delay,
+        read_timeout=options.read_timeout,
+    )
+    _redirect_logs(out / STATE_DIR / LOG_FILE)
+    saved_env = _install_env(config, token or "")
+    reset_cache()
+    rt = runtime(config)
+    run_id = options.window.run_id
+    started = time.monotonic()
+    auth_error = ""
+    stalled = False
+    try:
+        status = rt.ledger.status(run_id)
+        if status is None or not status.kicked_off:
+            kickoff_worker.handler(
+                {"from": options.window.from_text, "to": options.window.to_text},
+                LocalContext("kickoff", options.invocation_timeout),
+            )
+        scheduler = _Scheduler(rt, options, drain_worker.handler)
+        auth_error, stalled = scheduler.run(run_id, started, on_progress)
+        status = rt.ledger.status(run_id)
+        comparison = None
+        if simulator is not None and status is not None and status.settled:
+            comparison = compare(
+                rt.sink, run_id, simulator.ground_truth(options.window.start, options.window.end)
+            )
+        stats = rt.stats.snapshot()
+        return LocalResult(
+            run_id=run_id,
+            status=status,
+            wall_seconds=time.monotonic() - started,
+            calls=int(stats["calls"]),
+            rate_limited=int(stats["rate_limited"]),
+            retries=int(stats["retries"]),
+            limit_per_second=options.rate_calls / options.rate_period,
+            out=out,
+            manifest=out / "runs" / run_id / "manifest.json",
+            comparison=comparison,
+            auth_error=auth_error,
+            stalled=stalled,
+            dlq_depth=sum(rt.dlqs[s].depth().total for s in STAGE_NAMES),
+            queue_requests=rt.store.requests if rt.store else 0,
+        )
+    finally:
+        reset_cache()
+        _restore_env(saved_env)
+        if simulator is not None:
+            simulator.stop()
+
+
+class _Scheduler:
+    """EventBridge and Lambda, played by threads."""
+
+    def __init__(
+        self, rt: Runtime, options: LocalOptions, handler: Callable[[dict[str, Any], Any], Any]
+    ) -> None:
+        self.rt = rt
+        self.options = options
+        self.handler = handler
+        self.running: dict[str, list[threading.Thread]] = {s: [] for s in STAGE_NAMES}
+        self.auth_error = ""
+        self.stop = threading.Event()
+
+    def _invoke(self, stage: str) -> None:
+        try:
+            self.handler({"stage": stage}, LocalContext(stage, self.options.invocation_timeout))
+        except AuthError as exc:
+            self.auth_error = str(exc)
+            self.stop.set()
+        except Exception:  # the handler logged it; the next tick invokes the stage again
+            logging.getLogger("harvest").exception("drain invocation failed")
+
+    def _tick(self) -> None:
+        for stage in STAGE_NAMES:
+            alive = [t for t in self.running[stage] if t.is_alive()]
+            if len(alive) < self.options.reserved_concurrency:
+                thread = threading.Thread(target=self._invoke, args=(stage,), daemon=True)
+                thread.start()
+                alive.append(thread)
+            self.running[stage] = alive
+
+    def drains_running(self) -> int:
+        return sum(t.is_alive() for threads in self.running.values() for t in threads)
+
+    def run(
+        self, run_id: str, started: float, on_progress: Callable[[Progress], None] | None
+    ) -> tuple[str, bool]:
+        next_tick = time.monotonic()
+        last_calls, last_time = 0.0, time.monotonic()
+        quiet_ticks = 0
+        while True:
+            now = time.monotonic()
+            status = self.rt.ledger.status(run_id)
+            depths = {s: self.rt.queues[s].depth() for s in STAGE_NAMES}
+            busy = any(d.total for d in depths.values())
+            settled = status is not None and status.settled
+            # A settled run needs no more invocations unless redeliveries are still queued.
+            if now >= next_tick and not self.stop.is_set() and (busy or not settled):
+                self._tick()
+                next_tick = now + self.options.tick
+                quiet_ticks += 1
+            if on_progress is not None:
+                calls = self.rt.stats.snapshot()["calls"]
+                rate = (calls - last_calls) / max(1e-6, now - last_time)
+                last_calls, last_time = calls, now
+                on_progress(self._progress(status, depths, started, rate))
+            if busy or self.drains_running():
+                quiet_ticks = 0
+            if (settled or self.stop.is_set()) and not busy and not self.drains_running():
+                return self.auth_error, False
+            if self.stop.is_set() and not self.drains_running():
+                return self.auth_error, False
+            # Nothing queued, nothing running for two ticks, yet not settled: messages the
+            # queue itself dead-lettered (a crashed drain) have no ledger record. Stop and
+            # report rather than wait forever.
+            if quiet_ticks > 2 and not settled:
+                return self.auth_error, True
+            time.sleep(0.25)
+
+    def _progress(
+        self, status: RunStatus | None, depths: Mapping[str, Depth], started: float, rate: float
+    ) -> Progress:
+        stats = self.rt.stats.snapshot()
+        stages = {}
+        for s in STAGE_NAMES:
+            counts = status.stages[s] if status else None
+            stages[s] = StageProgress(
+                queued=depths[s].visible,
+                in_flight=depths[s].in_flight,
+                done=counts.done if counts else 0,
+                gone=counts.gone if counts else 0,
+                dead=self.rt.dlqs[s].depth().total,
+                enqueued=counts.enqueued if counts else 0,
+            )
+        return Progress(
+            elapsed=time.monotonic() - started,
+            stages=stages,
+            calls=int(stats["calls"]),
+            calls_per_second=rate,
+            limit_per_second=self.options.rate_calls / self.options.rate_period,
+            rate_limited=int(stats["rate_limited"]),
+            retries=int(stats["retries"]),
+            drains_running=self.drains_running(),
+        )
+
+
+def _install_env(config: Config, token: str) -> dict[str, str | None]:
+    """Give the handlers their HARVEST_* environment, as Lambda would; return what it replaced."""
+    env = {
+        **config.to_env(),
+        "HARVEST_VENDOR_TOKEN": token,
+        "POWERTOOLS_METRICS_DISABLED": "true",
+        "POWERTOOLS_TRACE_DISABLED": "true",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    return saved
+
+
+def _restore_env(saved: Mapping[str, str | None]) -> None:
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _redirect_logs(path: Path) -> None:
+    """Send the handlers' JSON logs to a file, so they do not scroll over the progress display."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = logging.getLogger("harvest")
+    formatter = next((h.formatter for h in log.handlers if h.formatter), None)
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    file_handler = logging.FileHandler(path)
+    file_handler.setFormatter(formatter)
+    log.addHandler(file_handler)

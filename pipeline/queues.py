@@ -1,0 +1,364 @@
+"""Queues with SQS semantics: an SQS adapter for AWS and an embedded SQLite one for local runs.
+
+Both give: receive up to 10 messages, a visibility timeout, a receive count, batch send and
+delete, and a redrive to the dead-letter queue once a message has been received more than
+`max_receive_count` times. The embedded queues persist in one SQLite file so that a local
+run's DLQ can be inspected and replayed after the run, from another process.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pipeline.errors import HarvestError
+
+if TYPE_CHECKING:
+    from mypy_boto3_sqs import SQSClient
+    from mypy_boto3_sqs.type_defs import SendMessageBatchRequestEntryTypeDef
+
+BATCH = 10  # SQS's limit for one receive, send or delete call
+
+
+class QueueError(HarvestError):
+    """A queue operation failed for some entries even after retrying them."""
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message to send: body plus string attributes."""
+
+    body: str
+    attributes: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Message:
+    """A received message; `receipt` deletes it or changes its visibility."""
+
+    id: str
+    receipt: str
+    body: str
+    attributes: Mapping[str, str]
+    receive_count: int
+
+
+@dataclass(frozen=True)
+class Depth:
+    visible: int
+    in_flight: int
+
+    @property
+    def total(self) -> int:
+        return self.visible + self.in_flight
+
+
+class Queue(Protocol):
+    """The queue operations the pipeline uses; implemented for SQS and locally."""
+
+    name: str
+
+    def send(self, messages: Sequence[Outgoing]) -> None:
+        """Send all `messages`, in batches of 10; raise QueueError if any is not accepted."""
+
+    def receive(self, max_messages: int = BATCH, wait_seconds: float = 0.0) -> list[Message]:
+        """Up to `max_messages` (<= 10) visible messages, waiting up to `wait_seconds` for one."""
+
+    def delete(self, receipts: Sequence[str]) -> None:
+        """Delete received messages, in batches of 10."""
+
+    def change_visibility(self, receipts: Sequence[str], seconds: float) -> None:
+        """Make received messages visible again after `seconds`."""
+
+    def depth(self) -> Depth:
+        """Approximate number of visible and in-flight messages."""
+
+
+def chunks(items: Sequence[Any], size: int = BATCH) -> list[Sequence[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+# ---------------------------------------------------------------------------------------
+# SQS
+# ---------------------------------------------------------------------------------------
+
+
+class SqsQueue:
+    """An SQS queue by URL. Retries entries a batch call reports as failed, a few times."""
+
+    def __init__(self, client: SQSClient, url: str, name: str = "") -> None:
+        self._sqs = client
+        self.url = url
+        self.name = name or url.rsplit("/", 1)[-1]
+        self.requests = 0  # SQS API requests made, for the cost model
+
+    def send(self, messages: Sequence[Outgoing]) -> None:
+        for batch in chunks(messages):
+            pending = {str(i): m for i, m in enumerate(batch)}
+            for _ in range(3):
+                self.requests += 1
+                result = self._sqs.send_message_batch(
+                    QueueUrl=self.url,
+                    Entries=[_entry(i, m) for i, m in pending.items()],
+                )
+                pending = {f["Id"]: pending[f["Id"]] for f in result.get("Failed", [])}
+                if not pending:
+                    break
+            if pending:
+                raise QueueError(f"{self.name}: {len(pending)} messages not accepted by SQS")
+
+    def receive(self, max_messages: int = BATCH, wait_seconds: float = 0.0) -> list[Message]:
+        self.requests += 1
+        result = self._sqs.receive_message(
+            QueueUrl=self.url,
+            MaxNumberOfMessages=min(max_messages, BATCH),
+            WaitTimeSeconds=int(min(wait_seconds, 20)),
+            MessageAttributeNames=["All"],
+            MessageSystemAttributeNames=["ApproximateReceiveCount"],
+        )
+        return [
+            Message(
+                id=m["MessageId"],
+                receipt=m["ReceiptHandle"],
+                body=m["Body"],
+                attributes={
+                    k: v.get("StringValue", "") for k, v in m.get("MessageAttributes", {}).items()
+                },
+                receive_count=int(m.get("Attributes", {}).get("ApproximateReceiveCount", "1")),
+            )
+            for m in result.get("Messages", [])
+        ]
+
+    def delete(self, receipts: Sequence[str]) -> None:
+        for batch in chunks(receipts):
+            self.requests += 1
+            # A failed delete only means a redelivery later, which processing tolerates.
+            self._sqs.delete_message_batch(
+                QueueUrl=self.url,
+                Entries=[{"Id": str(i), "ReceiptHandle": r} for i, r in enumerate(batch)],
+            )
+
+    def change_visibility(self, receipts: Sequence[str], seconds: float) -> None:
+        for batch in chunks(receipts):
+            self.requests += 1
+            self._sqs.change_message_visibility_batch(
+                QueueUrl=self.url,
+                Entries=[
+                    {"Id": str(i), "ReceiptHandle": r, "VisibilityTimeout": int(seconds)}
+                    for i, r in enumerate(batch)
+                ],
+            )
+
+    def depth(self) -> Depth:
+        self.requests += 1
+        attrs = self._sqs.get_queue_attributes(
+            QueueUrl=self.url,
+            AttributeNames=[
+                "ApproximateNumberOfMessages",
+                "ApproximateNumberOfMessagesNotVisible",
+                "ApproximateNumberOfMessagesDelayed",
+            ],
+        )["Attributes"]
+        return Depth(
+            visible=int(attrs.get("ApproximateNumberOfMessages", 0))
+            + int(attrs.get("ApproximateNumberOfMessagesDelayed", 0)),
+            in_flight=int(attrs.get("ApproximateNumberOfMessagesNotVisible", 0)),
+        )
+
+
+def _entry(entry_id: str, message: Outgoing) -> SendMessageBatchRequestEntryTypeDef:
+    entry: SendMessageBatchRequestEntryTypeDef = {"Id": entry_id, "MessageBody": message.body}
+    if message.attributes:
+        entry["MessageAttributes"] = {
+            k: {"DataType": "String", "StringValue": v} for k, v in message.attributes.items()
+        }
+    return entry
+
+
+# ---------------------------------------------------------------------------------------
+# Embedded (SQLite)
+# ---------------------------------------------------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    attributes TEXT NOT NULL,
+    visible_at REAL NOT NULL,
+    receive_count INTEGER NOT NULL DEFAULT 0,
+    receipt TEXT
+);
+CREATE INDEX IF NOT EXISTS messages_visible ON messages (queue, visible_at, seq);
+CREATE INDEX IF NOT EXISTS messages_receipt ON messages (receipt);
+"""
+
+
+class LocalQueueStore:
+    """One SQLite file holding every local queue; thread-safe, shareable between processes."""
+
+    def __init__(self, path: str | Path, *, clock: Any = time.time) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db.executescript(_SCHEMA)
+        self.requests = 0
+
+    def queue(
+        self,
+        name: str,
+        *,
+        visibility_timeout: float = 30.0,
+        dlq: LocalQueue | None = None,
+        max_receive_count: int = 0,
+    ) -> LocalQueue:
+        return LocalQueue(self, name, visibility_timeout, dlq, max_receive_count)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- operations, called by LocalQueue under the store's lock --------------------------
+
+    def _send(self, queue: str, messages: Sequence[Outgoing]) -> None:
+        now = self._clock()
+        with self._arrived:
+            self.requests += len(chunks(messages))
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany(
+                "INSERT INTO messages (queue, id, body, attributes, visible_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [
+                    (queue, uuid.uuid4().hex, m.body, json.dumps(dict(m.attributes)), now)
+                    for m in messages
+                ],
+            )
+            self._db.execute("COMMIT")
+            self._arrived.notify_all()
+
+    def _receive(self, q: LocalQueue, max_messages: int, wait_seconds: float) -> list[Message]:
+        deadline = time.monotonic() + wait_seconds
+        with self._arrived:
+            self.requests += 1
+            while True:
+                got = self._take(q, min(max_messages, BATCH))
+                remaining = deadline - time.monotonic()
+                if got or remaining <= 0:
+                    return got
+                # Woken by a send in this process; other processes' sends are seen on timeout.
+                self._arrived.wait(min(remaining, 0.2))
+
+    def _take(self, q: LocalQueue, limit: int) -> list[Message]:
+        now = self._clock()
+        got: list[Message] = []
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            while len(got) < limit:
+                rows = self._db.execute(
+                    "SELECT seq, id, body, attributes, receive_count FROM messages"
+                    " WHERE queue = ? AND visible_at <= ? ORDER BY visible_at, seq LIMIT ?",
+                    (q.name, now, limit - len(got)),
+                ).fetchall()
+                if not rows:
+                    break
+                for seq, mid, body, attrs, count in rows:
+                    if q.dlq is not None and q.max_receive_count and count >= q.max_receive_count:
+                        # SQS redrive: received too often without a delete.
+                        self._db.execute(
+                            "UPDATE messages SET queue = ?, visible_at = ?, receive_count = 0,"
+                            " receipt = NULL WHERE seq = ?",
+                            (q.dlq.name, now, seq),
+                        )
+                        continue
+                    receipt = uuid.uuid4().hex
+                    self._db.execute(
+                        "UPDATE messages SET visible_at = ?, receive_count = ?, receipt = ?"
+                        " WHERE seq = ?",
+                        (now + q.visibility_timeout, count + 1, receipt, seq),
+                    )
+                    got.append(Message(mid, receipt, body, json.loads(attrs), count + 1))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        return got
+
+    def _delete(self, receipts: Sequence[str]) -> None:
+        with self._lock:
+            self.requests += len(chunks(receipts))
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany("DELETE FROM messages WHERE receipt = ?", [(r,) for r in receipts])
+            self._db.execute("COMMIT")
+
+    def _change_visibility(self, receipts: Sequence[str], seconds: float) -> None:
+        visible_at = self._clock() + seconds
+        with self._arrived:
+            self.requests += len(chunks(receipts))
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany(
+                "UPDATE messages SET visible_at = ? WHERE receipt = ?",
+                [(visible_at, r) for r in receipts],
+            )
+            self._db.execute("COMMIT")
+            self._arrived.notify_all()
+
+    def _depth(self, queue: str) -> Depth:
+        now = self._clock()
+        with self._lock:
+            self.requests += 1
+            visible, in_flight = self._db.execute(
+                "SELECT COALESCE(SUM(visible_at <= ?), 0), COALESCE(SUM(visible_at > ?), 0)"
+                " FROM messages WHERE queue = ?",
+                (now, now, queue),
+            ).fetchone()
+        return Depth(int(visible), int(in_flight))
+
+
+class LocalQueue:
+    """One named queue of a LocalQueueStore, with SQS's semantics."""
+
+    def __init__(
+        self,
+        store: LocalQueueStore,
+        name: str,
+        visibility_timeout: float,
+        dlq: LocalQueue | None,
+        max_receive_count: int,
+    ) -> None:
+        self.store = store
+        self.name = name
+        self.visibility_timeout = visibility_timeout
+        self.dlq = dlq
+        self.max_receive_count = max_receive_count
+
+    def send(self, messages: Sequence[Outgoing]) -> None:
+        if messages:
+            self.store._send(self.name, messages)
+
+    def receive(self, max_messages: int = BATCH, wait_seconds: float = 0.0) -> list[Message]:
+        return self.store._receive(self, max_messages, wait_seconds)
+
+    def delete(self, receipts: Sequence[str]) -> None:
+        if receipts:
+            self.store._delete(receipts)
+
+    def change_visibility(self, receipts: Sequence[str], seconds: float) -> None:
+        if receipts:
+            self.store._change_visibility(receipts, seconds)
+
+    def depth(self) -> Depth:
+        return self.store._depth(self.name)

@@ -1,0 +1,366 @@
+"""The vendor client: one Session carrying auth, timeouts, id encoding, retries and the budget.
+
+Every attempt takes a slot from the rate budget, feeds the vendor's X-RateLimit headers
+back to it and is counted in the call stats. The error table of the vendor contract maps
+onto the exceptions of `pipeline.errors`: 400 and other 4xx are poison, 401 is auth, 404
+is gone; 429, 500/502/503/504, stalls, broken connections and 200s whose body is not a
+page are retried here (tenacity, exponential backoff with full jitter) and end as
+`RetryableError` / `RateLimitedError` once the attempts run out.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import requests
+from aws_lambda_powertools import Logger
+from requests.adapters import HTTPAdapter
+from tenacity import (
+    RetryCallState,
+    RetryError,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from pipeline.budget import Budget
+from pipeline.errors import (
+    AuthError,
+    GoneError,
+    PoisonError,
+    RateLimitedError,
+    RetryableError,
+)
+from pipeline.stats import CallStats
+
+logger = Logger(child=True)
+
+PAGE_LIMIT = "100"
+RETRY_STATUSES = frozenset({500, 502, 503, 504})
+# Retry-After of a 429 that lacks a usable one.
+DEFAULT_RATE_LIMIT_WAIT = 1.0
+# Transport failures worth another attempt: refused or reset connections, connect and
+# read timeouts (a stalled vendor), bodies cut short (chunked or Content-Length errors).
+TRANSIENT_EXCEPTIONS: tuple[type[Exception], ...] = (
+    requests.exceptions.ConnectionError,
+    requests.exceptions.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    requests.exceptions.ContentDecodingError,
+)
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a vendor listing."""
+
+    items: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+def encode_segment(entity_id: str) -> str:
+    """`entity_id` percent-encoded as exactly one path segment (RFC 3986, unreserved literal).
+
+    "." and ".." are encoded as "%2E" / "%2E%2E": left literal they are dot-segments,
+    which any URL normaliser (urllib3's among them) resolves against the parent path.
+    PoisonError if the id is empty or not encodable (a lone surrogate).
+    """
+    if not entity_id:
+        raise PoisonError("entity id is empty")
+    try:
+        segment = quote(entity_id, safe="")
+    except UnicodeEncodeError as exc:
+        raise PoisonError(f"entity id is not valid Unicode: {entity_id!r}") from exc
+    if segment in (".", ".."):
+        segment = segment.replace(".", "%2E")
+    return segment
+
+
+def vendor_path(path_template: str, entity_id: str | None = None) -> str:
+    """The request path: `path_template` with `{id}` replaced by the encoded `entity_id`."""
+    has_slot = "{id}" in path_template
+    if has_slot != (entity_id is not None):
+        raise ValueError(f"path {path_template!r} and entity id {entity_id!r} do not fit")
+    if entity_id is None:
+        return path_template
+    return path_template.replace("{id}", encode_segment(entity_id))
+
+
+class _AttemptFailed(Exception):
+    """One attempt failed in a way worth another; internal to the retry loop."""
+
+    def __init__(self, cause: str, status: int | None = None, retry_after: float | None = None):
+        super().__init__(cause)
+        self.cause = cause
+        self.status = status
+        self.retry_after = retry_after
+
+
+class VendorClient:
+    """Client of the vendor API; thread-safe, meant to be shared by every drain thread."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        budget: Budget,
+        stats: CallStats,
+        *,
+        connect_timeout: float = 3.05,
+        read_timeout: float = 30.0,
+        max_attempts: int = 4,
+        backoff_base: float = 0.5,
+        backoff_max: float = 20.0,
+        pool_size: int = 32,
+        session: requests.Session | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
+        self.base_url = base_url.rstrip("/")
+        self._budget = budget
+        self._stats = stats
+        self._timeout = (connect_timeout, read_timeout)
+        self._max_attempts = max_attempts
+        self._owns_session = session is None
+        self._session = session if session is not None else requests.Session()
+        if self._owns_session:
+            # One pool per host, big enough that every drain thread keeps its connection;
+            # retries are ours (below), not urllib3's.
+            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+            self._session.mount("https://", adapter)
+            self._session.mount("http://", adapter)
+        # The token lives only in the Session's headers: never in an attribute, a message
+        # or a repr.
+        self._session.headers["Authorization"] = f"Bearer {token}"
+        self._session.headers["Accept"] = "application/json"
+        self._backoff = wait_random_exponential(multiplier=backoff_base, max=backoff_max)
+        # Retrying keeps its per-call state in thread-locals, so one instance serves all threads.
+        self._retrying = Retrying(
+            stop=stop_after_attempt(max_attempts),
+            wait=self._wait,
+            retry=retry_if_exception_type(_AttemptFailed),
+            before=self._count_retry,
+            before_sleep=self._log_retry,
+            sleep=sleep,
+        )
+
+    def __repr__(self) -> str:
+        return f"VendorClient(base_url={self.base_url!r})"
+
+    def __enter__(self) -> VendorClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the Session's connections, if this client created the Session."""
+        if self._owns_session:
+            self._session.close()
+
+    def items(
+        self,
+        path_template: str,
+        entity_id: str | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Every item of a paginated listing, following `next_cursor` to the last page."""
+        cursor: str | None = None
+        while True:
+            page = self.get_page(path_template, entity_id, params, cursor=cursor)
+            yield from page.items
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    def get_page(
+        self,
+        path_template: str,
+        entity_id: str | None = None,
+        params: Mapping[str, str] | None = None,
+        *,
+        cursor: str | None = None,
+    ) -> Page:
+        """One page of a listing (the first, or the one `cursor` points at), with retries."""
+        path = vendor_path(path_template, entity_id)
+        query = {"limit": PAGE_LIMIT, **(params or {})}
+        if cursor is not None:
+            query["cursor"] = cursor
+        url = f"{self.base_url}{path}?{urlencode(query, quote_via=quote, safe='')}"
+        try:
+            page: Page = self._retrying(self._attempt, url, path)
+        except RetryError as exc:
+            raise self._give_up(path, exc) from exc.last_attempt.exception()
+        return page
+
+    # -- one attempt -----------------------------------------------------------------------
+
+    def _attempt(self, url: str, path: str) -> Page:
+        self._budget.acquire()
+        started = time.perf_counter()
+        try:
+            response = self._send(url)
+        except TRANSIENT_EXCEPTIONS as exc:
+            self._stats.add(calls=1, failures=1, latency_total=time.perf_counter() - started)
+            raise _AttemptFailed(_describe_transport_error(exc)) from exc
+        self._stats.add(calls=1, latency_total=time.perf_counter() - started)
+        self._budget.observe(
+            _header_int(response, "X-RateLimit-Limit"),
+            _header_int(response, "X-RateLimit-Remaining"),
+            _header_seconds(response, "X-RateLimit-Reset"),
+        )
+        status = response.status_code
+        if status == 200:
+            page = _parse_page(response)
+            if page is not None:
+                return page
+            self._stats.add(failures=1)
+            raise _AttemptFailed("200 with a body that is not a page", status)
+        self._stats.add(failures=1)
+        if status == 429:
+            retry_after = _header_seconds(response, "Retry-After")
+            if retry_after is None:
+                retry_after = DEFAULT_RATE_LIMIT_WAIT
+            self._stats.add(rate_limited=1)
+            # The wait happens in budget.acquire, for every thread sharing the budget.
+            self._budget.pause(retry_after)
+            raise _AttemptFailed("429 rate limited", status, retry_after)
+        if status in RETRY_STATUSES:
+            retry_after = _header_seconds(response, "Retry-After") if status == 503 else None
+            raise _AttemptFailed(str(status), status, retry_after)
+        if status == 400:
+            raise PoisonError(f"GET {path}: 400 bad request{_vendor_message(response)}")
+        if status == 401:
+            raise AuthError(f"GET {path}: 401 unauthorized (check the vendor token)")
+        if status == 404:
+            raise GoneError(f"GET {path}: 404 not found")
+        if 400 <= status < 500:
+            raise PoisonError(f"GET {path}: unexpected {status}{_vendor_message(response)}")
+        raise RetryableError(f"GET {path}: unexpected {status}")
+
+    def _send(self, url: str) -> requests.Response:
+        request = self._session.prepare_request(requests.Request("GET", url))
+        # requests re-normalises the URL it prepares: urllib3's parse_url resolves "."
+        # and ".." segments, and requote_uri decodes %2E back to ".". The URL built here is
+        # already exact, so it goes on the wire as it is.
+        request.url = url
+        settings = self._session.merge_environment_settings(url, {}, None, None, None)
+        return self._session.send(request, timeout=self._timeout, allow_redirects=False, **settings)
+
+    # -- retry policy ----------------------------------------------------------------------
+
+    def _wait(self, retry_state: RetryCallState) -> float:
+        failure = _failure_of(retry_state)
+        if failure is not None and failure.status == 429:
+            return 0.0  # budget.pause already holds the next acquire back
+        backoff: float = self._backoff(retry_state)
+        if failure is not None and failure.retry_after is not None:
+            return max(backoff, failure.retry_after)
+        return backoff
+
+    def _count_retry(self, retry_state: RetryCallState) -> None:
+        if retry_state.attempt_number > 1:
+            self._stats.add(retries=1)
+
+    def _log_retry(self, retry_state: RetryCallState) -> None:
+        failure = _failure_of(retry_state)
+        next_action = retry_state.next_action
+        logger.info(
+            "vendor call failed, retrying",
+            path=retry_state.args[1] if len(retry_state.args) > 1 else None,
+            cause=failure.cause if failure is not None else None,
+            attempt=retry_state.attempt_number,
+            wait_seconds=next_action.sleep if next_action is not None else None,
+        )
+
+    def _give_up(self, path: str, error: RetryError) -> RetryableError:
+        failure = error.last_attempt.exception()
+        cause = failure.cause if isinstance(failure, _AttemptFailed) else repr(failure)
+        message = f"GET {path}: {cause} after {self._max_attempts} attempts"
+        if isinstance(failure, _AttemptFailed) and failure.status == 429:
+            retry_after = failure.retry_after or DEFAULT_RATE_LIMIT_WAIT
+            return RateLimitedError(message, retry_after)
+        return RetryableError(message)
+
+
+def _failure_of(retry_state: RetryCallState) -> _AttemptFailed | None:
+    outcome = retry_state.outcome
+    if outcome is None or not outcome.failed:
+        return None
+    failure = outcome.exception()
+    return failure if isinstance(failure, _AttemptFailed) else None
+
+
+def _parse_page(response: requests.Response) -> Page | None:
+    """The page in a 200's body, or None if the body is not one (cut short, not JSON)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    if not isinstance(body, dict):
+        return None
+    items = body.get("items")
+    cursor = body.get("next_cursor")
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        return None
+    if cursor is not None and not isinstance(cursor, str):
+        return None
+    return Page(items=items, next_cursor=cursor)
+
+
+def _describe_transport_error(exc: Exception) -> str:
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return "connect timeout"
+    if isinstance(exc, requests.exceptions.ReadTimeout):
+        return "read timeout"
+    if isinstance(
+        exc, (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError)
+    ):
+        return "truncated body"
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        return "connection error"
+    return type(exc).__name__
+
+
+def _vendor_message(response: requests.Response) -> str:
+    """The vendor's `message` from an error body, as a suffix; empty if there is none."""
+    try:
+        body = response.json()
+    except ValueError:
+        return ""
+    message = body.get("message") if isinstance(body, dict) else None
+    return f": {str(message)[:200]}" if message else ""
+
+
+def _header_int(response: requests.Response, name: str) -> int | None:
+    value = response.headers.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value.strip())
+    except ValueError:
+        return None
+
+
+def _header_seconds(response: requests.Response, name: str) -> float | None:
+    """A header of non-negative decimal seconds; None if missing or garbage."""
+    value = response.headers.get(name)
+    if value is None:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None

@@ -1,0 +1,38 @@
+"""Drain Lambda, one function per stage: HARVEST_STAGE, or the stage the event names (local)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from pipeline.config import Config
+from pipeline.errors import AuthError
+from pipeline.runtime import runtime
+from pipeline.telemetry import publish
+
+logger = Logger(service="harvest")
+metrics = Metrics(namespace="Harvest", service="harvest")
+tracer = Tracer(service="harvest")
+
+
+@logger.inject_lambda_context
+@tracer.capture_lambda_handler
+@metrics.log_metrics
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    config = Config.from_env()
+    stage = str((event or {}).get("stage") or config.stage)
+    logger.append_keys(stage=stage)
+    metrics.add_dimension(name="stage", value=stage)
+    rt = runtime(config)
+    before = rt.stats.snapshot()
+    report = rt.run_drain(stage, lambda: context.get_remaining_time_in_millis() / 1000)
+    if len(report.runs) == 1:
+        logger.set_correlation_id(next(iter(report.runs)))
+    publish(metrics, before, rt.stats.snapshot())
+    logger.info("drain finished", extra={"report": report.to_dict()})
+    if report.stopped == "auth":
+        # Fail the invocation so the errors alarm fires; the messages stay queued.
+        raise AuthError(f"vendor rejected the token; drain stopped: {report.auth_error}")
+    return report.to_dict()

@@ -1,0 +1,35 @@
+"""Kickoff Lambda: scheduled (the previous UTC day) or invoked with {"from": T1, "to": T2}."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from pipeline.config import Config
+from pipeline.runtime import runtime
+from pipeline.telemetry import publish
+from pipeline.window import Window
+
+logger = Logger(service="harvest")
+metrics = Metrics(namespace="Harvest", service="harvest")
+tracer = Tracer(service="harvest")
+
+
+@logger.inject_lambda_context
+@tracer.capture_lambda_handler
+@metrics.log_metrics
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    event = event or {}
+    if "from" in event or "to" in event:
+        window = Window.parse(str(event.get("from", "")), str(event.get("to", "")))
+    else:
+        window = Window.previous_day()
+    logger.set_correlation_id(window.run_id)
+    rt = runtime(Config.from_env())
+    before = rt.stats.snapshot()
+    report = rt.run_kickoff(window)
+    publish(metrics, before, rt.stats.snapshot())
+    return asdict(report)
