@@ -1,18 +1,19 @@
 """The rate budget: at most L vendor calls in any rolling W seconds, shared by every drain.
 
-The algorithm is virtual scheduling (GCRA): call slots are handed out strictly in order,
-one every `period / calls` seconds plus a small margin, so no rolling window of W seconds
-can hold more than L call starts, however many threads or invocations draw from it. A
-429 pauses the whole budget for its Retry-After; the vendor's X-RateLimit headers lower
-the pace when its real limit is below the configured one.
+Call start times are handed out in order, so no rolling window of W seconds (plus a
+small margin for network jitter) holds more than L call starts, however many threads or
+invocations draw from the budget. A 429 pauses the whole budget for its Retry-After; the
+vendor's X-RateLimit headers lower the limit when its real one is below the configured one.
 
-`PacedBudget` keeps the schedule in process (local runs, one Lambda invocation's
-threads); `DynamoBudget` keeps it in one DynamoDB item so concurrent invocations of all
-stages share it, reserving several slots per conditional write to keep its cost low.
+`PacedBudget` keeps a sliding log of starts in process (local runs: every stage's drains
+share one). `DynamoBudget` keeps a virtual schedule (GCRA: one slot every W/L seconds) in
+one DynamoDB item, so concurrent Lambda invocations of all stages share it; each
+conditional write reserves a quarter second of slots to keep its cost low.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 import time
@@ -26,7 +27,9 @@ Sleep = Callable[[float], None]
 # Slack added to every rolling window so that jitter between our send time and the
 # vendor's arrival time cannot squeeze L + 1 calls into its window.
 MARGIN_FRACTION = 0.01
-MARGIN_MIN_SECONDS = 0.02
+MARGIN_MIN_SECONDS = 0.025
+# Smallest gap between two starts of a PacedBudget, as a share of the even spacing W/L.
+SPACING = 0.5
 # How long a vendor limit learned from X-RateLimit-Limit overrides the configured one.
 LEARNED_LIMIT_SECONDS = 3600.0
 
@@ -44,14 +47,23 @@ class Budget(Protocol):
         """Adapt to the vendor's X-RateLimit-Limit / -Remaining / -Reset headers."""
 
 
+def window_for(period: float) -> float:
+    """The rolling window the budget enforces: the vendor's, plus a margin for jitter."""
+    return period + max(period * MARGIN_FRACTION, MARGIN_MIN_SECONDS)
+
+
 def interval_for(calls: int, period: float) -> float:
     """Seconds between call slots so that `calls` fit in any rolling `period`, with margin."""
-    margin = max(period * MARGIN_FRACTION, MARGIN_MIN_SECONDS)
-    return (period + margin) / calls
+    return window_for(period) / calls
 
 
 class PacedBudget:
-    """In-process GCRA schedule; thread-safe."""
+    """In-process sliding log of call starts; thread-safe.
+
+    A call may start once fewer than L calls started in the last W seconds (plus margin):
+    the same rule as the vendor's, so after a lull the budget can catch up to a full window
+    instead of losing the slots nobody took, which a fixed pace would.
+    """
 
     def __init__(
         self,
@@ -63,44 +75,70 @@ class PacedBudget:
     ) -> None:
         self.calls = calls
         self.period = period
-        self.interval = interval_for(calls, period)
+        self.window = window_for(period)
         self._clock = clock
         self._sleep = sleep
         self._lock = threading.Lock()
-        self._next_slot = clock()
+        # Start times handed out, oldest first, back to one window ago.
+        self._starts: deque[float] = deque()
         self._paused_until = 0.0
 
     def acquire(self) -> None:
         while True:
             with self._lock:
                 now = self._clock()
-                slot = max(self._next_slot, now, self._paused_until)
-                self._next_slot = slot + self.interval
+                slot = max(now, self._paused_until)
+                if self._starts:
+                    # No bursts: starts at least half the even spacing apart, so a vendor
+                    # that counts arrivals a little late never sees a crowd at once.
+                    slot = max(slot, self._starts[-1] + SPACING * self.window / self.calls)
+                if len(self._starts) >= self.calls:
+                    slot = max(slot, self._starts[-self.calls] + self.window)
+                self._starts.append(slot)
+                # Only starts inside the window matter; keep them all (not just the last L)
+                # so that a voided slot given back cannot hide an older one.
+                while self._starts[0] <= now - self.window:
+                    self._starts.popleft()
             if slot > now:
                 self._sleep(slot - now)
             with self._lock:
-                # A pause that arrived while we slept voids this slot: take a new one.
                 if slot >= self._paused_until:
+                    # Count the call when it really starts: a thread that woke late (the
+                    # GIL, a busy core) must not leave an early time in the log.
+                    late = self._clock()
+                    if late > slot and late > now:
+                        self._restamp(slot, late)
                     return
+                # A pause that arrived while we slept voids this slot: give it back (it was
+                # never used, so it must not count against a window) and take a new one.
+                try:
+                    self._starts.remove(slot)
+                except ValueError:
+                    pass  # already aged out of the log
+
+    def _restamp(self, slot: float, actual: float) -> None:
+        try:
+            self._starts.remove(slot)
+        except ValueError:
+            return
+        bisect.insort(self._starts, actual)
 
     def pause(self, seconds: float) -> None:
         with self._lock:
             until = self._clock() + max(0.0, seconds)
             self._paused_until = max(self._paused_until, until)
-            self._next_slot = max(self._next_slot, self._paused_until)
 
     def observe(self, limit: int | None, remaining: int | None, reset: float | None) -> None:
         if limit is not None and 0 < limit < self.calls:
             with self._lock:
                 self.calls = limit
-                self.interval = interval_for(limit, self.period)
         if remaining == 0 and reset is not None and reset > 0:
             self.pause(reset)
 
     @property
     def rate(self) -> float:
         """Calls per second this budget currently allows."""
-        return 1.0 / self.interval
+        return self.calls / self.window
 
 
 def slots_per_reservation(calls: int, period: float, horizon: float = 0.25) -> int:
@@ -144,6 +182,11 @@ class DynamoBudget:
     def acquire(self) -> None:
         while True:
             with self._lock:
+                # A reserved slot whose time has passed is lost: spent late, it would land on
+                # top of the slots other invocations reserved after it.
+                now = self._clock()
+                while self._slots and self._slots[0] < now:
+                    self._slots.popleft()
                 if not self._slots:
                     self._reserve()
                 slot = self._slots.popleft()

@@ -11,6 +11,7 @@ dead-lettered by the drain itself at the last allowed receive, with the error as
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -104,6 +105,7 @@ class Drain:
         max_receive_count: int = 5,
         retry_delay: float = 5.0,
         wait_seconds: float = 1.0,
+        idle_grace: float = 20.0,
     ) -> None:
         if stage.child is not None and child_queue is None:
             raise ValueError(f"stage {stage.name} fans out to {stage.child} but has no child queue")
@@ -115,50 +117,52 @@ class Drain:
         self.max_receive_count = max_receive_count
         self.retry_delay = retry_delay
         self.wait_seconds = wait_seconds
+        self.idle_grace = idle_grace
 
     # -- the loop -------------------------------------------------------------------------
 
     def run(self, remaining: Callable[[], float], safety_margin: float) -> DrainReport:
         """Drain until `remaining()` falls to `safety_margin`, the stage is idle, or a 401."""
         report = DrainReport(self.stage.name)
-        cond = threading.Condition()
-        state = {"active": 0}
+        flow = _Flow(
+            # Keep every thread busy with one more batch waiting, and no more: the rest stay
+            # visible to other invocations.
+            max_processing=self.concurrency + BATCH,
+            # Batches whose last message is slow (a stall) hold their finished messages
+            # until it ends; allow enough of them that the threads keep working meanwhile.
+            max_open_batches=2 * math.ceil(self.concurrency / BATCH) + 2,
+        )
         stop = threading.Event()
-        # Enough received messages that every thread has one waiting, not more: the rest
-        # stay visible to other invocations.
-        room = self.concurrency + BATCH
-
-        def release(n: int) -> None:
-            with cond:
-                state["active"] -= n
-                cond.notify_all()
-
+        empty_since = 0.0  # when the queue was first found empty, if it still is
         pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"drain-{self.stage.name}")
         try:
             while not stop.is_set():
                 if remaining() <= safety_margin:
                     report.stopped = "deadline"
                     break
-                with cond:
-                    if state["active"] + BATCH > room:
-                        cond.wait(0.2)
-                        continue
+                # A 401 or the deadline may have come while waiting for room: look again
+                # before receiving (the loop's head stops).
+                if (
+                    not flow.wait_for_room(timeout=0.2)
+                    or stop.is_set()
+                    or remaining() <= safety_margin
+                ):
+                    continue
                 wait = max(0.0, min(self.wait_seconds, remaining() - safety_margin))
                 messages = self.queue.receive(BATCH, wait_seconds=wait)
                 if not messages:
-                    with cond:
-                        busy = state["active"] > 0
-                    if not busy and self._idle():
+                    if flow.idle() and self._idle(empty_since):
                         report.stopped = "idle"
                         break
+                    empty_since = empty_since or time.monotonic()
                     continue
+                empty_since = 0.0
                 report.received += len(messages)
-                with cond:
-                    state["active"] += len(messages)
+                flow.opened(len(messages))
                 batch = _Batch(messages)
                 for message in messages:
                     pool.submit(
-                        self._work, batch, message, report, stop, remaining, safety_margin, release
+                        self._work, batch, message, report, stop, remaining, safety_margin, flow
                     )
         finally:
             pool.shutdown(wait=True)
@@ -166,9 +170,17 @@ class Drain:
             report.stopped = "auth"
         return report
 
-    def _idle(self) -> bool:
-        """Nothing left here or upstream: stop instead of polling an empty queue."""
-        return self.queue.depth().total == 0 and all(q.depth().total == 0 for q in self.upstream)
+    def _idle(self, empty_since: float) -> bool:
+        """Stop polling: nothing left here or upstream, or nothing here for `idle_grace` s.
+
+        The grace bounds what an empty stage costs while upstream is stuck (a 401 there, a
+        long retry delay); the next scheduled invocation picks up whatever arrives later.
+        """
+        if self.queue.depth().total:
+            return False
+        if empty_since and time.monotonic() - empty_since >= self.idle_grace:
+            return True
+        return all(q.depth().total == 0 for q in self.upstream)
 
     def _work(
         self,
@@ -178,7 +190,7 @@ class Drain:
         stop: threading.Event,
         remaining: Callable[[], float],
         safety_margin: float,
-        release: Callable[[int], None],
+        flow: _Flow,
     ) -> None:
         if stop.is_set():
             outcome = Outcome(message, None, STOP)
@@ -189,6 +201,7 @@ class Drain:
             if outcome.kind == STOP:
                 report.auth_error = outcome.error
                 stop.set()
+        flow.processed()
         with _BATCH_LOCK:
             batch.outcomes.append(outcome)
             finished = len(batch.outcomes) == len(batch.messages)
@@ -199,7 +212,7 @@ class Drain:
                 # Nothing was deleted that was not safely recorded: the messages come back.
                 logger.exception("finishing a batch failed; its messages will be redelivered")
             finally:
-                release(len(batch.messages))
+                flow.closed()
 
     # -- one message ----------------------------------------------------------------------
 
@@ -292,12 +305,15 @@ class Drain:
             self.child_queue.send([Outgoing(c.to_json()) for c in children])
         if dead:
             self.dlq.send([self._dead_letter(o) for o in dead])
-        for kind, items in ((DONE, done), (GONE, gone), (DEAD, dead)):
-            for o in items:
-                if o.envelope is not None:
-                    self.ledger.finish(
-                        o.envelope.run_id, self.stage.name, o.envelope.key, kind, o.error
-                    )
+        finished = [
+            (o.envelope.run_id, (o.envelope.key, o.kind, o.error))
+            for o in (*done, *gone, *dead)
+            if o.envelope is not None
+        ]
+        for run_id in {r for r, _ in finished}:
+            self.ledger.finish_many(
+                run_id, self.stage.name, [f for r, f in finished if r == run_id]
+            )
         self.queue.delete([o.message.receipt for o in (*done, *gone, *dead)])
 
         retry = by_kind.get(RETRY, [])
@@ -347,6 +363,43 @@ class Drain:
 
 
 _BATCH_LOCK = threading.Lock()
+
+
+class _Flow:
+    """How much a drain has received and not finished: messages in process, open batches."""
+
+    def __init__(self, max_processing: int, max_open_batches: int) -> None:
+        self._cond = threading.Condition()
+        self._processing = 0
+        self._open = 0
+        self._max_processing = max_processing
+        self._max_open = max_open_batches
+
+    def _has_room(self) -> bool:
+        return self._processing + BATCH <= self._max_processing and self._open < self._max_open
+
+    def wait_for_room(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(self._has_room, timeout)
+
+    def opened(self, messages: int) -> None:
+        with self._cond:
+            self._processing += messages
+            self._open += 1
+
+    def processed(self) -> None:
+        with self._cond:
+            self._processing -= 1
+            self._cond.notify_all()
+
+    def closed(self) -> None:
+        with self._cond:
+            self._open -= 1
+            self._cond.notify_all()
+
+    def idle(self) -> bool:
+        with self._cond:
+            return self._open == 0
 
 
 def _failed(message: Message, envelope: Envelope | None, kind: str, exc: BaseException) -> Outcome:

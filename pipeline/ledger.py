@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 QUEUED, DONE, GONE, DEAD = "queued", "done", "gone", "dead"
 FINAL_STATES = (DONE, GONE, DEAD)
 STAT_FIELDS = ("calls", "rate_limited", "retries")
+# (entity key, final state, error) of one entity a drain has finished with.
+Finished = tuple[str, str, str]
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,9 @@ class Ledger(Protocol):
     def finish(self, run_id: str, stage: str, key: str, state: str, error: str = "") -> None:
         """Move an entity to done, gone or dead. dead never overwrites done or gone."""
 
+    def finish_many(self, run_id: str, stage: str, entries: Sequence[Finished]) -> None:
+        """`finish` for several entities of one stage at once (one write where the store allows)."""
+
     def record_error(self, run_id: str, stage: str, key: str, error: str) -> None:
         """Remember the last error of an entity that will be retried."""
 
@@ -119,6 +124,23 @@ CREATE TABLE IF NOT EXISTS entities (
     run_id TEXT, stage TEXT, key TEXT, path TEXT, state TEXT, error TEXT DEFAULT '',
     PRIMARY KEY (run_id, stage, key)
 );
+-- Counts per state, kept by triggers in the same transaction as the entity rows, so that
+-- status is a few row reads however large the run.
+CREATE TABLE IF NOT EXISTS counts (
+    run_id TEXT, stage TEXT, state TEXT, n INTEGER NOT NULL,
+    PRIMARY KEY (run_id, stage, state)
+);
+CREATE TRIGGER IF NOT EXISTS entities_counted AFTER INSERT ON entities BEGIN
+    INSERT INTO counts VALUES (NEW.run_id, NEW.stage, NEW.state, 1)
+        ON CONFLICT (run_id, stage, state) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS entities_recounted AFTER UPDATE OF state ON entities
+WHEN OLD.state <> NEW.state BEGIN
+    UPDATE counts SET n = n - 1
+        WHERE run_id = OLD.run_id AND stage = OLD.stage AND state = OLD.state;
+    INSERT INTO counts VALUES (NEW.run_id, NEW.stage, NEW.state, 1)
+        ON CONFLICT (run_id, stage, state) DO UPDATE SET n = n + 1;
+END;
 """
 
 
@@ -161,11 +183,14 @@ class SqliteLedger:
         )
 
     def finish(self, run_id: str, stage: str, key: str, state: str, error: str = "") -> None:
-        guard = " AND state NOT IN ('done', 'gone')" if state == DEAD else ""
+        self.finish_many(run_id, stage, [(key, state, error)])
+
+    def finish_many(self, run_id: str, stage: str, entries: Sequence[Finished]) -> None:
         self._write(
             "UPDATE entities SET state = ?, error = ?"
-            f" WHERE run_id = ? AND stage = ? AND key = ?{guard}",
-            [(state, error, run_id, stage, key)],
+            " WHERE run_id = ? AND stage = ? AND key = ?"
+            " AND (? <> 'dead' OR state NOT IN ('done', 'gone'))",
+            [(state, error, run_id, stage, key, state) for key, state, error in entries],
         )
 
     def record_error(self, run_id: str, stage: str, key: str, error: str) -> None:
@@ -193,9 +218,7 @@ class SqliteLedger:
             if row is None:
                 return None
             counts = self._db.execute(
-                "SELECT stage, state, COUNT(*) FROM entities"
-                " WHERE run_id = ? GROUP BY stage, state",
-                (run_id,),
+                "SELECT stage, state, n FROM counts WHERE run_id = ?", (run_id,)
             ).fetchall()
         return RunStatus(
             run_id=run_id,
@@ -290,9 +313,12 @@ class DynamoLedger:
                 ":n": {"N": now},
             },
         )
-        self._ddb.put_item(
+        # if_not_exists like the meta item: a rerun must not move the run up in runs().
+        self._ddb.update_item(
             TableName=self.table,
-            Item={"pk": {"S": self.RUNS_PK}, "sk": {"S": run_id}, "started_at": {"N": now}},
+            Key={"pk": {"S": self.RUNS_PK}, "sk": {"S": run_id}},
+            UpdateExpression="SET started_at = if_not_exists(started_at, :n)",
+            ExpressionAttributeValues={":n": {"N": now}},
         )
 
     def kicked_off(self, run_id: str) -> None:
@@ -340,14 +366,24 @@ class DynamoLedger:
         except self._ddb.exceptions.ConditionalCheckFailedException:
             pass  # already done or gone: a late duplicate must not mark it dead
 
+    def finish_many(self, run_id: str, stage: str, entries: Sequence[Finished]) -> None:
+        # BatchWriteItem cannot carry the condition that keeps dead from overwriting done.
+        for key, state, error in entries:
+            self.finish(run_id, stage, key, state, error)
+
     def record_error(self, run_id: str, stage: str, key: str, error: str) -> None:
-        self._ddb.update_item(
-            TableName=self.table,
-            Key={"pk": {"S": _entity_pk(run_id, stage)}, "sk": {"S": key}},
-            UpdateExpression="SET #e = :e",
-            ExpressionAttributeNames={"#e": "error"},
-            ExpressionAttributeValues={":e": {"S": error}},
-        )
+        try:
+            self._ddb.update_item(
+                TableName=self.table,
+                Key={"pk": {"S": _entity_pk(run_id, stage)}, "sk": {"S": key}},
+                UpdateExpression="SET #e = :e",
+                # An item without a state would break status(); unknown entities are skipped.
+                ConditionExpression="attribute_exists(#s)",
+                ExpressionAttributeNames={"#e": "error", "#s": "state"},
+                ExpressionAttributeValues={":e": {"S": error}},
+            )
+        except self._ddb.exceptions.ConditionalCheckFailedException:
+            pass
 
     def add_stats(self, run_id: str, **amounts: int) -> None:
         names = [n for n in amounts if n in STAT_FIELDS and amounts[n]]

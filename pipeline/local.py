@@ -14,6 +14,7 @@ import os
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +25,14 @@ from pipeline.errors import AuthError
 from pipeline.ledger import RunStatus
 from pipeline.queues import Depth
 from pipeline.runtime import Runtime, reset_cache, runtime
-from pipeline.simulator import Simulator, SimulatorConfig
+from pipeline.simulator import Simulator, SimulatorConfig, SimulatorProcess
 from pipeline.stages import STAGE_NAMES
 from pipeline.verify import Comparison, compare
 from pipeline.window import Window
 
 STATE_DIR = ".harvest"
 LOG_FILE = "harvest.log"
+RATE_SECONDS = 3.0  # the live display's calls/s is averaged over this long
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,9 @@ class LocalOptions:
     read_timeout: float = 10.0
     safety_margin: float = 15.0
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
+    # The simulator runs in a child process by default, so that it does not share the GIL
+    # with the pipeline it serves; in-process is cheaper to start for small test runs.
+    simulator_in_process: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,7 @@ class LocalResult:
     stalled: bool = False
     dlq_depth: int = 0
     queue_requests: int = 0
+    cpu_seconds: float = 0.0  # this process's CPU from kickoff to settled (simulator excluded)
 
     @property
     def utilization(self) -> float:
@@ -138,10 +144,13 @@ def run_local(
     from workers import drain as drain_worker
     from workers import kickoff as kickoff_worker
 
-    simulator: Simulator | None = None
+    simulator: Simulator | SimulatorProcess | None = None
     url, token = options.vendor_url, options.token
     if url is None:
-        simulator = Simulator(options.simulator)
+        if options.simulator_in_process:
+            simulator = Simulator(options.simulator)
+        else:
+            simulator = SimulatorProcess(options.simulator)
         url = simulator.start()
         token = token or options.simulator.token
     out = options.out.resolve()
@@ -166,6 +175,7 @@ def run_local(
     rt = runtime(config)
     run_id = options.window.run_id
     started = time.monotonic()
+    cpu_started = time.process_time()
     auth_error = ""
     stalled = False
     try:
@@ -177,6 +187,10 @@ def run_local(
             )
         scheduler = _Scheduler(rt, options, drain_worker.handler)
         auth_error, stalled = scheduler.run(run_id, started, on_progress)
+        cpu_seconds = time.process_time() - cpu_started
+        wall_seconds = time.monotonic() - started
+        # The drains' queue requests: what the scheduler asked for its display is not one.
+        queue_requests = (rt.store.requests if rt.store else 0) - scheduler.polls
         status = rt.ledger.status(run_id)
         comparison = None
         if simulator is not None and status is not None and status.settled:
@@ -187,7 +201,8 @@ def run_local(
         return LocalResult(
             run_id=run_id,
             status=status,
-            wall_seconds=time.monotonic() - started,
+            wall_seconds=wall_seconds,
+            cpu_seconds=cpu_seconds,
             calls=int(stats["calls"]),
             rate_limited=int(stats["rate_limited"]),
             retries=int(stats["retries"]),
@@ -198,7 +213,7 @@ def run_local(
             auth_error=auth_error,
             stalled=stalled,
             dlq_depth=sum(rt.dlqs[s].depth().total for s in STAGE_NAMES),
-            queue_requests=rt.store.requests if rt.store else 0,
+            queue_requests=queue_requests,
         )
     finally:
         reset_cache()
@@ -219,6 +234,7 @@ class _Scheduler:
         self.running: dict[str, list[threading.Thread]] = {s: [] for s in STAGE_NAMES}
         self.auth_error = ""
         self.stop = threading.Event()
+        self.polls = 0  # depth requests made for progress, not by the drains
 
     def _invoke(self, stage: str) -> None:
         try:
@@ -238,6 +254,10 @@ class _Scheduler:
                 alive.append(thread)
             self.running[stage] = alive
 
+    def _dlq_depth(self, stage: str) -> int:
+        self.polls += 1
+        return self.rt.dlqs[stage].depth().total
+
     def drains_running(self) -> int:
         return sum(t.is_alive() for threads in self.running.values() for t in threads)
 
@@ -245,12 +265,13 @@ class _Scheduler:
         self, run_id: str, started: float, on_progress: Callable[[Progress], None] | None
     ) -> tuple[str, bool]:
         next_tick = time.monotonic()
-        last_calls, last_time = 0.0, time.monotonic()
+        recent: deque[tuple[float, float]] = deque()
         quiet_ticks = 0
         while True:
             now = time.monotonic()
             status = self.rt.ledger.status(run_id)
             depths = {s: self.rt.queues[s].depth() for s in STAGE_NAMES}
+            self.polls += len(depths)
             busy = any(d.total for d in depths.values())
             settled = status is not None and status.settled
             # A settled run needs no more invocations unless redeliveries are still queued.
@@ -259,9 +280,11 @@ class _Scheduler:
                 next_tick = now + self.options.tick
                 quiet_ticks += 1
             if on_progress is not None:
-                calls = self.rt.stats.snapshot()["calls"]
-                rate = (calls - last_calls) / max(1e-6, now - last_time)
-                last_calls, last_time = calls, now
+                # Calls per second over the last few seconds, not the last quarter second.
+                recent.append((now, self.rt.stats.snapshot()["calls"]))
+                while len(recent) > 2 and now - recent[0][0] > RATE_SECONDS:
+                    recent.popleft()
+                rate = (recent[-1][1] - recent[0][1]) / max(1e-6, recent[-1][0] - recent[0][0])
                 on_progress(self._progress(status, depths, started, rate))
             if busy or self.drains_running():
                 quiet_ticks = 0
@@ -288,7 +311,7 @@ class _Scheduler:
                 in_flight=depths[s].in_flight,
                 done=counts.done if counts else 0,
                 gone=counts.gone if counts else 0,
-                dead=self.rt.dlqs[s].depth().total,
+                dead=self._dlq_depth(s),
                 enqueued=counts.enqueued if counts else 0,
             )
         return Progress(

@@ -199,6 +199,19 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_visible ON messages (queue, visible_at, seq);
 CREATE INDEX IF NOT EXISTS messages_receipt ON messages (receipt);
+-- Messages per queue, kept by triggers, so that depth() reads the in-flight rows only.
+CREATE TABLE IF NOT EXISTS sizes (queue TEXT PRIMARY KEY, n INTEGER NOT NULL);
+CREATE TRIGGER IF NOT EXISTS messages_in AFTER INSERT ON messages BEGIN
+    INSERT INTO sizes VALUES (NEW.queue, 1) ON CONFLICT (queue) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS messages_out AFTER DELETE ON messages BEGIN
+    UPDATE sizes SET n = n - 1 WHERE queue = OLD.queue;
+END;
+CREATE TRIGGER IF NOT EXISTS messages_moved AFTER UPDATE OF queue ON messages
+WHEN OLD.queue <> NEW.queue BEGIN
+    UPDATE sizes SET n = n - 1 WHERE queue = OLD.queue;
+    INSERT INTO sizes VALUES (NEW.queue, 1) ON CONFLICT (queue) DO UPDATE SET n = n + 1;
+END;
 """
 
 
@@ -320,12 +333,12 @@ class LocalQueueStore:
         now = self._clock()
         with self._lock:
             self.requests += 1
-            visible, in_flight = self._db.execute(
-                "SELECT COALESCE(SUM(visible_at <= ?), 0), COALESCE(SUM(visible_at > ?), 0)"
-                " FROM messages WHERE queue = ?",
-                (now, now, queue),
+            row = self._db.execute("SELECT n FROM sizes WHERE queue = ?", (queue,)).fetchone()
+            (in_flight,) = self._db.execute(
+                "SELECT COUNT(*) FROM messages WHERE queue = ? AND visible_at > ?", (queue, now)
             ).fetchone()
-        return Depth(int(visible), int(in_flight))
+        total = int(row[0]) if row else 0
+        return Depth(total - int(in_flight), int(in_flight))
 
 
 class LocalQueue:

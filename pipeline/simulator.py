@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import functools
 import hashlib
 import json
 import math
 import re
 import socket
+import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -841,3 +844,92 @@ def serve(config: SimulatorConfig, host: str = "127.0.0.1", port: int = 8000) ->
         pass
     finally:
         simulator.stop()
+
+
+def _child_main() -> None:
+    """`python -m pipeline.simulator`: read a SimulatorConfig as JSON on stdin, print the URL,
+    serve until stdin closes."""
+    config = SimulatorConfig(**json.loads(sys.stdin.readline()))
+    simulator = Simulator(config)
+    print(simulator.start(), flush=True)
+    try:
+        sys.stdin.read()  # returns when the parent closes the pipe or goes away
+    finally:
+        simulator.stop()
+
+
+class SimulatorProcess:
+    """The simulator in a child process: its own interpreter, so it does not compete for the
+    pipeline's GIL (in one process a 200 calls/s harvest is CPU-bound on 2 cores).
+
+    The tree is deterministic, so `ground_truth` and friends are computed here from the config.
+    """
+
+    def __init__(self, config: SimulatorConfig | None = None) -> None:
+        self.config = config or SimulatorConfig()
+        self._model = Simulator(self.config)
+        self._process: subprocess.Popen[str] | None = None
+        self._url: str | None = None
+
+    def start(self) -> str:
+        # The config (token included) goes over stdin, never argv.
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.simulator"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write(json.dumps(dataclasses.asdict(self.config)) + "\n")
+        process.stdin.flush()
+        url = process.stdout.readline().strip()
+        if not url.startswith("http://"):
+            process.kill()
+            raise RuntimeError(f"the simulator process did not start (said {url!r})")
+        self._process, self._url = process, url
+        return url
+
+    @property
+    def url(self) -> str:
+        if self._url is None:
+            raise RuntimeError("the simulator has not been started")
+        return self._url
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        assert process.stdin is not None
+        process.stdin.close()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+
+    def stats(self) -> dict[str, Any]:
+        """The child's SimulatorStats snapshot, over HTTP."""
+        with urllib.request.urlopen(f"{self.url}/_sim/stats", timeout=10) as response:
+            data: dict[str, Any] = json.loads(response.read())
+            return data
+
+    def ground_truth(
+        self, start: datetime, end: datetime
+    ) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
+        return self._model.ground_truth(start, end)
+
+    def expected_calls(self, start: datetime, end: datetime) -> int:
+        return self._model.expected_calls(start, end)
+
+    def __enter__(self) -> SimulatorProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+if __name__ == "__main__":
+    _child_main()

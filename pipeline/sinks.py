@@ -37,7 +37,9 @@ def encode_lines(records: Sequence[Mapping[str, Any]]) -> bytes:
 
 
 def decode_lines(blob: bytes) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in gzip.decompress(blob).decode().splitlines() if line]
+    # Split on "\n" only: str.splitlines also breaks at U+2028 and friends, which
+    # ensure_ascii=False leaves raw inside JSON strings (ids may contain them).
+    return [json.loads(line) for line in gzip.decompress(blob).decode().split("\n") if line]
 
 
 class Sink(Protocol):

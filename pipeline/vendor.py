@@ -130,6 +130,9 @@ class VendorClient:
         self._max_attempts = max_attempts
         self._owns_session = session is None
         self._session = session if session is not None else requests.Session()
+        # No .netrc or proxy lookups from the environment on every request: the URL, the
+        # token and the TLS settings here are all the transport there is.
+        self._session.trust_env = False
         if self._owns_session:
             # One pool per host, big enough that every drain thread keeps its connection;
             # retries are ours (below), not urllib3's.
@@ -208,18 +211,19 @@ class VendorClient:
     # -- one attempt -----------------------------------------------------------------------
 
     def _attempt(self, url: str, path: str) -> Page:
-        self._budget.acquire()
-        started = time.perf_counter()
         try:
-            response = self._send(url)
+            response, started = self._send(url)
         except TRANSIENT_EXCEPTIONS as exc:
-            self._stats.add(calls=1, failures=1, latency_total=time.perf_counter() - started)
             raise _AttemptFailed(_describe_transport_error(exc)) from exc
-        self._stats.add(calls=1, latency_total=time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self._stats.add(calls=1, latency_total=elapsed)
+        # The vendor counted the request when it arrived, about when it was sent: its Reset
+        # runs from then, not from now, a round trip later.
+        reset = _header_seconds(response, "X-RateLimit-Reset")
         self._budget.observe(
             _header_int(response, "X-RateLimit-Limit"),
             _header_int(response, "X-RateLimit-Remaining"),
-            _header_seconds(response, "X-RateLimit-Reset"),
+            None if reset is None else reset - elapsed,
         )
         status = response.status_code
         if status == 200:
@@ -250,14 +254,25 @@ class VendorClient:
             raise PoisonError(f"GET {path}: unexpected {status}{_vendor_message(response)}")
         raise RetryableError(f"GET {path}: unexpected {status}")
 
-    def _send(self, url: str) -> requests.Response:
+    def _send(self, url: str) -> tuple[requests.Response, float]:
+        """Prepare, take a budget slot, send: the slot is taken as late as possible, so the
+        vendor sees the request at the time the budget counted it."""
         request = self._session.prepare_request(requests.Request("GET", url))
         # requests re-normalises the URL it prepares: urllib3's parse_url resolves "."
         # and ".." segments, and requote_uri decodes %2E back to ".". The URL built here is
         # already exact, so it goes on the wire as it is.
         request.url = url
         settings = self._session.merge_environment_settings(url, {}, None, None, None)
-        return self._session.send(request, timeout=self._timeout, allow_redirects=False, **settings)
+        self._budget.acquire()
+        started = time.perf_counter()
+        try:
+            response = self._session.send(
+                request, timeout=self._timeout, allow_redirects=False, **settings
+            )
+        except TRANSIENT_EXCEPTIONS:
+            self._stats.add(calls=1, failures=1, latency_total=time.perf_counter() - started)
+            raise
+        return response, started
 
     # -- retry policy ----------------------------------------------------------------------
 

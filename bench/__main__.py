@@ -1,0 +1,148 @@
+"""`python -m bench [--quick] [--only NAME ...]`: one line per scenario.
+
+Each scenario runs `harvest local` (the real handlers, embedded queues, the simulator in
+its own process) in a fresh child process, so that CPU time and peak RSS are the
+pipeline's alone. Columns:
+
+calls        vendor calls made (retries and 429s included)
+wall s       kickoff to settled
+ideal s      calls × W / L: the least time the vendor's limit allows
+util         ideal / wall
+429s         rate-limited responses
+q req/ent    queue requests (send, receive, delete, visibility, depth) per harvested entity
+cpu ms/call  the pipeline process's CPU time per call, kickoff to settled
+rss MB       the pipeline process's peak resident memory (all six drains)
+exact        output equals the simulator's ground truth
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    troops: int
+    warriors: int
+    data_groups: int
+    rate_calls: int  # configured
+    vendor_calls: int  # the simulator's real limit
+    latency: float
+    concurrency: int = 16
+    reserved_concurrency: int = 2
+    rate_period: float = 1.0
+
+    def scaled(self, factor: float) -> Scenario:
+        return Scenario(**{**asdict(self), "data_groups": max(1, round(self.data_groups * factor))})
+
+
+SCENARIOS = [
+    Scenario("1.5k@50/s 200ms", 4, 8, 46, 50, 50, 0.2),
+    Scenario("50k@200/s 20ms", 20, 25, 100, 200, 200, 0.02),
+    Scenario("vendor limit = half", 4, 8, 46, 100, 50, 0.02),
+    # The talk's design: one call at a time per drain, one drain per stage.
+    Scenario("baseline 1-at-a-time", 4, 8, 46, 50, 50, 0.2, concurrency=1, reserved_concurrency=1),
+]
+
+HEADER = (
+    f"{'scenario':<22} {'calls':>6} {'wall s':>7} {'ideal s':>7} {'util':>5} {'429s':>5} "
+    f"{'q req/ent':>9} {'cpu ms/call':>11} {'rss MB':>6} {'exact':>5}"
+)
+
+
+def run_one(scenario: Scenario) -> dict[str, object]:
+    """Run in this process: a child of the bench driver."""
+    import resource
+    import tempfile
+    from pathlib import Path
+
+    from pipeline.local import LocalOptions, run_local
+    from pipeline.simulator import SimulatorConfig
+    from pipeline.window import Window
+
+    with tempfile.TemporaryDirectory(prefix="harvest-bench-") as out:
+        result = run_local(
+            LocalOptions(
+                window=Window.parse("2026-11-22T00:00:00Z", "2026-11-23T00:00:00Z"),
+                out=Path(out),
+                rate_calls=scenario.rate_calls,
+                rate_period=scenario.rate_period,
+                tick=1.0,
+                concurrency=scenario.concurrency,
+                reserved_concurrency=scenario.reserved_concurrency,
+                simulator=SimulatorConfig(
+                    troops=scenario.troops,
+                    warriors_per_troop=scenario.warriors,
+                    data_groups_per_warrior=scenario.data_groups,
+                    rate_calls=scenario.vendor_calls,
+                    rate_period=scenario.rate_period,
+                    latency=scenario.latency,
+                ),
+            )
+        )
+    status = result.status
+    entities = sum(c.enqueued for c in status.stages.values()) if status else 0
+    ideal = result.calls * scenario.rate_period / scenario.vendor_calls
+    return {
+        "calls": result.calls,
+        "wall": result.wall_seconds,
+        "ideal": ideal,
+        "util": ideal / result.wall_seconds,
+        "rate_limited": result.rate_limited,
+        "queue_per_entity": result.queue_requests / max(1, entities),
+        "cpu_ms_per_call": 1000 * result.cpu_seconds / max(1, result.calls),
+        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "exact": bool(result.comparison and result.comparison.exact),
+        "complete": bool(status and status.complete),
+    }
+
+
+def line(name: str, r: dict[str, float]) -> str:
+    return (
+        f"{name:<22} {r['calls']:>6.0f} {r['wall']:>7.1f} {r['ideal']:>7.1f} {r['util']:>5.2f} "
+        f"{r['rate_limited']:>5.0f} {r['queue_per_entity']:>9.3f} {r['cpu_ms_per_call']:>11.2f} "
+        f"{r['rss_mb']:>6.0f} {'yes' if r['exact'] else 'NO':>5}"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a tenth of the data groups")
+    parser.add_argument("--only", nargs="*", help="run scenarios whose name starts with these")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_one(Scenario(**json.loads(args.child)))))
+        return 0
+    print(f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, python {sys.version.split()[0]}")
+    print(HEADER)
+    failed = False
+    for scenario in SCENARIOS:
+        if args.only and not any(scenario.name.startswith(o) for o in args.only):
+            continue
+        if args.quick:
+            scenario = scenario.scaled(0.1)
+        child = subprocess.run(
+            [sys.executable, "-m", "bench", "--child", json.dumps(asdict(scenario))],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if child.returncode != 0:
+            print(f"{scenario.name:<22} FAILED: {child.stderr.strip().splitlines()[-1:]}")
+            failed = True
+            continue
+        result = json.loads(child.stdout.strip().splitlines()[-1])
+        print(line(scenario.name, result), flush=True)
+        failed |= not result["exact"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

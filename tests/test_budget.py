@@ -1,0 +1,480 @@
+"""The rate budget: never more than L call starts in any rolling window of W seconds.
+
+Most tests drive a fake clock, so they are exact and instant. Two run real threads on the
+real clock for about a second: they record when calls were let through and check every
+rolling window afterwards; nothing asserts how long anything took.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import boto3
+import pytest
+from aws_fakes import REGION, state_table
+from fake_clock import FakeClock
+from moto import mock_aws
+from ratelimit import limits
+
+from pipeline.budget import MARGIN_FRACTION, MARGIN_MIN_SECONDS, DynamoBudget, PacedBudget
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb import DynamoDBClient
+
+JOIN_TIMEOUT = 30.0  # a hung thread fails the test instead of hanging the suite
+
+
+def busiest_window(times: Sequence[float], period: float) -> int:
+    """The most call starts in any closed window [t, t + period]."""
+    ordered = sorted(times)
+    return max(
+        (bisect.bisect_right(ordered, t + period) - i for i, t in enumerate(ordered)), default=0
+    )
+
+
+def acquire_times(budget: PacedBudget | DynamoBudget, clock: FakeClock, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        budget.acquire()
+        times.append(clock())
+    return times
+
+
+# -- PacedBudget on a fake clock -----------------------------------------------------------
+
+
+def test_paced_budget_keeps_every_rolling_window_within_limit_when_saturated() -> None:
+    clock = FakeClock()
+    budget = PacedBudget(50, 1.0, clock=clock, sleep=clock.sleep)
+
+    times = acquire_times(budget, clock, 1_000)
+
+    assert busiest_window(times, 1.0) == 50
+
+
+def test_paced_budget_keeps_every_rolling_window_within_limit_when_calls_are_irregular() -> None:
+    # GIVEN callers that work a random while between calls, sometimes idling for seconds
+    clock = FakeClock()
+    budget = PacedBudget(20, 2.0, clock=clock, sleep=clock.sleep)
+    rng = random.Random(7)
+    times = []
+
+    # WHEN they acquire many times
+    for _ in range(2_000):
+        budget.acquire()
+        times.append(clock())
+        clock.advance(rng.choice([0.0, 0.0, rng.uniform(0, 0.2), rng.uniform(0, 3.0)]))
+
+    # THEN no rolling window holds more than the limit
+    assert busiest_window(times, 2.0) <= 20
+
+
+def test_paced_budget_lets_calls_through_near_the_limit_when_saturated() -> None:
+    # Not safe by being slow: saturated, it lets nearly L calls through per W (less margin).
+    clock = FakeClock()
+    budget = PacedBudget(100, 1.0, clock=clock, sleep=clock.sleep)
+
+    times = acquire_times(budget, clock, 1_000)
+
+    assert busiest_window(times, 1.0) == 100
+    assert times[-1] - times[0] <= 1_000 / 100 * 1.05
+
+
+def test_paced_budget_blocks_every_acquisition_when_paused() -> None:
+    clock = FakeClock()
+    budget = PacedBudget(50, 1.0, clock=clock, sleep=clock.sleep)
+    acquire_times(budget, clock, 10)
+    paused_at = clock()
+
+    budget.pause(2.5)
+    after = acquire_times(budget, clock, 5)
+
+    assert min(after) >= paused_at + 2.5
+
+
+def test_paced_budget_voids_a_waiting_slot_when_paused_during_the_wait() -> None:
+    # GIVEN callers that will soon have to wait for a slot
+    clock = FakeClock()
+    paused_until: list[float] = []
+
+    def sleep_while_another_thread_hits_a_429(seconds: float) -> None:
+        if not paused_until:
+            paused_until.append(clock() + 1.0)
+            budget.pause(1.0)
+        clock.sleep(seconds)
+
+    budget = PacedBudget(5, 1.0, clock=clock, sleep=sleep_while_another_thread_hits_a_429)
+
+    # WHEN a pause starts while one of them sleeps until its slot
+    for _ in range(100):
+        budget.acquire()
+        if paused_until:
+            break
+
+    # THEN that caller does not start at its old slot but after the pause
+    assert paused_until
+    assert clock() >= paused_until[0]
+
+
+def test_paced_budget_keeps_the_longer_pause_when_pauses_overlap() -> None:
+    clock = FakeClock()
+    budget = PacedBudget(50, 1.0, clock=clock, sleep=clock.sleep)
+
+    budget.pause(3.0)
+    budget.pause(1.0)
+    budget.acquire()
+
+    assert clock() >= 3.0
+
+
+def test_paced_budget_lowers_the_pace_when_vendor_reports_a_lower_limit() -> None:
+    # GIVEN a budget configured for 100/s
+    clock = FakeClock()
+    budget = PacedBudget(100, 1.0, clock=clock, sleep=clock.sleep)
+    acquire_times(budget, clock, 50)
+
+    # WHEN the vendor's X-RateLimit-Limit says 20
+    budget.observe(20, None, None)
+    times = acquire_times(budget, clock, 200)
+
+    # THEN calls from then on fit 20 per rolling second
+    assert busiest_window(times, 1.0) <= 20
+
+
+def test_paced_budget_keeps_its_pace_when_vendor_reports_a_higher_limit() -> None:
+    clock = FakeClock()
+    budget = PacedBudget(20, 1.0, clock=clock, sleep=clock.sleep)
+
+    budget.observe(500, 400, 0.5)
+    times = acquire_times(budget, clock, 200)
+
+    assert busiest_window(times, 1.0) <= 20
+
+
+def test_paced_budget_pauses_when_vendor_reports_nothing_remaining() -> None:
+    clock = FakeClock()
+    budget = PacedBudget(50, 1.0, clock=clock, sleep=clock.sleep)
+    budget.acquire()
+    observed_at = clock()
+
+    budget.observe(50, 0, 0.75)
+    budget.acquire()
+
+    assert clock() >= observed_at + 0.75
+
+
+def test_paced_budget_does_not_pause_when_vendor_reports_calls_remaining() -> None:
+    clock = FakeClock()
+    budget = PacedBudget(50, 1.0, clock=clock, sleep=clock.sleep)
+    budget.acquire()
+    observed_at = clock()
+
+    budget.observe(50, 3, 0.75)
+    budget.acquire()
+
+    assert clock() < observed_at + 0.75
+
+
+# -- PacedBudget with real threads on the real clock ---------------------------------------
+
+
+class GrantLog:
+    """The real monotonic clock and sleep, remembering per thread the slot last granted.
+
+    A budget's acquire reads the clock, then sleeps until its slot; so the slot a call was
+    granted is the last reading plus the sleep since. Unlike a timestamp taken after
+    acquire returns, it does not include the time the thread waited to be scheduled.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def clock(self) -> float:
+        now = time.monotonic()
+        self._local.slot = now
+        return now
+
+    def sleep(self, seconds: float) -> None:
+        self._local.slot += seconds
+        time.sleep(seconds)
+
+    @property
+    def slot(self) -> float:
+        return float(self._local.slot)
+
+
+@dataclass(frozen=True)
+class Pause:
+    called: float  # time.monotonic() before pause() was called
+    returned: float  # ... and after it returned
+    seconds: float
+
+
+@dataclass
+class Harvest:
+    granted: list[float]  # the slot each call was granted
+    started: list[float]  # time.monotonic() as each acquire returned
+    pauses: list[Pause]
+
+
+def assert_within_limit(harvest: Harvest, calls: int, period: float) -> None:
+    """No rolling window holds more than `calls` starts: granted slots exactly, and the
+    starts the threads saw as long as their scheduling delay stayed within the margin."""
+    assert busiest_window(harvest.granted, period) <= calls
+    # A thread starts its call a little after its slot: the budget's margin absorbs that
+    # delay up to its size. On a starved CPU threads can wake later than that; the granted
+    # slots above are then the budget's part, the rest is the machine's.
+    margin = max(period * MARGIN_FRACTION, MARGIN_MIN_SECONDS)
+    delays = [s - g for s, g in zip(harvest.started, harvest.granted, strict=True)]
+    if max(delays) < margin:
+        assert busiest_window(harvest.started, period) <= calls
+
+
+def run_threads(
+    budget: PacedBudget,
+    grants: GrantLog,
+    *,
+    threads: int,
+    calls: int,
+    pause_after: Callable[[int], float] = lambda n: 0.0,
+) -> Harvest:
+    """`threads` callers acquire until `calls` calls have started; after call n, the caller
+    pauses the budget for `pause_after(n)` seconds if that is positive (a 429)."""
+    out = Harvest([], [], [])
+    lock = threading.Lock()
+
+    def caller() -> None:
+        while True:
+            budget.acquire()
+            started = time.monotonic()
+            with lock:
+                n = len(out.started)
+                if n >= calls:
+                    return
+                out.started.append(started)
+                out.granted.append(grants.slot)
+            seconds = pause_after(n + 1)
+            if seconds > 0:
+                called = time.monotonic()
+                budget.pause(seconds)
+                with lock:
+                    out.pauses.append(Pause(called, time.monotonic(), seconds))
+
+    workers = [threading.Thread(target=caller) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=JOIN_TIMEOUT)
+    assert not any(w.is_alive() for w in workers), "a caller hung"
+    return out
+
+
+def test_paced_budget_keeps_every_rolling_window_within_limit_across_threads() -> None:
+    # GIVEN 8 threads sharing a budget of 50 calls per rolling half second
+    grants = GrantLog()
+    budget = PacedBudget(50, 0.5, clock=grants.clock, sleep=grants.sleep)
+
+    # WHEN they make 100 calls as fast as it lets them (about a second)
+    harvest = run_threads(budget, grants, threads=8, calls=100)
+
+    # THEN no rolling half second holds more than 50 call starts
+    assert len(harvest.started) == 100
+    assert_within_limit(harvest, 50, 0.5)
+
+
+def test_paced_budget_honours_pauses_when_429s_arrive_while_threads_wait() -> None:
+    # GIVEN 8 threads calling through one budget, and three calls that draw a 429
+    grants = GrantLog()
+    budget = PacedBudget(50, 0.5, clock=grants.clock, sleep=grants.sleep)
+    burst = {20: 0.1, 21: 0.15, 60: 0.1}
+
+    # WHEN each 429 pauses the budget while the other threads hold or wait for slots
+    harvest = run_threads(
+        budget, grants, threads=8, calls=100, pause_after=lambda n: burst.get(n, 0.0)
+    )
+
+    # THEN the rolling limit still holds
+    assert len(harvest.pauses) == 3
+    assert_within_limit(harvest, 50, 0.5)
+    # AND no call was granted a slot inside a pause. A slot granted after pause() returned
+    # was checked against that pause, so it must lie beyond its end.
+    for p in harvest.pauses:
+        inside = [t for t in harvest.granted if p.returned < t < p.called + p.seconds]
+        assert inside == [], f"calls inside the pause {p}"
+
+
+# -- DynamoBudget on moto, two invocations sharing one table -------------------------------
+
+
+@pytest.fixture(scope="module")
+def dynamodb() -> Iterator[DynamoDBClient]:
+    with mock_aws():
+        yield boto3.client("dynamodb", region_name=REGION)
+
+
+@pytest.fixture
+def table(dynamodb: DynamoDBClient) -> str:
+    return state_table(dynamodb, f"state-{uuid.uuid4().hex[:12]}")
+
+
+def two_invocations(
+    dynamodb: DynamoDBClient, table: str, clock: FakeClock, calls: int, period: float
+) -> tuple[DynamoBudget, DynamoBudget]:
+    return (
+        DynamoBudget(dynamodb, table, calls, period, clock=clock, sleep=clock.sleep),
+        DynamoBudget(dynamodb, table, calls, period, clock=clock, sleep=clock.sleep),
+    )
+
+
+def test_dynamo_budgets_keep_every_rolling_window_within_limit_when_interleaved(
+    dynamodb: DynamoDBClient, table: str
+) -> None:
+    # GIVEN two invocations drawing from one schedule in the table
+    clock = FakeClock(1_700_000_000.0)
+    a, b = two_invocations(dynamodb, table, clock, 20, 1.0)
+
+    # WHEN their calls interleave, one caller each, one at a time
+    times = []
+    for _ in range(60):
+        for budget in (a, b):
+            budget.acquire()
+            times.append(clock())
+
+    # THEN together they never exceed the limit in any rolling window
+    assert busiest_window(times, 1.0) <= 20
+
+
+def test_dynamo_budget_does_not_use_stale_slots_when_its_callers_were_busy(
+    dynamodb: DynamoDBClient, table: str
+) -> None:
+    # GIVEN invocation a reserved a batch of slots, used one, and its callers then spent
+    # half a second in slow vendor calls while the batch's slots went by
+    clock = FakeClock(1_700_000_000.0)
+    a, b = two_invocations(dynamodb, table, clock, 20, 1.0)
+    times = []
+    a.acquire()
+    times.append(clock())
+    clock.advance(0.5)
+
+    # WHEN b calls flat out and a's callers come back for their next calls
+    for i in range(40):
+        b.acquire()
+        times.append(clock())
+        if i == 0:
+            for _ in range(4):
+                a.acquire()
+                times.append(clock())
+
+    # THEN a's missed slots are lost, not spent late on top of b's
+    assert busiest_window(times, 1.0) <= 20
+
+
+def test_dynamo_budgets_keep_every_rolling_window_within_limit_when_callers_are_slow(
+    dynamodb: DynamoDBClient, table: str
+) -> None:
+    # GIVEN two invocations whose callers sometimes work longer than their reserved slots last
+    clock = FakeClock(1_700_000_000.0)
+    a, b = two_invocations(dynamodb, table, clock, 20, 1.0)
+    rng = random.Random(11)
+    times = []
+
+    # WHEN they call in a random order with random work in between
+    for _ in range(200):
+        budget = rng.choice((a, b))
+        budget.acquire()
+        times.append(clock())
+        clock.advance(rng.choice([0.0, 0.0, rng.uniform(0, 0.5)]))
+
+    # THEN the shared limit holds
+    assert busiest_window(times, 1.0) <= 20
+
+
+def test_dynamo_budget_honours_a_pause_from_another_invocation_on_its_next_reservation(
+    dynamodb: DynamoDBClient, table: str
+) -> None:
+    # GIVEN invocation a drew a 429
+    clock = FakeClock(1_700_000_000.0)
+    a, b = two_invocations(dynamodb, table, clock, 20, 1.0)
+    a.acquire()
+    paused_at = clock()
+
+    # WHEN a pauses for the Retry-After
+    a.pause(2.0)
+
+    # THEN b's next reservation starts after the pause
+    b.acquire()
+    assert clock() >= paused_at + 2.0
+
+
+def test_dynamo_budget_shares_a_lower_limit_learned_by_another_invocation(
+    dynamodb: DynamoDBClient, table: str
+) -> None:
+    # GIVEN invocation a learned from the vendor's headers that the limit is 5, not 20
+    clock = FakeClock(1_700_000_000.0)
+    a, b = two_invocations(dynamodb, table, clock, 20, 1.0)
+    a.observe(5, None, None)
+
+    # WHEN both call
+    times = []
+    for _ in range(40):
+        for budget in (a, b):
+            budget.acquire()
+            times.append(clock())
+
+    # THEN they keep to 5 per rolling second, though b was configured for 20
+    assert busiest_window(times, 1.0) <= 5
+
+
+def test_dynamo_budget_pauses_when_vendor_reports_nothing_remaining(
+    dynamodb: DynamoDBClient, table: str
+) -> None:
+    clock = FakeClock(1_700_000_000.0)
+    a, b = two_invocations(dynamodb, table, clock, 20, 1.0)
+    a.acquire()
+    observed_at = clock()
+
+    a.observe(20, 0, 1.5)
+    a.acquire()
+    b.acquire()
+
+    assert clock() >= observed_at + 1.5
+
+
+# -- why not the `ratelimit` package -------------------------------------------------------
+
+
+def test_ratelimit_package_lets_twice_the_limit_into_one_rolling_window_at_a_boundary() -> None:
+    # GIVEN ratelimit's decorator allowing 10 calls per 1 s period, on a clock we drive.
+    # It counts calls in fixed windows that restart at the first call after a period ends.
+    now = [0.0]
+    admitted: list[float] = []
+
+    limiter = limits(calls=10, period=1.0, clock=lambda: now[0], raise_on_limit=False)
+    call: Callable[[], None] = limiter(lambda: admitted.append(now[0]))
+
+    # WHEN 20 callers arrive just before a window ends and 20 more just after
+    now[0] = 0.999
+    for _ in range(20):
+        call()
+    now[0] = 1.0
+    for _ in range(20):
+        call()
+
+    # THEN it refuses the 11th in each fixed window...
+    assert len(admitted) == 20
+    # ...yet 20 calls, twice the limit, start within one millisecond: a sliding-log vendor
+    # would answer the second ten with 429s.
+    assert busiest_window(admitted, 1.0) == 20
+    assert max(admitted) - min(admitted) == pytest.approx(0.001)
+
+    # AND the project's budget, given the same burst, lets 10 through in any rolling second
+    clock = FakeClock(0.999)
+    budget = PacedBudget(10, 1.0, clock=clock, sleep=clock.sleep)
+    assert busiest_window(acquire_times(budget, clock, 40), 1.0) == 10

@@ -1,0 +1,395 @@
+"""The Ledger contract, run against SqliteLedger and DynamoLedger (moto).
+
+Counts must be exact under at-least-once delivery: every write is idempotent, dead never
+overwrites done or gone, and a replayed entity that finally succeeds becomes done.
+"""
+
+from __future__ import annotations
+
+import types
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import boto3
+import pytest
+from aws_fakes import REGION, state_table
+from fake_clock import FakeClock
+from moto import mock_aws
+
+import pipeline.ledger as ledger_module
+from pipeline.ledger import (
+    DEAD,
+    DONE,
+    GONE,
+    DeadEntity,
+    DynamoLedger,
+    Ledger,
+    SqliteLedger,
+    StageCounts,
+)
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb import DynamoDBClient
+
+RUN = "20240101T000000Z-20240102T000000Z"
+FROM, TO = "2024-01-01T00:00:00Z", "2024-01-02T00:00:00Z"
+TROOP = ("troop/1?#%+ ..",)
+WARRIOR = (*TROOP, "wárrior 漢字 🚀")
+
+
+@pytest.fixture(scope="module")
+def dynamodb() -> Iterator[DynamoDBClient]:
+    with mock_aws():
+        yield boto3.client("dynamodb", region_name=REGION)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    """Drive the ledger's wall clock (run start and completion times)."""
+    fake = FakeClock(1_700_000_000.0)
+    monkeypatch.setattr(ledger_module, "time", types.SimpleNamespace(time=fake.time))
+    return fake
+
+
+@pytest.fixture(params=["sqlite", "dynamo"])
+def ledger(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> Ledger:
+    if request.param == "sqlite":
+        return SqliteLedger(tmp_path / "ledger.sqlite")
+    ddb: DynamoDBClient = request.getfixturevalue("dynamodb")
+    return DynamoLedger(ddb, state_table(ddb, f"state-{uuid.uuid4().hex[:12]}"))
+
+
+def started(ledger: Ledger, run_id: str = RUN) -> Ledger:
+    ledger.start_run(run_id, FROM, TO)
+    return ledger
+
+
+def counts(ledger: Ledger, stage: str, run_id: str = RUN) -> StageCounts:
+    status = ledger.status(run_id)
+    assert status is not None
+    return status.stages[stage]
+
+
+# -- runs ----------------------------------------------------------------------------------
+
+
+def test_status_is_none_when_run_is_unknown(ledger: Ledger) -> None:
+    assert ledger.status("never-started") is None
+
+
+def test_start_run_records_window_and_start_time(ledger: Ledger, clock: FakeClock) -> None:
+    started(ledger)
+
+    status = ledger.status(RUN)
+
+    assert status is not None
+    assert (status.window_from, status.window_to) == (FROM, TO)
+    assert status.started_at == clock.now
+    assert status.completed_at is None
+    assert not status.kicked_off
+    assert {name: c.enqueued for name, c in status.stages.items()} == {
+        "troops": 0,
+        "warriors": 0,
+        "data_groups": 0,
+    }
+
+
+def test_start_run_is_idempotent_when_called_again(ledger: Ledger, clock: FakeClock) -> None:
+    # GIVEN a started run
+    started(ledger)
+    first = ledger.status(RUN)
+
+    # WHEN it is started again later (a rerun of the same window)
+    clock.advance(60)
+    ledger.start_run(RUN, "2030-01-01T00:00:00Z", "2030-01-02T00:00:00Z")
+
+    # THEN nothing about it changes
+    assert ledger.status(RUN) == first
+    assert ledger.runs() == [RUN]
+
+
+def test_runs_lists_newest_first(ledger: Ledger, clock: FakeClock) -> None:
+    for run_id in ("run-a", "run-b", "run-c"):
+        started(ledger, run_id)
+        clock.advance(10)
+
+    assert ledger.runs() == ["run-c", "run-b", "run-a"]
+
+
+def test_runs_keeps_order_when_an_old_run_is_started_again(
+    ledger: Ledger, clock: FakeClock
+) -> None:
+    # GIVEN two runs, a then b
+    started(ledger, "run-a")
+    clock.advance(10)
+    started(ledger, "run-b")
+    clock.advance(10)
+
+    # WHEN run a is started again (kickoff retried for its window)
+    started(ledger, "run-a")
+
+    # THEN it keeps its original start time and place
+    assert ledger.runs() == ["run-b", "run-a"]
+
+
+def test_runs_is_empty_when_nothing_started(ledger: Ledger) -> None:
+    assert ledger.runs() == []
+
+
+# -- entity states -------------------------------------------------------------------------
+
+
+def test_enqueued_counts_once_when_recorded_twice(ledger: Ledger) -> None:
+    started(ledger)
+
+    ledger.enqueued(RUN, "troops", [("k1", TROOP), ("k2", ("t2",))])
+    ledger.enqueued(RUN, "troops", [("k1", TROOP)])
+
+    assert counts(ledger, "troops") == StageCounts(enqueued=2)
+
+
+def test_enqueued_keeps_final_state_when_recorded_again(ledger: Ledger) -> None:
+    # GIVEN an entity already done
+    started(ledger)
+    ledger.enqueued(RUN, "troops", [("k1", TROOP)])
+    ledger.finish(RUN, "troops", "k1", DONE)
+
+    # WHEN its parent is redelivered and enqueues it again
+    ledger.enqueued(RUN, "troops", [("k1", TROOP)])
+
+    # THEN it stays done
+    assert counts(ledger, "troops") == StageCounts(enqueued=1, done=1)
+
+
+def test_finish_counts_done_gone_and_dead(ledger: Ledger) -> None:
+    started(ledger)
+    ledger.enqueued(RUN, "warriors", [(f"k{i}", (*TROOP, f"w{i}")) for i in range(5)])
+
+    ledger.finish(RUN, "warriors", "k0", DONE)
+    ledger.finish(RUN, "warriors", "k1", DONE)
+    ledger.finish(RUN, "warriors", "k2", GONE)
+    ledger.finish(RUN, "warriors", "k3", DEAD, "PoisonError: 400")
+
+    c = counts(ledger, "warriors")
+    assert c == StageCounts(enqueued=5, done=2, gone=1, dead=1)
+    assert c.pending == 1
+    assert counts(ledger, "troops") == StageCounts()
+
+
+def test_finish_counts_once_when_delivered_twice(ledger: Ledger) -> None:
+    started(ledger)
+    ledger.enqueued(RUN, "troops", [("k1", TROOP)])
+
+    ledger.finish(RUN, "troops", "k1", DONE)
+    ledger.finish(RUN, "troops", "k1", DONE)
+
+    assert counts(ledger, "troops") == StageCounts(enqueued=1, done=1)
+
+
+def test_finish_many_records_every_entry(ledger: Ledger) -> None:
+    started(ledger)
+    ledger.enqueued(RUN, "troops", [("a", ("a",)), ("b", ("b",)), ("c", ("c",))])
+
+    ledger.finish_many(RUN, "troops", [("a", DONE, ""), ("b", GONE, ""), ("c", DEAD, "boom")])
+
+    assert counts(ledger, "troops") == StageCounts(enqueued=3, done=1, gone=1, dead=1)
+
+
+@pytest.mark.parametrize("final", [DONE, GONE])
+def test_dead_does_not_overwrite_when_already_final(ledger: Ledger, final: str) -> None:
+    # GIVEN an entity that finished
+    started(ledger)
+    ledger.enqueued(RUN, "troops", [("k1", TROOP)])
+    ledger.finish(RUN, "troops", "k1", final)
+
+    # WHEN a late duplicate of its message dies
+    ledger.finish(RUN, "troops", "k1", DEAD, "RetryableError: 503")
+    ledger.finish_many(RUN, "troops", [("k1", DEAD, "RetryableError: 503")])
+
+    # THEN the first outcome stands
+    assert counts(ledger, "troops") == StageCounts(
+        enqueued=1, done=int(final == DONE), gone=int(final == GONE)
+    )
+    assert ledger.dead(RUN) == []
+
+
+def test_done_overwrites_dead_when_replayed(ledger: Ledger) -> None:
+    # GIVEN a dead entity
+    started(ledger)
+    ledger.enqueued(RUN, "troops", [("k1", TROOP)])
+    ledger.finish(RUN, "troops", "k1", DEAD, "RetryableError: 503")
+
+    # WHEN its replayed message succeeds
+    ledger.finish(RUN, "troops", "k1", DONE)
+
+    # THEN it counts as done, no longer dead
+    assert counts(ledger, "troops") == StageCounts(enqueued=1, done=1)
+    assert ledger.dead(RUN) == []
+
+
+def test_gone_overwrites_dead_when_replayed(ledger: Ledger) -> None:
+    started(ledger)
+    ledger.enqueued(RUN, "troops", [("k1", TROOP)])
+    ledger.finish(RUN, "troops", "k1", DEAD, "RetryableError: 503")
+
+    ledger.finish(RUN, "troops", "k1", GONE)
+
+    assert counts(ledger, "troops") == StageCounts(enqueued=1, gone=1)
+
+
+def test_dead_lists_path_and_error_of_each_dead_entity(ledger: Ledger) -> None:
+    started(ledger)
+    ledger.enqueued(RUN, "troops", [("t", TROOP)])
+    ledger.enqueued(RUN, "warriors", [("w", WARRIOR), ("ok", (*TROOP, "fine"))])
+    ledger.finish(RUN, "troops", "t", DEAD, "PoisonError: 400 bad cursor")
+    ledger.finish(RUN, "warriors", "w", DEAD, "RetryableError: 503 «vendor» ✗")
+    ledger.finish(RUN, "warriors", "ok", DONE)
+
+    dead = ledger.dead(RUN)
+
+    assert sorted(dead, key=lambda d: d.stage) == [
+        DeadEntity("troops", TROOP, "PoisonError: 400 bad cursor"),
+        DeadEntity("warriors", WARRIOR, "RetryableError: 503 «vendor» ✗"),
+    ]
+
+
+def test_runs_are_counted_apart(ledger: Ledger) -> None:
+    started(ledger, "run-a")
+    started(ledger, "run-b")
+    ledger.enqueued("run-a", "troops", [("k1", TROOP)])
+    ledger.finish("run-a", "troops", "k1", DEAD, "x")
+
+    assert counts(ledger, "troops", "run-b") == StageCounts()
+    assert ledger.dead("run-b") == []
+
+
+# -- errors and stats ----------------------------------------------------------------------
+
+
+def test_last_error_returns_the_latest_recorded_error(ledger: Ledger) -> None:
+    started(ledger)
+    ledger.enqueued(RUN, "troops", [("k1", TROOP)])
+
+    ledger.record_error(RUN, "troops", "k1", "RetryableError: 502")
+    ledger.record_error(RUN, "troops", "k1", "RateLimitedError: 429 ✗")
+
+    assert ledger.last_error(RUN, "troops", "k1") == "RateLimitedError: 429 ✗"
+    assert counts(ledger, "troops") == StageCounts(enqueued=1)
+
+
+def test_last_error_is_empty_when_none_recorded(ledger: Ledger) -> None:
+    started(ledger)
+    ledger.enqueued(RUN, "troops", [("k1", TROOP)])
+
+    assert ledger.last_error(RUN, "troops", "k1") == ""
+    assert ledger.last_error(RUN, "troops", "unknown") == ""
+
+
+def test_record_error_is_ignored_when_entity_is_unknown(ledger: Ledger) -> None:
+    started(ledger)
+    ledger.enqueued(RUN, "troops", [("k1", TROOP)])
+
+    ledger.record_error(RUN, "troops", "never-enqueued", "RetryableError: 503")
+
+    assert counts(ledger, "troops") == StageCounts(enqueued=1)
+    assert ledger.last_error(RUN, "troops", "never-enqueued") == ""
+
+
+def test_add_stats_accumulates_when_called_repeatedly(ledger: Ledger) -> None:
+    started(ledger)
+
+    ledger.add_stats(RUN, calls=10, rate_limited=1)
+    ledger.add_stats(RUN, calls=5, retries=2, rate_limited=0)
+    ledger.add_stats(RUN, not_a_stat=99)
+
+    status = ledger.status(RUN)
+    assert status is not None
+    assert dict(status.stats) == {"calls": 15, "rate_limited": 1, "retries": 2}
+
+
+# -- settled and complete ------------------------------------------------------------------
+
+
+def test_run_is_not_settled_when_not_kicked_off(ledger: Ledger) -> None:
+    # GIVEN every troop recorded so far is done, but the kickoff has not finished listing
+    started(ledger)
+    ledger.enqueued(RUN, "troops", [("k1", TROOP)])
+    ledger.finish(RUN, "troops", "k1", DONE)
+
+    status = ledger.status(RUN)
+
+    assert status is not None
+    assert not status.settled
+    assert not status.complete
+
+
+def test_run_is_not_settled_when_entities_are_pending(ledger: Ledger) -> None:
+    started(ledger)
+    ledger.enqueued(RUN, "troops", [("k1", TROOP)])
+    ledger.kicked_off(RUN)
+    ledger.finish(RUN, "troops", "k1", DONE)
+    ledger.enqueued(RUN, "warriors", [("w", WARRIOR)])
+
+    status = ledger.status(RUN)
+
+    assert status is not None
+    assert status.kicked_off
+    assert not status.settled
+
+
+def test_run_is_complete_when_kicked_off_and_everything_done_or_gone(ledger: Ledger) -> None:
+    started(ledger)
+    ledger.enqueued(RUN, "troops", [("k1", TROOP), ("k2", ("t2",))])
+    ledger.kicked_off(RUN)
+    ledger.finish(RUN, "troops", "k1", DONE)
+    ledger.finish(RUN, "troops", "k2", GONE)
+
+    status = ledger.status(RUN)
+
+    assert status is not None
+    assert status.settled
+    assert status.complete
+    assert status.dead == 0
+
+
+def test_run_is_settled_but_not_complete_when_something_is_dead(ledger: Ledger) -> None:
+    started(ledger)
+    ledger.enqueued(RUN, "troops", [("k1", TROOP), ("k2", ("t2",))])
+    ledger.kicked_off(RUN)
+    ledger.finish(RUN, "troops", "k1", DONE)
+    ledger.finish(RUN, "troops", "k2", DEAD, "PoisonError: 400")
+
+    status = ledger.status(RUN)
+
+    assert status is not None
+    assert status.settled
+    assert not status.complete
+    assert status.dead == 1
+
+
+def test_empty_run_is_complete_when_kicked_off(ledger: Ledger) -> None:
+    # An account with no troops: nothing to wait for.
+    started(ledger)
+    ledger.kicked_off(RUN)
+
+    status = ledger.status(RUN)
+
+    assert status is not None
+    assert status.complete
+
+
+def test_mark_completed_is_true_only_for_the_first_call(ledger: Ledger, clock: FakeClock) -> None:
+    started(ledger)
+    ledger.kicked_off(RUN)
+    clock.advance(5)
+
+    first = ledger.mark_completed(RUN)
+    clock.advance(5)
+    second = ledger.mark_completed(RUN)
+
+    status = ledger.status(RUN)
+    assert (first, second) == (True, False)
+    assert status is not None
+    assert status.completed_at == clock.now - 5
