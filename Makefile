@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint unit integration bench package clean
+.PHONY: run test lint checkov unit bench package clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,14 +16,25 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/harvest local $(ARGS)
 
-## test: set up, then lint, type-check and run every test (unit and integration)
-test: lint
+## test: set up, then lint, type-check, scan terraform/ and run every test (unit and integration)
+test: lint checkov
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# checkov pins many packages of its own: it gets a venv of its own.
+CHECKOV := .venv-checkov/.installed
+$(CHECKOV):
+	$(PYTHON) -m venv .venv-checkov
+	.venv-checkov/bin/pip install -q --upgrade pip
+	.venv-checkov/bin/pip install -q 'checkov>=3.2'
+	touch $(CHECKOV)
+
+checkov: $(CHECKOV)
+	.venv-checkov/bin/checkov --config-file .checkov.yaml
 
 unit: $(STAMP)
 	$(BIN)/pytest -q -m "not integration"
@@ -37,4 +48,4 @@ package: $(STAMP)
 	$(BIN)/python scripts/package.py
 
 clean:
-	rm -rf $(VENV) build harvest-out bench-out .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-checkov build harvest-out bench-out .pytest_cache .mypy_cache .ruff_cache

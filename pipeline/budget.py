@@ -27,7 +27,7 @@ Sleep = Callable[[float], None]
 # Slack added to every rolling window so that jitter between our send time and the
 # vendor's arrival time cannot squeeze L + 1 calls into its window.
 MARGIN_FRACTION = 0.01
-MARGIN_MIN_SECONDS = 0.025
+MARGIN_MIN_SECONDS = 0.01
 # Smallest gap between two starts of a PacedBudget, as a share of the even spacing W/L.
 SPACING = 0.5
 # How long a vendor limit learned from X-RateLimit-Limit overrides the configured one.
@@ -37,8 +37,12 @@ LEARNED_LIMIT_SECONDS = 3600.0
 class Budget(Protocol):
     """What a vendor client asks of a rate budget."""
 
-    def acquire(self) -> None:
-        """Block until one vendor call may start now."""
+    def acquire(self) -> float:
+        """Block until one vendor call may start now; return the time it is counted at."""
+
+    def arrived(self, stamp: float, at: float) -> None:
+        """The call counted at `stamp` reached the vendor by `at` at the latest (the budget's
+        clock): count it there, so that jitter before the vendor's clock cannot crowd it."""
 
     def pause(self, seconds: float) -> None:
         """Start no call for `seconds` from now (a 429's Retry-After)."""
@@ -83,7 +87,7 @@ class PacedBudget:
         self._starts: deque[float] = deque()
         self._paused_until = 0.0
 
-    def acquire(self) -> None:
+    def acquire(self) -> float:
         while True:
             with self._lock:
                 now = self._clock()
@@ -108,13 +112,19 @@ class PacedBudget:
                     late = self._clock()
                     if late > slot and late > now:
                         self._restamp(slot, late)
-                    return
+                        return late
+                    return slot
                 # A pause that arrived while we slept voids this slot: give it back (it was
                 # never used, so it must not count against a window) and take a new one.
                 try:
                     self._starts.remove(slot)
                 except ValueError:
                     pass  # already aged out of the log
+
+    def arrived(self, stamp: float, at: float) -> None:
+        if at > stamp:
+            with self._lock:
+                self._restamp(stamp, at)
 
     def _restamp(self, slot: float, actual: float) -> None:
         try:
@@ -179,7 +189,7 @@ class DynamoBudget:
         self._paused_until = 0.0
         self.writes = 0  # conditional writes made, for the cost model
 
-    def acquire(self) -> None:
+    def acquire(self) -> float:
         while True:
             with self._lock:
                 # A reserved slot whose time has passed is lost: spent late, it would land on
@@ -195,7 +205,10 @@ class DynamoBudget:
                 self._sleep(delay)
             with self._lock:
                 if slot >= self._paused_until:
-                    return
+                    return slot
+
+    def arrived(self, stamp: float, at: float) -> None:
+        """Not needed: slots are evenly spaced, never crowded, and the spacing has margin."""
 
     def _reserve(self) -> None:
         count = slots_per_reservation(self.calls, self.period)

@@ -19,7 +19,7 @@ HARVEST_SAFETY_MARGIN      seconds of an invocation kept free at the end (defaul
 HARVEST_VISIBILITY_TIMEOUT seconds a received message stays hidden (default 180)
 HARVEST_READ_TIMEOUT       seconds a vendor response may stall before a retry (default 10)
 HARVEST_RETRY_DELAY        first retry delay of a failed message, doubling (default 5)
-HARVEST_WAIT_SECONDS       long-poll wait of an empty receive (default 1)
+HARVEST_WAIT_SECONDS       long-poll wait of an empty receive (default 5)
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class Config:
     connect_timeout: float = 3.05
     read_timeout: float = 10.0
     retry_delay: float = 5.0
-    wait_seconds: float = 1.0
+    wait_seconds: float = 5.0
 
     def __post_init__(self) -> None:
         if self.backend not in ("aws", "local"):
@@ -110,7 +110,7 @@ class Config:
                 visibility_timeout=float(get("VISIBILITY_TIMEOUT", "180")),
                 read_timeout=float(get("READ_TIMEOUT", "10")),
                 retry_delay=float(get("RETRY_DELAY", "5")),
-                wait_seconds=float(get("WAIT_SECONDS", "1")),
+                wait_seconds=float(get("WAIT_SECONDS", "5")),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(f"bad HARVEST_* environment: {exc}") from exc

@@ -14,11 +14,14 @@ import os
 import threading
 import time
 import uuid
+import warnings
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from aws_lambda_powertools.warnings import PowertoolsUserWarning
 
 from pipeline.config import Config
 from pipeline.errors import AuthError
@@ -33,6 +36,7 @@ from pipeline.window import Window
 STATE_DIR = ".harvest"
 LOG_FILE = "harvest.log"
 RATE_SECONDS = 3.0  # the live display's calls/s is averaged over this long
+POLL_SECONDS = 0.5  # how often the scheduler looks at the ledger and the queues
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,9 @@ def run_local(
         read_timeout=options.read_timeout,
     )
     _redirect_logs(out / STATE_DIR / LOG_FILE)
+    # The local "Lambdas" run concurrently in one process and so share the handlers'
+    # Metrics object, which warns when two set the stage dimension (metrics are off here).
+    warnings.filterwarnings("ignore", category=PowertoolsUserWarning)
     saved_env = _install_env(config, token or "")
     reset_cache()
     rt = runtime(config)
@@ -188,7 +195,7 @@ def run_local(
         scheduler = _Scheduler(rt, options, drain_worker.handler)
         auth_error, stalled = scheduler.run(run_id, started, on_progress)
         cpu_seconds = time.process_time() - cpu_started
-        wall_seconds = time.monotonic() - started
+        wall_seconds = (scheduler.settled_at or time.monotonic()) - started
         # The drains' queue requests: what the scheduler asked for its display is not one.
         queue_requests = (rt.store.requests if rt.store else 0) - scheduler.polls
         status = rt.ledger.status(run_id)
@@ -235,6 +242,7 @@ class _Scheduler:
         self.auth_error = ""
         self.stop = threading.Event()
         self.polls = 0  # depth requests made for progress, not by the drains
+        self.settled_at = 0.0
 
     def _invoke(self, stage: str) -> None:
         try:
@@ -288,6 +296,11 @@ class _Scheduler:
                 on_progress(self._progress(status, depths, started, rate))
             if busy or self.drains_running():
                 quiet_ticks = 0
+            if settled and not busy:
+                # Done: the drains only wait out their long polls now; cut those short.
+                self.settled_at = self.settled_at or time.monotonic()
+                if self.rt.store is not None:
+                    self.rt.store.hurry()
             if (settled or self.stop.is_set()) and not busy and not self.drains_running():
                 return self.auth_error, False
             if self.stop.is_set() and not self.drains_running():
@@ -297,7 +310,7 @@ class _Scheduler:
             # report rather than wait forever.
             if quiet_ticks > 2 and not settled:
                 return self.auth_error, True
-            time.sleep(0.25)
+            time.sleep(POLL_SECONDS)
 
     def _progress(
         self, status: RunStatus | None, depths: Mapping[str, Depth], started: float, rate: float

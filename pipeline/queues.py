@@ -230,6 +230,13 @@ class LocalQueueStore:
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(_SCHEMA)
         self.requests = 0
+        self._hurry = False
+
+    def hurry(self) -> None:
+        """End every long poll now, and wait no more in later ones (the run is over)."""
+        with self._arrived:
+            self._hurry = True
+            self._arrived.notify_all()
 
     def queue(
         self,
@@ -270,10 +277,10 @@ class LocalQueueStore:
             while True:
                 got = self._take(q, min(max_messages, BATCH))
                 remaining = deadline - time.monotonic()
-                if got or remaining <= 0:
+                if got or remaining <= 0 or self._hurry:
                     return got
                 # Woken by a send in this process; other processes' sends are seen on timeout.
-                self._arrived.wait(min(remaining, 0.2))
+                self._arrived.wait(min(remaining, 1.0))
 
     def _take(self, q: LocalQueue, limit: int) -> list[Message]:
         now = self._clock()

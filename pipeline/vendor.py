@@ -133,6 +133,7 @@ class VendorClient:
         # No .netrc or proxy lookups from the environment on every request: the URL, the
         # token and the TLS settings here are all the transport there is.
         self._session.trust_env = False
+        self._min_rtt = math.inf
         if self._owns_session:
             # One pool per host, big enough that every drain thread keeps its connection;
             # retries are ours (below), not urllib3's.
@@ -263,7 +264,7 @@ class VendorClient:
         # already exact, so it goes on the wire as it is.
         request.url = url
         settings = self._session.merge_environment_settings(url, {}, None, None, None)
-        self._budget.acquire()
+        stamp = self._budget.acquire()
         started = time.perf_counter()
         try:
             response = self._session.send(
@@ -272,6 +273,11 @@ class VendorClient:
         except TRANSIENT_EXCEPTIONS:
             self._stats.add(calls=1, failures=1, latency_total=time.perf_counter() - started)
             raise
+        # The vendor counted the call no later than the fastest round trip seen before the
+        # response came back: tell the budget, so that a late send is counted late.
+        rtt = time.perf_counter() - started
+        self._min_rtt = min(self._min_rtt, rtt)
+        self._budget.arrived(stamp, stamp + rtt - self._min_rtt)
         return response, started
 
     # -- retry policy ----------------------------------------------------------------------

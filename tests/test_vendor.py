@@ -36,8 +36,12 @@ class FakeBudget:
     def __init__(self) -> None:
         self.events: list[tuple[Any, ...]] = []
 
-    def acquire(self) -> None:
+    def acquire(self) -> float:
         self.events.append(("acquire",))
+        return 0.0
+
+    def arrived(self, stamp: float, at: float) -> None:
+        pass
 
     def pause(self, seconds: float) -> None:
         self.events.append(("pause", seconds))

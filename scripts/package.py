@@ -1,0 +1,188 @@
+"""Build the Lambda deployment zip: pipeline/ and workers/ plus the runtime dependencies.
+
+    python scripts/package.py [--out build/lambda.zip]
+
+The dependencies are `[project] dependencies` of pyproject.toml minus what the Lambda
+Python runtime already provides (boto3, botocore), installed as manylinux x86_64 wheels
+for CPython 3.12. The zip is reproducible: sorted entries, fixed timestamps and fixed
+permissions, no bytecode, no pip RECORD files, so the same inputs give the same sha256
+(and Terraform's source_code_hash only changes when the code or a dependency does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import re
+import subprocess
+import sys
+import tempfile
+import tomllib
+import zipfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROJECT_PACKAGES = ("pipeline", "workers")
+
+# What the python3.12 Lambda runtime ships; bundling them would only shadow it.
+RUNTIME_PROVIDED = frozenset({"boto3", "botocore"})
+# Top-level names of those distributions and of their own dependencies that pip may still
+# pull in through another requirement; never bundled.
+RUNTIME_TOP_LEVEL = frozenset({"boto3", "botocore", "s3transfer"})
+
+PLATFORM = "manylinux2014_x86_64"
+PYTHON_VERSION = "3.12"
+
+FIXED_DATE = (1980, 1, 1, 0, 0, 0)
+FILE_MODE = 0o644
+EXEC_MODE = 0o755
+LAMBDA_UNZIPPED_LIMIT = 250 * 1024 * 1024
+
+
+def requirement_name(requirement: str) -> str:
+    """The normalized distribution name of a PEP 508 requirement string."""
+    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
+    if not match:
+        raise ValueError(f"cannot read a distribution name from {requirement!r}")
+    return re.sub(r"[-_.]+", "-", match.group(1)).lower()
+
+
+def runtime_requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
+    """pyproject's `[project] dependencies`, less those the Lambda runtime provides."""
+    with pyproject.open("rb") as f:
+        dependencies: list[str] = tomllib.load(f)["project"]["dependencies"]
+    return [r for r in dependencies if requirement_name(r) not in RUNTIME_PROVIDED]
+
+
+def install_dependencies(requirements: list[str], target: Path, wheelhouse: Path) -> None:
+    """pip-install Lambda-platform wheels (no builds for the target) into `target`.
+
+    A dependency published only as an sdist (ratelimit is one) is first built into a
+    wheel here; a pure-Python one comes out as py3-none-any and so installs for the
+    Lambda platform too, while a compiled one stays tagged for this machine and fails
+    the install below instead of shipping a binary for the wrong platform.
+    """
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
+    subprocess.run([*pip, "wheel", "--wheel-dir", str(wheelhouse), *requirements], check=True)
+    subprocess.run(
+        [
+            *pip,
+            "install",
+            "--target",
+            str(target),
+            "--platform",
+            PLATFORM,
+            "--implementation",
+            "cp",
+            "--python-version",
+            PYTHON_VERSION,
+            "--only-binary=:all:",
+            "--find-links",
+            str(wheelhouse),
+            "--no-compile",
+            *requirements,
+        ],
+        check=True,
+    )
+
+
+def _is_noise(relative: Path) -> bool:
+    parts = relative.parts
+    if "__pycache__" in parts or relative.suffix in (".pyc", ".pyo"):
+        return True
+    if parts[0] == "bin":  # console scripts with this machine's interpreter in the shebang
+        return True
+    if parts[0].split("-")[0].lower() in RUNTIME_TOP_LEVEL:
+        return True
+    return len(parts) == 2 and parts[0].endswith(".dist-info") and parts[1] == "RECORD"
+
+
+def dependency_files(site: Path) -> Iterator[tuple[str, Path]]:
+    """(archive name, file) for everything pip installed, less noise."""
+    for path in site.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            relative = path.relative_to(site)
+            if not _is_noise(relative):
+                yield relative.as_posix(), path
+
+
+def project_files(root: Path = ROOT) -> Iterator[tuple[str, Path]]:
+    """(archive name, file) for the project's own packages."""
+    for package in PROJECT_PACKAGES:
+        for path in (root / package).rglob("*"):
+            relative = path.relative_to(root)
+            if path.is_file() and not _is_noise(relative):
+                yield relative.as_posix(), path
+
+
+def write_zip(entries: Iterable[tuple[str, Path]], out: Path) -> None:
+    """Write `entries` sorted, with fixed dates and modes, to `out` (atomically)."""
+    by_name = dict(entries)  # the project's own files win over a same-named dependency
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        for name in sorted(by_name):
+            path = by_name[name]
+            info = zipfile.ZipInfo(name, date_time=FIXED_DATE)
+            info.create_system = 3  # Unix, so external_attr carries the mode
+            # Shared libraries keep an executable mode; everything else is plain data.
+            mode = EXEC_MODE if ".so" in path.suffixes else FILE_MODE
+            info.external_attr = (0o100000 | mode) << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, path.read_bytes(), compresslevel=9)
+    tmp.replace(out)
+
+
+def build(out: Path, *, requirements: list[str] | None = None) -> Path:
+    """Build the zip at `out` and return it."""
+    requirements = runtime_requirements() if requirements is None else requirements
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="harvest-package-") as tmp:
+        site = Path(tmp) / "site"
+        if requirements:
+            install_dependencies(requirements, site, Path(tmp) / "wheelhouse")
+        else:
+            site.mkdir()
+        # Project files are listed last so they override any same-named dependency file.
+        write_zip([*dependency_files(site), *project_files()], out)
+    return out
+
+
+def describe(zip_path: Path) -> dict[str, str | int]:
+    """Path, zipped and unpacked size, and sha256 (hex and base64, as Lambda shows it)."""
+    digest = hashlib.sha256(zip_path.read_bytes()).digest()
+    with zipfile.ZipFile(zip_path) as zf:
+        unpacked = sum(i.file_size for i in zf.infolist())
+        count = len(zf.infolist())
+    return {
+        "path": str(zip_path),
+        "size": zip_path.stat().st_size,
+        "unpacked_size": unpacked,
+        "files": count,
+        "sha256": digest.hex(),
+        "sha256_base64": base64.b64encode(digest).decode(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "build" / "lambda.zip",
+        help="zip to write (default: build/lambda.zip)",
+    )
+    args = parser.parse_args(argv)
+    zip_path = build(args.out.resolve())
+    info = describe(zip_path)
+    for key, value in info.items():
+        print(f"{key:14} {value}")
+    if int(info["unpacked_size"]) >= LAMBDA_UNZIPPED_LIMIT:
+        print("unpacked size exceeds Lambda's 250 MB limit", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,100 @@
+################################################################################
+# Provider
+################################################################################
+
+provider "aws" {
+  region = var.region
+
+  default_tags {
+    tags = var.tags
+  }
+}
+
+data "aws_caller_identity" "current" {}
+data "aws_region" "current" {}
+data "aws_partition" "current" {}
+
+################################################################################
+# Stages: troops -> warriors -> data_groups, declared once (mirrors pipeline/stages.py)
+################################################################################
+
+locals {
+  # `depth` orders the stages (the same numbers as pipeline/stages.py); every per-stage
+  # resource iterates this one map with for_each.
+  stages = {
+    troops      = { child = "warriors", depth = 1 }
+    warriors    = { child = "data_groups", depth = 2 }
+    data_groups = { child = null, depth = 3 }
+  }
+
+  # The stages that feed each stage; a drain watches their depth to know whether more
+  # work can still arrive.
+  upstream = {
+    for name, stage in local.stages : name => [
+      for other, o in local.stages : other if o.depth < stage.depth
+    ]
+  }
+
+  # Stage names in pipeline order, for the dashboard.
+  stage_order = [
+    for depth in range(1, length(local.stages) + 1) :
+    one([for name, stage in local.stages : name if stage.depth == depth])
+  ]
+
+  # Resource names use hyphens; the stage keys (and HARVEST_STAGE) keep the Python names.
+  slug = { for name in keys(local.stages) : name => replace(name, "_", "-") }
+
+  account_id = data.aws_caller_identity.current.account_id
+  region     = data.aws_region.current.name
+  partition  = data.aws_partition.current.partition
+
+  function_names = {
+    kickoff = "${var.name_prefix}-kickoff"
+    replay  = "${var.name_prefix}-replay"
+    drain   = { for name in keys(local.stages) : name => "${var.name_prefix}-drain-${local.slug[name]}" }
+  }
+
+  # A received message stays hidden for the whole drain invocation plus a minute, so an
+  # invocation that is still working never sees its own messages reappear.
+  visibility_timeout = var.drain_timeout + 60
+
+  # The drain dead-letters a message itself when it has been received max_receive_count
+  # times; SQS's own redrive (one receive later) only catches drains that crashed.
+  sqs_max_receive_count = var.max_receive_count + 1
+
+  drain_schedule = "rate(1 minute)"
+
+  vendor_token_parameter_name = coalesce(var.vendor_token_parameter_name, "/${var.name_prefix}/vendor-token")
+  vendor_token_parameter_arn  = "arn:${local.partition}:ssm:${local.region}:${local.account_id}:parameter/${trimprefix(local.vendor_token_parameter_name, "/")}"
+
+  output_bucket_name = coalesce(var.output_bucket_name, "${var.name_prefix}-output-${local.account_id}-${local.region}")
+  sink               = "s3://${aws_s3_bucket.output.id}/${var.output_prefix}"
+
+  # The HARVEST_* contract of pipeline/config.py; every function gets exactly these
+  # (drains add HARVEST_STAGE).
+  function_environment = {
+    HARVEST_BACKEND                = "aws"
+    HARVEST_VENDOR_URL             = var.vendor_url
+    HARVEST_VENDOR_TOKEN_PARAMETER = local.vendor_token_parameter_name
+    HARVEST_RATE_CALLS             = tostring(var.rate_calls)
+    HARVEST_RATE_PERIOD            = tostring(var.rate_period)
+    HARVEST_QUEUES = jsonencode({
+      for name in keys(local.stages) : name => {
+        url     = aws_sqs_queue.stage[name].url
+        dlq_url = aws_sqs_queue.dlq[name].url
+      }
+    })
+    HARVEST_SINK                 = local.sink
+    HARVEST_STATE_TABLE          = aws_dynamodb_table.state.name
+    HARVEST_MAX_RECEIVE_COUNT    = tostring(var.max_receive_count)
+    HARVEST_CONCURRENCY          = tostring(var.drain_concurrency)
+    HARVEST_SAFETY_MARGIN        = tostring(var.drain_safety_margin)
+    HARVEST_VISIBILITY_TIMEOUT   = tostring(local.visibility_timeout)
+    HARVEST_READ_TIMEOUT         = tostring(var.vendor_read_timeout)
+    HARVEST_RETRY_DELAY          = tostring(var.retry_delay)
+    HARVEST_WAIT_SECONDS         = tostring(var.receive_wait_seconds)
+    POWERTOOLS_SERVICE_NAME      = "harvest"
+    POWERTOOLS_METRICS_NAMESPACE = "Harvest"
+    POWERTOOLS_LOG_LEVEL         = var.log_level
+  }
+}

@@ -1,0 +1,349 @@
+"""The Terraform stack is well-formed and keeps the pipeline's topology invariants.
+
+Fast and offline: `terraform fmt`/`validate` against the provider mirror, `terraform
+console` for the locals, python-hcl2 for the static shape of the resources. What only a
+deployment can show (rendered IAM policies, function environments) is checked against moto
+in tests/integration/test_terraform_apply.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.stages import STAGES
+
+ROOT = Path(__file__).resolve().parent.parent
+STACK = ROOT / "terraform"
+DUMMY_VARS = ["-var", "vendor_url=https://vendor.example"]
+
+# The one IAM statement allowed a "*" resource: X-Ray's write actions have no
+# resource-level permissions.
+WILDCARD_RESOURCE_SIDS = {"XRayWrite"}
+
+
+# -- tools ---------------------------------------------------------------------------------
+
+
+def plugin_dir() -> Path | None:
+    """The provider mirror: $HARVEST_TF_PLUGIN_DIR, else the parent of a registry.terraform.io."""
+    configured = os.environ.get("HARVEST_TF_PLUGIN_DIR")
+    if configured:
+        return Path(configured) if Path(configured).is_dir() else None
+    found = subprocess.run(
+        ["find", "/", "-maxdepth", "4", "-type", "d", "-name", "registry.terraform.io"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.split()
+    return Path(found[0]).parent if found else None
+
+
+def terraform_env() -> dict[str, str]:
+    env = {**os.environ, "TF_IN_AUTOMATION": "1", "TF_INPUT": "0", "CHECKPOINT_DISABLE": "1"}
+    # A CLI config path that does not exist only produces a warning on every command.
+    if not Path(env.get("TF_CLI_CONFIG_FILE", "/")).is_file():
+        env.pop("TF_CLI_CONFIG_FILE", None)
+    return env
+
+
+def terraform(cwd: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["terraform", f"-chdir={cwd}", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=terraform_env(),
+        check=False,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def tools() -> Path:
+    if shutil.which("terraform") is None:
+        pytest.skip("terraform CLI not on PATH")
+    plugins = plugin_dir()
+    if plugins is None:
+        pytest.skip(
+            "hashicorp/aws provider mirror not found: set HARVEST_TF_PLUGIN_DIR "
+            "(no registry.terraform.io under / within depth 4)"
+        )
+    return plugins
+
+
+@pytest.fixture(scope="module")
+def initialized(tools: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A copy of terraform/ initialized offline from the provider mirror."""
+    work = tmp_path_factory.mktemp("stack")
+    for source in STACK.glob("*.tf"):
+        shutil.copy(source, work / source.name)
+    result = terraform(work, "init", "-backend=false", f"-plugin-dir={tools}", "-no-color")
+    assert result.returncode == 0, result.stdout + result.stderr
+    yield work
+    # init copies the ~700 MB provider binary; pytest keeps old temp directories.
+    shutil.rmtree(work / ".terraform", ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def locals_(initialized: Path) -> dict[str, Any]:
+    """The stack's locals, evaluated with the example tfvars (which must validate)."""
+    expression = (
+        "jsonencode({stages = local.stages, upstream = local.upstream, "
+        "drain_schedule = local.drain_schedule, visibility_timeout = local.visibility_timeout, "
+        "drain_timeout = var.drain_timeout, sqs_max_receive_count = local.sqs_max_receive_count, "
+        "max_receive_count = var.max_receive_count, "
+        "vendor_token_parameter_name = local.vendor_token_parameter_name})"
+    )
+    example = STACK / "terraform.tfvars.example"
+    result = terraform(
+        initialized, "console", "-no-color", f"-var-file={example}", stdin=expression + "\n"
+    )
+    # `console` reports invalid variables on stderr but exits 0.
+    assert result.returncode == 0 and "Error" not in result.stderr, result.stderr
+    parsed: dict[str, Any] = json.loads(json.loads(result.stdout.strip()))
+    return parsed
+
+
+# -- HCL, statically -----------------------------------------------------------------------
+
+
+def _unquote(value: Any) -> Any:
+    """python-hcl2 keeps string literals quoted and expressions as "${...}"; unquote literals."""
+    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
+        return value[1:-1]
+    if isinstance(value, list):
+        return [_unquote(v) for v in value]
+    if isinstance(value, dict):
+        return {_unquote(k): _unquote(v) for k, v in value.items() if not k.startswith("__")}
+    return value
+
+
+@pytest.fixture(scope="module")
+def hcl() -> dict[str, dict[str, dict[str, Any]]]:
+    """{"resource"/"data": {type: {name: body}}} merged over every terraform/*.tf."""
+    hcl2 = pytest.importorskip("hcl2", reason="python-hcl2 not installed (pip install python-hcl2)")
+    merged: dict[str, dict[str, dict[str, Any]]] = {"resource": {}, "data": {}}
+    for path in sorted(STACK.glob("*.tf")):
+        with path.open() as f:
+            parsed = _unquote(hcl2.load(f))
+        for kind in ("resource", "data"):
+            for block in parsed.get(kind, []):
+                for type_, named in block.items():
+                    merged[kind].setdefault(type_, {}).update(named)
+    return merged
+
+
+def resources(hcl: dict[str, Any], type_: str) -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = hcl["resource"].get(type_, {})
+    return found
+
+
+def statements(document: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Static and dynamic statements of an aws_iam_policy_document body."""
+    yield from document.get("statement", [])
+    for dynamic in document.get("dynamic", []):
+        yield from dynamic.get("statement", {}).get("content", [])
+
+
+def role_policy_documents(hcl: dict[str, Any]) -> set[str]:
+    """The policy documents that end up in a role's policy, through source documents too."""
+    documents = hcl["data"]["aws_iam_policy_document"]
+    pending = [
+        m
+        for body in resources(hcl, "aws_iam_role_policy").values()
+        for m in re.findall(r"data\.aws_iam_policy_document\.(\w+)", body["policy"])
+    ]
+    seen: set[str] = set()
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for source in documents[name].get("source_policy_documents", []):
+            pending += re.findall(r"data\.aws_iam_policy_document\.(\w+)", source)
+    return seen
+
+
+# -- tests ---------------------------------------------------------------------------------
+
+
+def test_terraform_is_formatted(tools: Path) -> None:
+    result = terraform(ROOT, "fmt", "-check", "-recursive", "-diff", "terraform/")
+    assert result.returncode == 0, f"run `terraform fmt -recursive terraform/`:\n{result.stdout}"
+
+
+def test_terraform_configuration_is_valid(initialized: Path) -> None:
+    result = terraform(initialized, "validate", "-json")
+    report = json.loads(result.stdout)
+    assert report["valid"], json.dumps(report["diagnostics"], indent=2)
+    assert report["warning_count"] == 0, json.dumps(report["diagnostics"], indent=2)
+
+
+def test_example_tfvars_pass_every_variable_validation(locals_: dict[str, Any]) -> None:
+    assert locals_["vendor_token_parameter_name"] == "/harvest/vendor-token"
+
+
+def test_bad_variable_values_are_rejected(initialized: Path) -> None:
+    bad = {"name_prefix": "Harvest_Prod", "drain_timeout": "1000", "max_receive_count": "0"}
+    assignments = [arg for k, v in bad.items() for arg in ("-var", f"{k}={v}")]
+    result = terraform(
+        initialized, "console", "-no-color", *DUMMY_VARS, *assignments, stdin="var.name_prefix\n"
+    )
+    for name in bad:
+        assert f"var.{name} is" in result.stderr, name
+    assert result.stderr.count("Invalid value for variable") == len(bad)
+
+
+def test_stage_map_matches_pipeline_stages(locals_: dict[str, Any]) -> None:
+    expected = {s.name: {"child": s.child, "depth": s.depth} for s in STAGES}
+    assert locals_["stages"] == expected
+
+
+def test_upstream_of_each_stage_is_every_earlier_stage(locals_: dict[str, Any]) -> None:
+    names = [s.name for s in STAGES]
+    assert locals_["upstream"] == {n: names[: names.index(n)] for n in names}
+
+
+def test_visibility_timeout_exceeds_drain_timeout(locals_: dict[str, Any]) -> None:
+    assert locals_["visibility_timeout"] == locals_["drain_timeout"] + 60
+
+
+def test_sqs_redrive_sits_one_receive_above_drain_dead_lettering(locals_: dict[str, Any]) -> None:
+    assert locals_["sqs_max_receive_count"] == locals_["max_receive_count"] + 1
+
+
+def test_drains_are_scheduled_every_minute(locals_: dict[str, Any]) -> None:
+    assert locals_["drain_schedule"] == "rate(1 minute)"
+
+
+def test_every_stage_queue_redrives_to_its_own_dlq(hcl: dict[str, Any]) -> None:
+    queues = resources(hcl, "aws_sqs_queue")
+    stage, dlq = queues["stage"], queues["dlq"]
+    redrive = resources(hcl, "aws_sqs_queue_redrive_policy")["stage"]
+    assert stage["for_each"] == dlq["for_each"] == redrive["for_each"] == "${local.stages}"
+    assert redrive["queue_url"] == "${aws_sqs_queue.stage[each.key].id}"
+    assert "deadLetterTargetArn = aws_sqs_queue.dlq[each.key].arn" in redrive["redrive_policy"]
+    assert "maxReceiveCount = local.sqs_max_receive_count" in redrive["redrive_policy"]
+    assert stage["visibility_timeout_seconds"] == "${local.visibility_timeout}"
+    assert dlq["message_retention_seconds"] == 14 * 24 * 3600
+    assert stage["sqs_managed_sse_enabled"] is True and dlq["sqs_managed_sse_enabled"] is True
+
+
+def test_every_dlq_allows_redrive_only_from_its_stage_queue(hcl: dict[str, Any]) -> None:
+    allow = resources(hcl, "aws_sqs_queue_redrive_allow_policy")["dlq"]
+    # Off only where the emulator lacks the attribute (moto), never per stage.
+    assert allow["for_each"] == "${var.enable_redrive_allow_policy ? local.stages : {}}"
+    assert allow["queue_url"] == "${aws_sqs_queue.dlq[each.key].id}"
+    assert 'redrivePermission = "byQueue"' in allow["redrive_allow_policy"]
+    assert "sourceQueueArns = [aws_sqs_queue.stage[each.key].arn]" in allow["redrive_allow_policy"]
+
+
+def test_every_drain_has_a_rule_a_target_and_a_permission(hcl: dict[str, Any]) -> None:
+    drain = resources(hcl, "aws_lambda_function")["drain"]
+    rule = resources(hcl, "aws_cloudwatch_event_rule")["drain"]
+    target = resources(hcl, "aws_cloudwatch_event_target")["drain"]
+    permission = resources(hcl, "aws_lambda_permission")["drain"]
+
+    for block in (drain, rule, target, permission):
+        assert block["for_each"] == "${local.stages}"
+    assert rule["schedule_expression"] == "${local.drain_schedule}"
+    assert target["rule"] == "${aws_cloudwatch_event_rule.drain[each.key].name}"
+    assert target["arn"] == "${aws_lambda_function.drain[each.key].arn}"
+    assert permission["principal"] == "events.amazonaws.com"
+    assert permission["action"] == "lambda:InvokeFunction"
+    assert permission["function_name"] == "${aws_lambda_function.drain[each.key].function_name}"
+    assert permission["source_arn"] == "${aws_cloudwatch_event_rule.drain[each.key].arn}"
+
+
+def test_kickoff_has_a_rule_a_target_and_a_permission(hcl: dict[str, Any]) -> None:
+    rule = resources(hcl, "aws_cloudwatch_event_rule")["kickoff"]
+    target = resources(hcl, "aws_cloudwatch_event_target")["kickoff"]
+    permission = resources(hcl, "aws_lambda_permission")["kickoff"]
+    assert rule["schedule_expression"] == "${var.kickoff_schedule}"
+    assert target["arn"] == "${aws_lambda_function.kickoff.arn}"
+    assert permission["principal"] == "events.amazonaws.com"
+    assert permission["source_arn"] == "${aws_cloudwatch_event_rule.kickoff.arn}"
+
+
+def test_functions_run_python312_traced_with_the_packaged_zip(hcl: dict[str, Any]) -> None:
+    functions = resources(hcl, "aws_lambda_function")
+    assert set(functions) == {"kickoff", "drain", "replay"}
+    for name, body in functions.items():
+        assert body["runtime"] == "python3.12", name
+        assert body["tracing_config"][0]["mode"] == "Active", name
+        assert body["filename"] == "${var.lambda_zip_path}", name
+        assert body["source_code_hash"] == "${filebase64sha256(var.lambda_zip_path)}", name
+        assert f"aws_cloudwatch_log_group.{name}" in str(body["depends_on"]), name
+
+
+def test_role_policies_name_their_resources(hcl: dict[str, Any]) -> None:
+    documents = hcl["data"]["aws_iam_policy_document"]
+    role_documents = role_policy_documents(hcl)
+    assert {"kickoff", "drain", "replay"} <= role_documents
+
+    for name in sorted(role_documents):
+        for statement in statements(documents[name]):
+            sid = statement.get("sid", "?")
+            actions = statement["actions"]
+            assert all("*" not in a for a in actions), f"{name}/{sid}: wildcard action {actions}"
+            assert "not_actions" not in statement and "not_resources" not in statement
+            resources_ = statement["resources"]
+            if sid in WILDCARD_RESOURCE_SIDS:
+                continue
+            listed = resources_ if isinstance(resources_, list) else [resources_]
+            assert "*" not in listed, f"{name}/{sid}: '*' resource"
+            assert all(r.strip() for r in listed), f"{name}/{sid}: empty resource"
+
+
+def test_only_xray_statement_uses_a_wildcard_resource(hcl: dict[str, Any]) -> None:
+    xray = list(statements(hcl["data"]["aws_iam_policy_document"]["xray"]))
+    assert [s["sid"] for s in xray] == ["XRayWrite"]
+    assert xray[0]["resources"] == ["*"]
+    assert set(xray[0]["actions"]) == {"xray:PutTraceSegments", "xray:PutTelemetryRecords"}
+
+
+def test_state_table_has_the_ledger_keys_ttl_pitr_and_encryption(hcl: dict[str, Any]) -> None:
+    table = resources(hcl, "aws_dynamodb_table")["state"]
+    assert (table["hash_key"], table["range_key"]) == ("pk", "sk")
+    assert table["billing_mode"] == "PAY_PER_REQUEST"
+    assert {(a["name"], a["type"]) for a in table["attribute"]} == {("pk", "S"), ("sk", "S")}
+    assert table["ttl"][0] == {"attribute_name": "expires_at", "enabled": True}
+    assert table["point_in_time_recovery"][0]["enabled"] is True
+    assert table["server_side_encryption"][0]["enabled"] is True
+
+
+def test_every_variable_has_description_type_and_validation() -> None:
+    hcl2 = pytest.importorskip("hcl2", reason="python-hcl2 not installed (pip install python-hcl2)")
+    with (STACK / "variables.tf").open() as f:
+        variables = _unquote(hcl2.load(f))["variable"]
+    for block in variables:
+        for name, body in block.items():
+            assert body.get("description"), name
+            assert "type" in body, name
+            if body["type"] == "bool":
+                # A flag's only bad value is null.
+                assert body.get("nullable") is False, f"flag {name} must be nullable = false"
+            else:
+                assert body.get("validation"), f"variable {name} has no validation"
+
+
+def test_vendor_token_is_sensitive_and_never_output(hcl: dict[str, Any]) -> None:
+    hcl2 = pytest.importorskip("hcl2", reason="python-hcl2 not installed (pip install python-hcl2)")
+    with (STACK / "variables.tf").open() as f:
+        variables = {k: v for b in _unquote(hcl2.load(f))["variable"] for k, v in b.items()}
+    with (STACK / "outputs.tf").open() as f:
+        outputs = {k: v for b in _unquote(hcl2.load(f))["output"] for k, v in b.items()}
+    assert variables["vendor_token"]["sensitive"] is True
+    for name, body in outputs.items():
+        value = str(body["value"])
+        assert not re.search(r"var\.vendor_token\b(?!_)", value), name
+        assert "aws_ssm_parameter.vendor_token" not in value, name
