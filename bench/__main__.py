@@ -11,7 +11,8 @@ util         ideal / wall
 429s         rate-limited responses
 q req/ent    queue requests (send, receive, delete, visibility, depth) per harvested entity
 cpu ms/call  the pipeline process's CPU time per call, kickoff to settled
-rss MB       the pipeline process's peak resident memory (all six drains)
+rss MB       the pipeline process's peak resident memory when the run settled (all six
+             drains, the scheduler and the embedded queues; before the output check)
 exact        output equals the simulator's ground truth
 """
 
@@ -58,7 +59,6 @@ HEADER = (
 
 def run_one(scenario: Scenario) -> dict[str, object]:
     """Run in this process: a child of the bench driver."""
-    import resource
     import tempfile
     from pathlib import Path
 
@@ -97,7 +97,7 @@ def run_one(scenario: Scenario) -> dict[str, object]:
         "rate_limited": result.rate_limited,
         "queue_per_entity": result.queue_requests / max(1, entities),
         "cpu_ms_per_call": 1000 * result.cpu_seconds / max(1, result.calls),
-        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_mb": result.peak_rss_mb,
         "exact": bool(result.comparison and result.comparison.exact),
         "complete": bool(status and status.complete),
     }

@@ -390,12 +390,15 @@ class _Flow:
     def processed(self) -> None:
         with self._cond:
             self._processing -= 1
-            self._cond.notify_all()
+            # Wake the receiving loop (the only waiter) only when this made room.
+            if self._has_room():
+                self._cond.notify()
 
     def closed(self) -> None:
         with self._cond:
             self._open -= 1
-            self._cond.notify_all()
+            if self._has_room():
+                self._cond.notify()
 
     def idle(self) -> bool:
         with self._cond:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,9 +91,12 @@ class Envelope:
         return cls(run_id, name, tuple(path), window)
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 def _valid_id(value: object) -> bool:
     return (
         isinstance(value, str)
         and 1 <= len(value) <= MAX_ID_CHARS
-        and not any(ord(c) < 32 or 127 <= ord(c) < 160 for c in value)
+        and _CONTROL.search(value) is None
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import threading
 import time
 import uuid
@@ -102,6 +103,7 @@ class LocalResult:
     dlq_depth: int = 0
     queue_requests: int = 0
     cpu_seconds: float = 0.0  # this process's CPU from kickoff to settled (simulator excluded)
+    peak_rss_mb: float = 0.0  # this process's peak RSS when the run settled, before the check
 
     @property
     def utilization(self) -> float:
@@ -195,6 +197,7 @@ def run_local(
         scheduler = _Scheduler(rt, options, drain_worker.handler)
         auth_error, stalled = scheduler.run(run_id, started, on_progress)
         cpu_seconds = time.process_time() - cpu_started
+        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         wall_seconds = (scheduler.settled_at or time.monotonic()) - started
         # The drains' queue requests: what the scheduler asked for its display is not one.
         queue_requests = (rt.store.requests if rt.store else 0) - scheduler.polls
@@ -210,6 +213,7 @@ def run_local(
             status=status,
             wall_seconds=wall_seconds,
             cpu_seconds=cpu_seconds,
+            peak_rss_mb=peak_rss_mb,
             calls=int(stats["calls"]),
             rate_limited=int(stats["rate_limited"]),
             retries=int(stats["retries"]),

@@ -258,17 +258,26 @@ class VendorClient:
     def _send(self, url: str) -> tuple[requests.Response, float]:
         """Prepare, take a budget slot, send: the slot is taken as late as possible, so the
         vendor sees the request at the time the budget counted it."""
-        request = self._session.prepare_request(requests.Request("GET", url))
-        # requests re-normalises the URL it prepares: urllib3's parse_url resolves "."
-        # and ".." segments, and requote_uri decodes %2E back to ".". The URL built here is
-        # already exact, so it goes on the wire as it is.
+        # Prepared by hand: Session.prepare_request re-normalises the URL (urllib3's
+        # parse_url resolves "." and ".." segments, requote_uri decodes %2E back to ".")
+        # and merges cookies, auth, hooks and environment settings this client never uses.
+        # The URL built here is exact and goes on the wire as it is.
+        request = requests.PreparedRequest()
+        request.method = "GET"
         request.url = url
-        settings = self._session.merge_environment_settings(url, {}, None, None, None)
+        request.prepare_headers(self._session.headers)
+        request.prepare_cookies(self._session.cookies)
         stamp = self._budget.acquire()
         started = time.perf_counter()
         try:
             response = self._session.send(
-                request, timeout=self._timeout, allow_redirects=False, **settings
+                request,
+                timeout=self._timeout,
+                allow_redirects=False,
+                verify=self._session.verify,
+                proxies={},
+                stream=False,
+                cert=None,
             )
         except TRANSIENT_EXCEPTIONS:
             self._stats.add(calls=1, failures=1, latency_total=time.perf_counter() - started)
