@@ -124,6 +124,11 @@ class Drain:
     def run(self, remaining: Callable[[], float], safety_margin: float) -> DrainReport:
         """Drain until `remaining()` falls to `safety_margin`, the stage is idle, or a 401."""
         report = DrainReport(self.stage.name)
+        # Most scheduled invocations find nothing to do (between harvests): say so after a
+        # few depth reads, before paying for a long poll.
+        if self._idle(0.0):
+            report.stopped = "idle"
+            return report
         flow = _Flow(
             # Keep every thread busy with one more batch waiting, and no more: the rest stay
             # visible to other invocations.
