@@ -73,7 +73,7 @@ def run_one(scenario: Scenario) -> dict[str, object]:
                 out=Path(out),
                 rate_calls=scenario.rate_calls,
                 rate_period=scenario.rate_period,
-                tick=1.0,
+                tick=5.0,  # the CLI default
                 concurrency=scenario.concurrency,
                 reserved_concurrency=scenario.reserved_concurrency,
                 simulator=SimulatorConfig(

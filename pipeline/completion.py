@@ -46,10 +46,11 @@ def check_completion(ledger: Ledger, sink: Sink, run_id: str) -> RunStatus | Non
     if status is None or not status.settled:
         return status
     if status.complete:
-        if ledger.mark_completed(run_id):
-            status = ledger.status(run_id) or status
+        if status.completed_at is None:
+            # Manifest first: if the invocation dies here, the next check writes it again.
             where = write_manifest(sink, run_id, manifest(status, ledger, sink))
-            logger.info("run complete", extra={"run_id": run_id, "manifest": where})
+            if ledger.mark_completed(run_id):
+                logger.info("run complete", extra={"run_id": run_id, "manifest": where})
     else:
         where = write_manifest(sink, run_id, manifest(status, ledger, sink))
         logger.warning(

@@ -15,7 +15,7 @@ HARVEST_STATE_TABLE        DynamoDB table of the run ledger and the rate budget 
 HARVEST_STATE_DIR          directory of the local queues, ledger and budget (local)
 HARVEST_MAX_RECEIVE_COUNT  receives before a message is dead-lettered (default 5)
 HARVEST_CONCURRENCY        vendor calls in flight per drain (default 16)
-HARVEST_SAFETY_MARGIN      seconds of an invocation kept free at the end (default 10)
+HARVEST_SAFETY_MARGIN      seconds of an invocation kept free at the end (default 30)
 HARVEST_VISIBILITY_TIMEOUT seconds a received message stays hidden (default 180)
 HARVEST_READ_TIMEOUT       seconds a vendor response may stall before a retry (default 10)
 HARVEST_RETRY_DELAY        first retry delay of a failed message, doubling (default 5)
@@ -59,7 +59,7 @@ class Config:
     state_dir: str = ""
     max_receive_count: int = 5
     concurrency: int = 16
-    safety_margin: float = 10.0
+    safety_margin: float = 30.0
     visibility_timeout: float = 180.0
     connect_timeout: float = 3.05
     read_timeout: float = 10.0
@@ -106,7 +106,7 @@ class Config:
                 state_dir=get("STATE_DIR"),
                 max_receive_count=int(get("MAX_RECEIVE_COUNT", "5")),
                 concurrency=int(get("CONCURRENCY", "16")),
-                safety_margin=float(get("SAFETY_MARGIN", "10")),
+                safety_margin=float(get("SAFETY_MARGIN", "30")),
                 visibility_timeout=float(get("VISIBILITY_TIMEOUT", "180")),
                 read_timeout=float(get("READ_TIMEOUT", "10")),
                 retry_delay=float(get("RETRY_DELAY", "5")),

@@ -106,6 +106,7 @@ class Drain:
         retry_delay: float = 5.0,
         wait_seconds: float = 1.0,
         idle_grace: float = 20.0,
+        halt: Halt | None = None,
     ) -> None:
         if stage.child is not None and child_queue is None:
             raise ValueError(f"stage {stage.name} fans out to {stage.child} but has no child queue")
@@ -118,6 +119,7 @@ class Drain:
         self.retry_delay = retry_delay
         self.wait_seconds = wait_seconds
         self.idle_grace = idle_grace
+        self.halt = halt
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -126,6 +128,9 @@ class Drain:
         report = DrainReport(self.stage.name)
         # Most scheduled invocations find nothing to do (between harvests): say so after a
         # few depth reads, before paying for a long poll.
+        if self.halt is not None and self.halt.is_set():
+            report.stopped, report.auth_error = "auth", self.halt.reason
+            return report
         if self._idle(0.0):
             report.stopped = "idle"
             return report
@@ -137,7 +142,8 @@ class Drain:
             # until it ends; allow enough of them that the threads keep working meanwhile.
             max_open_batches=2 * math.ceil(self.concurrency / BATCH) + 2,
         )
-        stop = threading.Event()
+        # Set by a 401 here or, through the Runtime, in any drain sharing this process.
+        stop = self.halt if self.halt is not None else Halt()
         empty_since = 0.0  # when the queue was first found empty, if it still is
         pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"drain-{self.stage.name}")
         try:
@@ -172,7 +178,7 @@ class Drain:
         finally:
             pool.shutdown(wait=True)
         if stop.is_set():
-            report.stopped = "auth"
+            report.stopped, report.auth_error = "auth", stop.reason
         return report
 
     def _idle(self, empty_since: float) -> bool:
@@ -192,7 +198,7 @@ class Drain:
         batch: _Batch,
         message: Message,
         report: DrainReport,
-        stop: threading.Event,
+        stop: Halt,
         remaining: Callable[[], float],
         safety_margin: float,
         flow: _Flow,
@@ -204,8 +210,7 @@ class Drain:
         else:
             outcome = self.process(message)
             if outcome.kind == STOP:
-                report.auth_error = outcome.error
-                stop.set()
+                stop.stop(outcome.error)
         flow.processed()
         with _BATCH_LOCK:
             batch.outcomes.append(outcome)
@@ -299,8 +304,8 @@ class Drain:
         by_kind: dict[str, list[Outcome]] = {}
         for o in outcomes:
             by_kind.setdefault(o.kind, []).append(o)
-            if o.envelope is not None:
-                report.runs.add(o.envelope.run_id)
+        with _BATCH_LOCK:
+            report.runs.update(o.envelope.run_id for o in outcomes if o.envelope is not None)
         done, gone, dead = by_kind.get(DONE, []), by_kind.get(GONE, []), by_kind.get(DEAD, [])
 
         children = [c for o in done for c in o.children]
@@ -343,11 +348,12 @@ class Drain:
                 "message dead-lettered",
                 extra={"stage": self.stage.name, "reason": f"{o.error_class}: {o.error}"},
             )
-        report.done += len(done)
-        report.gone += len(gone)
-        report.dead += len(dead)
-        report.retried += len(retry)
-        report.children += len(children)
+        with _BATCH_LOCK:  # batches finish on several threads at once
+            report.done += len(done)
+            report.gone += len(gone)
+            report.dead += len(dead)
+            report.retried += len(retry)
+            report.children += len(children)
         self.stats.add(
             messages_done=len(done),
             messages_gone=len(gone),
@@ -359,7 +365,8 @@ class Drain:
         attributes: Mapping[str, str] = {
             **o.message.attributes,
             ERROR_CLASS: o.error_class or "Error",
-            ERROR_MESSAGE: o.error or "(no message)",
+            # Escaped to ASCII: SQS refuses some characters a vendor message may carry.
+            ERROR_MESSAGE: (o.error or "(no message)").encode("unicode_escape").decode("ascii"),
             DEAD_STAGE: self.stage.name,
             DEAD_RECEIVES: str(o.message.receive_count),
             DEAD_AT: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -368,6 +375,21 @@ class Drain:
 
 
 _BATCH_LOCK = threading.Lock()
+
+
+class Halt(threading.Event):
+    """Set by a 401: every drain sharing it stops; `reason` keeps what the vendor said."""
+
+    reason = ""
+
+    def stop(self, reason: str) -> None:
+        with _BATCH_LOCK:
+            self.reason = self.reason or reason
+        self.set()
+
+    def clear(self) -> None:
+        self.reason = ""
+        super().clear()
 
 
 class _Flow:

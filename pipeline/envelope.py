@@ -51,7 +51,8 @@ class Envelope:
                 "from": self.window.from_text,
                 "to": self.window.to_text,
             },
-            ensure_ascii=False,
+            # Escaped: SQS refuses some characters an id may hold (U+FFFE, lone surrogates).
+            ensure_ascii=True,
             separators=(",", ":"),
         )
 

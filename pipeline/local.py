@@ -45,7 +45,7 @@ class LocalOptions:
     window: Window
     out: Path
     vendor_url: str | None = None
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
     rate_calls: int = 100
     rate_period: float = 1.0
     tick: float = 5.0
@@ -189,13 +189,17 @@ def run_local(
     stalled = False
     try:
         status = rt.ledger.status(run_id)
-        if status is None or not status.kicked_off:
-            kickoff_worker.handler(
-                {"from": options.window.from_text, "to": options.window.to_text},
-                LocalContext("kickoff", options.invocation_timeout),
-            )
         scheduler = _Scheduler(rt, options, drain_worker.handler)
-        auth_error, stalled = scheduler.run(run_id, started, on_progress)
+        try:
+            if status is None or not status.kicked_off:
+                kickoff_worker.handler(
+                    {"from": options.window.from_text, "to": options.window.to_text},
+                    LocalContext("kickoff", options.invocation_timeout),
+                )
+        except AuthError as exc:
+            auth_error = str(exc)
+        else:
+            auth_error, stalled = scheduler.run(run_id, started, on_progress)
         cpu_seconds = time.process_time() - cpu_started
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         wall_seconds = (scheduler.settled_at or time.monotonic()) - started
@@ -252,7 +256,7 @@ class _Scheduler:
         try:
             self.handler({"stage": stage}, LocalContext(stage, self.options.invocation_timeout))
         except AuthError as exc:
-            self.auth_error = str(exc)
+            self.auth_error = self.auth_error or str(exc)
             self.stop.set()
         except Exception:  # the handler logged it; the next tick invokes the stage again
             logging.getLogger("harvest").exception("drain invocation failed")
@@ -278,7 +282,7 @@ class _Scheduler:
     ) -> tuple[str, bool]:
         next_tick = time.monotonic()
         recent: deque[tuple[float, float]] = deque()
-        quiet_ticks = 0
+        empty_since = 0.0  # when every stage queue was found empty while the run is unsettled
         while True:
             now = time.monotonic()
             status = self.rt.ledger.status(run_id)
@@ -290,7 +294,6 @@ class _Scheduler:
             if now >= next_tick and not self.stop.is_set() and (busy or not settled):
                 self._tick()
                 next_tick = now + self.options.tick
-                quiet_ticks += 1
             if on_progress is not None:
                 # Calls per second over the last few seconds, not the last quarter second.
                 recent.append((now, self.rt.stats.snapshot()["calls"]))
@@ -298,8 +301,6 @@ class _Scheduler:
                     recent.popleft()
                 rate = (recent[-1][1] - recent[0][1]) / max(1e-6, recent[-1][0] - recent[0][0])
                 on_progress(self._progress(status, depths, started, rate))
-            if busy or self.drains_running():
-                quiet_ticks = 0
             if settled and not busy:
                 # Done: the drains only wait out their long polls now; cut those short.
                 self.settled_at = self.settled_at or time.monotonic()
@@ -309,10 +310,12 @@ class _Scheduler:
                 return self.auth_error, False
             if self.stop.is_set() and not self.drains_running():
                 return self.auth_error, False
-            # Nothing queued, nothing running for two ticks, yet not settled: messages the
-            # queue itself dead-lettered (a crashed drain) have no ledger record. Stop and
-            # report rather than wait forever.
-            if quiet_ticks > 2 and not settled:
+            # Every queue empty for two ticks, yet not settled: while work remains, some
+            # queue holds it (children are sent before their parent is deleted), so what is
+            # missing is in a DLQ with no ledger record (the queue itself redrove it from a
+            # drain that kept crashing). Stop and report rather than wait forever.
+            empty_since = 0.0 if busy or settled else (empty_since or now)
+            if empty_since and now - empty_since > 2 * self.options.tick:
                 return self.auth_error, True
             time.sleep(POLL_SECONDS)
 

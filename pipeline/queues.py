@@ -121,7 +121,8 @@ class SqsQueue:
             MaxNumberOfMessages=min(max_messages, BATCH),
             WaitTimeSeconds=int(min(wait_seconds, 20)),
             MessageAttributeNames=["All"],
-            MessageSystemAttributeNames=["ApproximateReceiveCount"],
+            # AttributeNames, not its newer twin: the Lambda runtime's boto3 may predate that.
+            AttributeNames=["ApproximateReceiveCount"],
         )
         return [
             Message(

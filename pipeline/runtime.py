@@ -20,14 +20,14 @@ from aws_lambda_powertools import Logger
 from pipeline.budget import Budget, DynamoBudget, PacedBudget
 from pipeline.completion import check_completion
 from pipeline.config import Config
-from pipeline.drain import Drain, DrainReport
-from pipeline.errors import ConfigError
+from pipeline.drain import Drain, DrainReport, Halt
+from pipeline.errors import AuthError, ConfigError
 from pipeline.kickoff import KickoffReport, kickoff
 from pipeline.ledger import STAT_FIELDS, DynamoLedger, Ledger, SqliteLedger
 from pipeline.queues import LocalQueueStore, Queue, SqsQueue
 from pipeline.replay import ReplayReport, replay
 from pipeline.sinks import DirectorySink, S3Sink, Sink
-from pipeline.stages import STAGE_NAMES, stage, upstream
+from pipeline.stages import ROOT_PATH, STAGE_NAMES, stage, upstream
 from pipeline.stats import CallStats
 from pipeline.vendor import VendorClient
 from pipeline.window import Window
@@ -53,6 +53,7 @@ class Runtime:
     _client: VendorClient | None = field(default=None, init=False, repr=False)
     _client_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _attributed: dict[str, float] = field(default_factory=dict, init=False, repr=False)
+    auth_failed: Halt = field(default_factory=Halt, init=False)
 
     @property
     def client(self) -> VendorClient:
@@ -61,6 +62,17 @@ class Runtime:
             if self._client is None:
                 self._client = self.make_client()
             return self._client
+
+    def _reset_client(self) -> None:
+        """Build the vendor client again, with the token read again (it may have been fixed)."""
+        with self._client_lock:
+            if self._client is not None:
+                self._client.close()
+            self._client = None
+        if self.config.backend == "aws":
+            from aws_lambda_powertools.utilities import parameters
+
+            parameters.clear_caches()  # type: ignore[no-untyped-call]
 
     def close(self) -> None:
         if self._client is not None:
@@ -84,6 +96,7 @@ class Runtime:
             max_receive_count=self.config.max_receive_count,
             retry_delay=self.config.retry_delay,
             wait_seconds=self.config.wait_seconds,
+            halt=self.auth_failed,
         )
 
     def run_kickoff(self, window: Window) -> KickoffReport:
@@ -94,7 +107,19 @@ class Runtime:
         return report
 
     def run_drain(self, stage_name: str, remaining: Callable[[], float]) -> DrainReport:
-        """One drain invocation, then the run bookkeeping: call counts and completion."""
+        """One drain invocation, then the run bookkeeping: call counts and completion.
+
+        After a 401 every drain of this process stops; the next invocation first makes one
+        cheap call with a freshly read token, and receives nothing unless it succeeds, so a
+        bad token costs the queued messages no receives (and no dead letters).
+        """
+        if self.auth_failed.is_set():
+            self._reset_client()
+            try:
+                self.client.get_page(ROOT_PATH, params={"limit": "1"})
+            except AuthError as exc:
+                return DrainReport(stage_name, stopped="auth", auth_error=str(exc))
+            self.auth_failed.clear()
         report = self.drain(stage_name).run(remaining, self.config.safety_margin)
         self._attribute(report.runs)
         for run_id in sorted(report.runs):

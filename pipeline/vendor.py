@@ -40,7 +40,7 @@ from pipeline.errors import (
 )
 from pipeline.stats import CallStats
 
-logger = Logger(child=True)
+logger = Logger(service="harvest", child=True)
 
 PAGE_LIMIT = "100"
 RETRY_STATUSES = frozenset({500, 502, 503, 504})

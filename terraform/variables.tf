@@ -186,7 +186,7 @@ variable "drain_concurrency" {
 variable "drain_safety_margin" {
   description = "Seconds at the end of an invocation in which a drain starts no new work (HARVEST_SAFETY_MARGIN); must be below drain_timeout."
   type        = number
-  default     = 10
+  default     = 30
 
   validation {
     condition     = var.drain_safety_margin >= 1 && var.drain_safety_margin <= 300

@@ -80,10 +80,14 @@ def test_child_extends_the_path_and_keeps_run_and_window() -> None:
     assert Envelope.from_json(warrior.to_json()) == warrior
 
 
-def test_to_json_keeps_non_ascii_as_utf8() -> None:
-    text = Envelope(RUN, "troops", ("漢字",), WINDOW).to_json()
+def test_to_json_escapes_non_ascii_so_sqs_accepts_every_id() -> None:
+    # U+FFFE is a legal id character that SQS refuses in a message body unescaped.
+    envelope = Envelope(RUN, "troops", ("漢字\ufffe",), WINDOW)
 
-    assert "漢字" in text
+    text = envelope.to_json()
+
+    assert text.isascii()
+    assert Envelope.from_json(text) == envelope
 
 
 def test_from_json_accepts_the_largest_real_message() -> None:
