@@ -28,6 +28,7 @@ Sleep = Callable[[float], None]
 # vendor's arrival time cannot squeeze L + 1 calls into its window.
 MARGIN_FRACTION = 0.01
 MARGIN_MIN_SECONDS = 0.01
+DYNAMO_MARGIN_MIN_SECONDS = 0.025
 # Smallest gap between two starts of a PacedBudget, as a share of the even spacing W/L.
 SPACING = 0.5
 # How long a vendor limit learned from X-RateLimit-Limit overrides the configured one.
@@ -51,14 +52,18 @@ class Budget(Protocol):
         """Adapt to the vendor's X-RateLimit-Limit / -Remaining / -Reset headers."""
 
 
-def window_for(period: float) -> float:
+def window_for(period: float, minimum: float = MARGIN_MIN_SECONDS) -> float:
     """The rolling window the budget enforces: the vendor's, plus a margin for jitter."""
-    return period + max(period * MARGIN_FRACTION, MARGIN_MIN_SECONDS)
+    return period + max(period * MARGIN_FRACTION, minimum)
 
 
 def interval_for(calls: int, period: float) -> float:
-    """Seconds between call slots so that `calls` fit in any rolling `period`, with margin."""
-    return window_for(period) / calls
+    """Seconds between DynamoBudget slots so that `calls` fit in any rolling `period`.
+
+    Its margin is wider than PacedBudget's: its slots are not restamped with the time the
+    vendor saw them, so a thread that wakes late must still fit.
+    """
+    return window_for(period, DYNAMO_MARGIN_MIN_SECONDS) / calls
 
 
 class PacedBudget:
@@ -203,6 +208,8 @@ class DynamoBudget:
             delay = slot - self._clock()
             if delay > 0:
                 self._sleep(delay)
+            if self._clock() - slot > self.interval / 2:
+                continue  # woke too late: spent now, it would crowd the next slot
             with self._lock:
                 if slot >= self._paused_until:
                     return slot

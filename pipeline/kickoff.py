@@ -37,7 +37,10 @@ def kickoff(window: Window, *, client: VendorClient, queue: Queue, ledger: Ledge
         troops.append(Envelope(run_id, FIRST_STAGE, (troop_id,), window))
     troops = list({t.key: t for t in troops}.values())
     ledger.enqueued(run_id, FIRST_STAGE, [(t.key, t.path) for t in troops])
-    queue.send([Outgoing(t.to_json()) for t in troops])
+    # A second kickoff of the window (by hand, or a schedule delivered twice) resends only
+    # the troops not yet listed: a finished troop's subtree is not harvested again.
+    finished = ledger.finished(run_id, FIRST_STAGE, [t.key for t in troops])
+    queue.send([Outgoing(t.to_json()) for t in troops if t.key not in finished])
     ledger.kicked_off(run_id)
     logger.info("run kicked off", extra={"run_id": run_id, "troops": len(troops)})
     return KickoffReport(run_id, len(troops), window.from_text, window.to_text)

@@ -95,6 +95,9 @@ class Ledger(Protocol):
     def record_error(self, run_id: str, stage: str, key: str, error: str) -> None:
         """Remember the last error of an entity that will be retried."""
 
+    def finished(self, run_id: str, stage: str, keys: Sequence[str]) -> set[str]:
+        """Those of `keys` that are done or gone (nothing left to do for them)."""
+
     def add_stats(self, run_id: str, **amounts: int) -> None: ...
 
     def status(self, run_id: str) -> RunStatus | None: ...
@@ -198,6 +201,19 @@ class SqliteLedger:
             "UPDATE entities SET error = ? WHERE run_id = ? AND stage = ? AND key = ?",
             [(error, run_id, stage, key)],
         )
+
+    def finished(self, run_id: str, stage: str, keys: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        with self._lock:
+            for i in range(0, len(keys), 500):
+                chunk = list(keys[i : i + 500])
+                rows = self._db.execute(
+                    "SELECT key FROM entities WHERE run_id = ? AND stage = ?"
+                    f" AND state IN ('done', 'gone') AND key IN ({','.join('?' * len(chunk))})",
+                    (run_id, stage, *chunk),
+                ).fetchall()
+                found.update(r[0] for r in rows)
+        return found
 
     def add_stats(self, run_id: str, **amounts: int) -> None:
         names = [n for n in amounts if n in STAT_FIELDS]
@@ -384,6 +400,26 @@ class DynamoLedger:
             )
         except self._ddb.exceptions.ConditionalCheckFailedException:
             pass
+
+    def finished(self, run_id: str, stage: str, keys: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        pk = _entity_pk(run_id, stage)
+        for i in range(0, len(keys), 100):  # BatchGetItem's limit
+            request: dict[str, Any] = {
+                self.table: {
+                    "Keys": [{"pk": {"S": pk}, "sk": {"S": k}} for k in keys[i : i + 100]],
+                    "ProjectionExpression": "sk, #s",
+                    "ExpressionAttributeNames": {"#s": "state"},
+                    "ConsistentRead": True,
+                }
+            }
+            while request:
+                result = self._ddb.batch_get_item(RequestItems=request)
+                for item in result.get("Responses", {}).get(self.table, []):
+                    if item.get("state", {}).get("S") in (DONE, GONE):
+                        found.add(item["sk"]["S"])
+                request = dict(result.get("UnprocessedKeys") or {})
+        return found
 
     def add_stats(self, run_id: str, **amounts: int) -> None:
         names = [n for n in amounts if n in STAT_FIELDS and amounts[n]]

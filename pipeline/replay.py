@@ -20,6 +20,9 @@ from pipeline.queues import BATCH, Message, Outgoing, Queue
 
 # A listing holds received DLQ messages invisible this long, then releases them.
 INSPECT_VISIBILITY = 60.0
+# Seconds a DLQ receive waits: SQS's short poll (0) samples some servers only and can come
+# back empty while messages remain; a long poll asks them all.
+REPLAY_WAIT = 1.0
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ def inspect(
     found: list[Message] = []
     try:
         while len(found) < limit:
-            batch = dlq.receive(min(BATCH, limit - len(found)), wait_seconds=0)
+            batch = dlq.receive(min(BATCH, limit - len(found)), wait_seconds=REPLAY_WAIT)
             if not batch:
                 break
             found.extend(batch)
@@ -102,7 +105,7 @@ def replay(
     started = time.monotonic()
     while max_messages is None or report.moved < max_messages:
         want = BATCH if max_messages is None else min(BATCH, max_messages - report.moved)
-        batch = dlq.receive(want, wait_seconds=0)
+        batch = dlq.receive(want, wait_seconds=REPLAY_WAIT)
         if not batch:
             break
         report.seen += len(batch)

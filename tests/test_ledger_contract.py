@@ -197,6 +197,29 @@ def test_finish_many_records_every_entry(ledger: Ledger) -> None:
     assert counts(ledger, "troops") == StageCounts(enqueued=3, done=1, gone=1, dead=1)
 
 
+def test_finished_names_only_done_and_gone_entities(ledger: Ledger) -> None:
+    # GIVEN entities in every state, and one never enqueued
+    started(ledger)
+    keys = [f"k{i}" for i in range(4)]
+    ledger.enqueued(RUN, "troops", [(k, (k,)) for k in keys])
+    ledger.finish_many(RUN, "troops", [("k0", DONE, ""), ("k1", GONE, ""), ("k2", DEAD, "x")])
+
+    # WHEN asked which are finished
+    found = ledger.finished(RUN, "troops", [*keys, "unknown"])
+
+    # THEN only done and gone count: dead and queued entities still have work to do
+    assert found == {"k0", "k1"}
+
+
+def test_finished_answers_for_more_keys_than_one_batch(ledger: Ledger) -> None:
+    started(ledger)
+    keys = [f"k{i:03d}" for i in range(250)]
+    ledger.enqueued(RUN, "troops", [(k, (k,)) for k in keys])
+    ledger.finish_many(RUN, "troops", [(k, DONE, "") for k in keys[::2]])
+
+    assert ledger.finished(RUN, "troops", keys) == set(keys[::2])
+
+
 @pytest.mark.parametrize("final", [DONE, GONE])
 def test_dead_does_not_overwrite_when_already_final(ledger: Ledger, final: str) -> None:
     # GIVEN an entity that finished
