@@ -14,6 +14,8 @@ cpu ms/call  the pipeline process's CPU time per call, kickoff to settled
 rss MB       the pipeline process's peak resident memory when the run settled (all six
              drains, the scheduler and the embedded queues; before the output check)
 exact        output equals the simulator's ground truth
+peak queued  most messages waiting in all three queues at once (the scheduler looks every 0.5 s)
+1st out s    until the first data group was written
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Scenario:
     concurrency: int = 16
     reserved_concurrency: int = 2
     rate_period: float = 1.0
+    deeper_first: bool = False
 
     def scaled(self, factor: float) -> Scenario:
         return Scenario(**{**asdict(self), "data_groups": max(1, round(self.data_groups * factor))})
@@ -49,11 +52,15 @@ SCENARIOS = [
     Scenario("vendor limit = half", 4, 8, 46, 100, 50, 0.02),
     # The talk's design: one call at a time per drain, one drain per stage.
     Scenario("baseline 1-at-a-time", 4, 8, 46, 50, 50, 0.2, concurrency=1, reserved_concurrency=1),
+    # Does serving deeper stages first keep queues short and bring results early?
+    Scenario("10k FIFO", 10, 10, 100, 200, 200, 0.02),
+    Scenario("10k deeper-first", 10, 10, 100, 200, 200, 0.02, deeper_first=True),
 ]
 
 HEADER = (
     f"{'scenario':<22} {'calls':>6} {'wall s':>7} {'ideal s':>7} {'util':>5} {'429s':>5} "
-    f"{'q req/ent':>9} {'cpu ms/call':>11} {'rss MB':>6} {'exact':>5}"
+    f"{'q req/ent':>9} {'cpu ms/call':>11} {'rss MB':>6} {'exact':>5} {'peak queued':>11} "
+    f"{'1st out s':>9}"
 )
 
 
@@ -76,6 +83,7 @@ def run_one(scenario: Scenario) -> dict[str, object]:
                 tick=5.0,  # the CLI default
                 concurrency=scenario.concurrency,
                 reserved_concurrency=scenario.reserved_concurrency,
+                deeper_first=scenario.deeper_first,
                 simulator=SimulatorConfig(
                     troops=scenario.troops,
                     warriors_per_troop=scenario.warriors,
@@ -99,6 +107,8 @@ def run_one(scenario: Scenario) -> dict[str, object]:
         "cpu_ms_per_call": 1000 * result.cpu_seconds / max(1, result.calls),
         "rss_mb": result.peak_rss_mb,
         "exact": bool(result.comparison and result.comparison.exact),
+        "peak_queued": result.peak_queued,
+        "first_output": result.first_output_seconds,
         "complete": bool(status and status.complete),
     }
 
@@ -107,7 +117,8 @@ def line(name: str, r: dict[str, float]) -> str:
     return (
         f"{name:<22} {r['calls']:>6.0f} {r['wall']:>7.1f} {r['ideal']:>7.1f} {r['util']:>5.2f} "
         f"{r['rate_limited']:>5.0f} {r['queue_per_entity']:>9.3f} {r['cpu_ms_per_call']:>11.2f} "
-        f"{r['rss_mb']:>6.0f} {'yes' if r['exact'] else 'NO':>5}"
+        f"{r['rss_mb']:>6.0f} {'yes' if r['exact'] else 'NO':>5} {r['peak_queued']:>11.0f} "
+        f"{r['first_output']:>9.1f}"
     )
 
 

@@ -17,7 +17,7 @@ import bisect
 import math
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -38,8 +38,11 @@ LEARNED_LIMIT_SECONDS = 3600.0
 class Budget(Protocol):
     """What a vendor client asks of a rate budget."""
 
-    def acquire(self) -> float:
-        """Block until one vendor call may start now; return the time it is counted at."""
+    def acquire(self, priority: int = 0) -> float:
+        """Block until one vendor call may start now; return the time it is counted at.
+
+        While calls of a higher `priority` wait for the budget, lower ones wait behind them.
+        """
 
     def arrived(self, stamp: float, at: float) -> None:
         """The call counted at `stamp` reached the vendor by `at` at the latest (the budget's
@@ -88,11 +91,25 @@ class PacedBudget:
         self._clock = clock
         self._sleep = sleep
         self._lock = threading.Lock()
+        self._turn = threading.Condition(self._lock)
+        self._waiting: Counter[int] = Counter()  # calls in acquire, by priority
         # Start times handed out, oldest first, back to one window ago.
         self._starts: deque[float] = deque()
         self._paused_until = 0.0
 
-    def acquire(self) -> float:
+    def acquire(self, priority: int = 0) -> float:
+        with self._turn:
+            while any(n for p, n in self._waiting.items() if p > priority):
+                self._turn.wait(0.05)
+            self._waiting[priority] += 1
+        try:
+            return self._acquire()
+        finally:
+            with self._turn:
+                self._waiting[priority] -= 1
+                self._turn.notify_all()
+
+    def _acquire(self) -> float:
         while True:
             with self._lock:
                 now = self._clock()
@@ -194,7 +211,8 @@ class DynamoBudget:
         self._paused_until = 0.0
         self.writes = 0  # conditional writes made, for the cost model
 
-    def acquire(self) -> float:
+    def acquire(self, priority: int = 0) -> float:
+        # Priority is not shared between invocations: each serves one stage.
         while True:
             with self._lock:
                 # A reserved slot whose time has passed is lost: spent late, it would land on

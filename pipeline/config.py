@@ -20,6 +20,7 @@ HARVEST_VISIBILITY_TIMEOUT seconds a received message stays hidden (default 180)
 HARVEST_READ_TIMEOUT       seconds a vendor response may stall before a retry (default 10)
 HARVEST_RETRY_DELAY        first retry delay of a failed message, doubling (default 5)
 HARVEST_WAIT_SECONDS       long-poll wait of an empty receive (default 5)
+HARVEST_DEEPER_FIRST       "true": deeper stages' calls go first in a shared budget (local only)
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class Config:
     read_timeout: float = 10.0
     retry_delay: float = 5.0
     wait_seconds: float = 5.0
+    deeper_first: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in ("aws", "local"):
@@ -111,6 +113,7 @@ class Config:
                 read_timeout=float(get("READ_TIMEOUT", "10")),
                 retry_delay=float(get("RETRY_DELAY", "5")),
                 wait_seconds=float(get("WAIT_SECONDS", "5")),
+                deeper_first=get("DEEPER_FIRST", "false").lower() in ("1", "true", "yes"),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(f"bad HARVEST_* environment: {exc}") from exc
@@ -139,6 +142,7 @@ class Config:
                 "READ_TIMEOUT": str(self.read_timeout),
                 "RETRY_DELAY": str(self.retry_delay),
                 "WAIT_SECONDS": str(self.wait_seconds),
+                "DEEPER_FIRST": "true" if self.deeper_first else "",
             }.items()
             if v
         }

@@ -107,6 +107,7 @@ class Drain:
         wait_seconds: float = 1.0,
         idle_grace: float = 20.0,
         halt: Halt | None = None,
+        deeper_first: bool = False,
     ) -> None:
         if stage.child is not None and child_queue is None:
             raise ValueError(f"stage {stage.name} fans out to {stage.child} but has no child queue")
@@ -120,6 +121,8 @@ class Drain:
         self.wait_seconds = wait_seconds
         self.idle_grace = idle_grace
         self.halt = halt
+        # Deeper stages first: their calls go ahead of upstream ones in a shared budget.
+        self.priority = stage.depth if deeper_first else 0
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -263,7 +266,7 @@ class Drain:
 
     def _child_ids(self, envelope: Envelope) -> list[str]:
         ids: list[str] = []
-        for item in self.client.items(self.stage.path, envelope.entity_id):
+        for item in self.client.items(self.stage.path, envelope.entity_id, priority=self.priority):
             child_id = item.get("id") if isinstance(item, dict) else None
             if not isinstance(child_id, str) or not child_id:
                 raise PoisonError(
@@ -277,7 +280,9 @@ class Drain:
         window = envelope.window
         points: list[dict[str, Any]] = []
         params = {"from": window.from_text, "to": window.to_text}
-        for item in self.client.items(self.stage.path, envelope.entity_id, params):
+        for item in self.client.items(
+            self.stage.path, envelope.entity_id, params, priority=self.priority
+        ):
             if (
                 not isinstance(item, dict)
                 or not isinstance(item.get("ts"), str)

@@ -56,6 +56,7 @@ class LocalOptions:
     retry_delay: float = 1.0
     read_timeout: float = 10.0
     safety_margin: float = 15.0
+    deeper_first: bool = False
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
     # The simulator runs in a child process by default, so that it does not share the GIL
     # with the pipeline it serves; in-process is cheaper to start for small test runs.
@@ -104,6 +105,8 @@ class LocalResult:
     queue_requests: int = 0
     cpu_seconds: float = 0.0  # this process's CPU from kickoff to settled (simulator excluded)
     peak_rss_mb: float = 0.0  # this process's peak RSS when the run settled, before the check
+    peak_queued: int = 0  # most messages queued (all stages) at one look
+    first_output_seconds: float = 0.0  # until the first data group was written
 
     @property
     def utilization(self) -> float:
@@ -174,6 +177,7 @@ def run_local(
         visibility_timeout=options.invocation_timeout + 60,
         retry_delay=options.retry_delay,
         read_timeout=options.read_timeout,
+        deeper_first=options.deeper_first,
     )
     _redirect_logs(out / STATE_DIR / LOG_FILE)
     # The local "Lambdas" run concurrently in one process and so share the handlers'
@@ -218,6 +222,8 @@ def run_local(
             wall_seconds=wall_seconds,
             cpu_seconds=cpu_seconds,
             peak_rss_mb=peak_rss_mb,
+            peak_queued=scheduler.peak_queued,
+            first_output_seconds=scheduler.first_output,
             calls=int(stats["calls"]),
             rate_limited=int(stats["rate_limited"]),
             retries=int(stats["retries"]),
@@ -251,6 +257,8 @@ class _Scheduler:
         self.stop = threading.Event()
         self.polls = 0  # depth requests made for progress, not by the drains
         self.settled_at = 0.0
+        self.peak_queued = 0
+        self.first_output = 0.0
 
     def _invoke(self, stage: str) -> None:
         try:
@@ -290,6 +298,9 @@ class _Scheduler:
             self.polls += len(depths)
             busy = any(d.total for d in depths.values())
             settled = status is not None and status.settled
+            self.peak_queued = max(self.peak_queued, sum(d.total for d in depths.values()))
+            if not self.first_output and status and status.stages[STAGE_NAMES[-1]].done:
+                self.first_output = now - started
             # A settled run needs no more invocations unless redeliveries are still queued.
             if now >= next_tick and not self.stop.is_set() and (busy or not settled):
                 self._tick()

@@ -179,11 +179,16 @@ class VendorClient:
         path_template: str,
         entity_id: str | None = None,
         params: Mapping[str, str] | None = None,
+        *,
+        priority: int = 0,
     ) -> Iterator[dict[str, Any]]:
-        """Every item of a paginated listing, following `next_cursor` to the last page."""
+        """Every item of a paginated listing, following `next_cursor` to the last page.
+
+        `priority` goes to the rate budget: a higher one is served first when calls wait.
+        """
         cursor: str | None = None
         while True:
-            page = self.get_page(path_template, entity_id, params, cursor=cursor)
+            page = self.get_page(path_template, entity_id, params, cursor=cursor, priority=priority)
             yield from page.items
             if page.next_cursor is None:
                 return
@@ -196,6 +201,7 @@ class VendorClient:
         params: Mapping[str, str] | None = None,
         *,
         cursor: str | None = None,
+        priority: int = 0,
     ) -> Page:
         """One page of a listing (the first, or the one `cursor` points at), with retries."""
         path = vendor_path(path_template, entity_id)
@@ -204,16 +210,16 @@ class VendorClient:
             query["cursor"] = cursor
         url = f"{self.base_url}{path}?{urlencode(query, quote_via=quote, safe='')}"
         try:
-            page: Page = self._retrying(self._attempt, url, path)
+            page: Page = self._retrying(self._attempt, url, path, priority)
         except RetryError as exc:
             raise self._give_up(path, exc) from exc.last_attempt.exception()
         return page
 
     # -- one attempt -----------------------------------------------------------------------
 
-    def _attempt(self, url: str, path: str) -> Page:
+    def _attempt(self, url: str, path: str, priority: int = 0) -> Page:
         try:
-            response, started = self._send(url)
+            response, started = self._send(url, priority)
         except TRANSIENT_EXCEPTIONS as exc:
             raise _AttemptFailed(_describe_transport_error(exc)) from exc
         elapsed = time.perf_counter() - started
@@ -255,7 +261,7 @@ class VendorClient:
             raise PoisonError(f"GET {path}: unexpected {status}{_vendor_message(response)}")
         raise RetryableError(f"GET {path}: unexpected {status}")
 
-    def _send(self, url: str) -> tuple[requests.Response, float]:
+    def _send(self, url: str, priority: int = 0) -> tuple[requests.Response, float]:
         """Prepare, take a budget slot, send: the slot is taken as late as possible, so the
         vendor sees the request at the time the budget counted it."""
         # Prepared by hand: Session.prepare_request re-normalises the URL (urllib3's
@@ -267,7 +273,7 @@ class VendorClient:
         request.url = url
         request.prepare_headers(self._session.headers)
         request.prepare_cookies(self._session.cookies)
-        stamp = self._budget.acquire()
+        stamp = self._budget.acquire(priority)
         started = time.perf_counter()
         try:
             response = self._session.send(

@@ -36,7 +36,7 @@ class FakeBudget:
     def __init__(self) -> None:
         self.events: list[tuple[Any, ...]] = []
 
-    def acquire(self) -> float:
+    def acquire(self, priority: int = 0) -> float:
         self.events.append(("acquire",))
         return 0.0
 
