@@ -59,7 +59,7 @@ def runtime_requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[str]
 def install_dependencies(requirements: list[str], target: Path, wheelhouse: Path) -> None:
     """pip-install Lambda-platform wheels (no builds for the target) into `target`.
 
-    A dependency published only as an sdist (ratelimit is one) is first built into a
+    A dependency published only as an sdist is first built into a
     wheel here; a pure-Python one comes out as py3-none-any and so installs for the
     Lambda platform too, while a compiled one stays tagged for this machine and fails
     the install below instead of shipping a binary for the wrong platform.
