@@ -9,7 +9,6 @@ in tests/integration/test_terraform_apply.py.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from terraform_support import WILDCARD_RESOURCE_SIDS, plugin_dir, terraform_env
 
 from pipeline.stages import STAGES
 
@@ -25,34 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STACK = ROOT / "terraform"
 DUMMY_VARS = ["-var", "vendor_url=https://vendor.example"]
 
-# The one IAM statement allowed a "*" resource: X-Ray's write actions have no
-# resource-level permissions.
-WILDCARD_RESOURCE_SIDS = {"XRayWrite"}
-
-
 # -- tools ---------------------------------------------------------------------------------
-
-
-def plugin_dir() -> Path | None:
-    """The provider mirror: $HARVEST_TF_PLUGIN_DIR, else the parent of a registry.terraform.io."""
-    configured = os.environ.get("HARVEST_TF_PLUGIN_DIR")
-    if configured:
-        return Path(configured) if Path(configured).is_dir() else None
-    found = subprocess.run(
-        ["find", "/", "-maxdepth", "4", "-type", "d", "-name", "registry.terraform.io"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.split()
-    return Path(found[0]).parent if found else None
-
-
-def terraform_env() -> dict[str, str]:
-    env = {**os.environ, "TF_IN_AUTOMATION": "1", "TF_INPUT": "0", "CHECKPOINT_DISABLE": "1"}
-    # A CLI config path that does not exist only produces a warning on every command.
-    if not Path(env.get("TF_CLI_CONFIG_FILE", "/")).is_file():
-        env.pop("TF_CLI_CONFIG_FILE", None)
-    return env
 
 
 def terraform(cwd: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

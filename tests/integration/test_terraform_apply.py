@@ -34,6 +34,7 @@ from typing import Any
 
 import boto3
 import pytest
+from terraform_support import WILDCARD_RESOURCE_SIDS, plugin_dir, terraform_env
 
 import pipeline.config
 from pipeline.config import Config
@@ -55,34 +56,6 @@ SIMULATED = SimulatorConfig(troops=2, warriors_per_troop=2, data_groups_per_warr
 ENDPOINTS = "cloudwatch dynamodb events iam kms lambda logs s3 sns sqs ssm sts".split()
 MAX_RECEIVE_COUNT = 3
 DRAIN_TIMEOUT = 60
-# Statements allowed a "*" resource: X-Ray's write actions have no resource-level permissions.
-WILDCARD_RESOURCE_SIDS = {"XRayWrite"}
-
-
-# -- tools (the same discovery as tests/test_terraform_config.py) -----------------------------
-
-
-def plugin_dir() -> Path | None:
-    configured = os.environ.get("HARVEST_TF_PLUGIN_DIR")
-    if configured:
-        return Path(configured) if Path(configured).is_dir() else None
-    found = subprocess.run(
-        ["find", "/", "-maxdepth", "4", "-type", "d", "-name", "registry.terraform.io"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.split()
-    return Path(found[0]).parent if found else None
-
-
-def terraform_env() -> dict[str, str]:
-    env = {**os.environ, "TF_IN_AUTOMATION": "1", "TF_INPUT": "0", "CHECKPOINT_DISABLE": "1"}
-    if not Path(env.get("TF_CLI_CONFIG_FILE", "/")).is_file():
-        env.pop("TF_CLI_CONFIG_FILE", None)
-    # The override supplies fake credentials; real ones must not leak into the provider.
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        env.pop(name, None)
-    return env
 
 
 def terraform(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -90,7 +63,7 @@ def terraform(cwd: Path, *args: str, timeout: float = 600) -> subprocess.Complet
         ["terraform", f"-chdir={cwd}", *args],
         capture_output=True,
         text=True,
-        env=terraform_env(),
+        env=terraform_env(without_aws_credentials=True),
         check=False,
         timeout=timeout,
     )
