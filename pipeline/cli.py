@@ -82,7 +82,7 @@ def cmd_local(args: argparse.Namespace) -> int:
             nasty_ids=not args.sim_plain_ids,
         ),
     )
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     source = args.vendor_url or "the built-in simulator"
     console.print(f"harvesting {source} for {options.window.from_text} → {options.window.to_text}")
     if console.is_terminal:
@@ -106,7 +106,7 @@ def cmd_local(args: argparse.Namespace) -> int:
                 )
 
         result = run_local(options, show_plain)
-    print_summary(Console(), result)
+    print_summary(Console(soft_wrap=True), result)
     return result.exit_code
 
 
