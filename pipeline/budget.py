@@ -167,11 +167,6 @@ class PacedBudget:
         if remaining == 0 and reset is not None and reset > 0:
             self.pause(reset)
 
-    @property
-    def rate(self) -> float:
-        """Calls per second this budget currently allows."""
-        return self.calls / self.window
-
 
 def slots_per_reservation(calls: int, period: float, horizon: float = 0.25) -> int:
     """How many slots one shared-state write reserves: about `horizon` seconds of calls."""
