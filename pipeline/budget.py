@@ -204,7 +204,6 @@ class DynamoBudget:
         self._lock = threading.Lock()
         self._slots: deque[float] = deque()
         self._paused_until = 0.0
-        self.writes = 0  # conditional writes made, for the cost model
 
     def acquire(self, priority: int = 0) -> float:
         # Priority is not shared between invocations: each serves one stage.
@@ -251,7 +250,6 @@ class DynamoBudget:
             if old is not None:
                 values[":old"] = {"N": old}
             try:
-                self.writes += 1
                 self._ddb.update_item(
                     TableName=self.table,
                     Key=self._key,
@@ -270,7 +268,6 @@ class DynamoBudget:
             self._paused_until = max(self._paused_until, until)
             self._slots.clear()
         try:
-            self.writes += 1
             self._ddb.update_item(
                 TableName=self.table,
                 Key=self._key,
@@ -288,7 +285,6 @@ class DynamoBudget:
                 self.interval = interval_for(limit, self.period)
                 self._slots.clear()
             try:
-                self.writes += 1
                 self._ddb.update_item(
                     TableName=self.table,
                     Key=self._key,

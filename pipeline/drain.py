@@ -14,11 +14,11 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from aws_lambda_powertools import Logger
 
@@ -38,6 +38,8 @@ from pipeline.stats import CallStats
 from pipeline.vendor import VendorClient
 
 logger = Logger(service="harvest", child=True)
+T = TypeVar("T")
+K = TypeVar("K")
 
 RETRY, STOP, RELEASE = "retry", "stop", "release"
 MAX_ERROR_CHARS = 1000
@@ -70,15 +72,25 @@ class DrainReport:
     stopped: str = ""  # deadline | idle | auth
     auth_error: str = ""
     runs: set[str] = field(default_factory=set)
+    # Batches finish on several threads at once.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "runs": sorted(self.runs)}
+        fields = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+        return {**fields, "runs": sorted(self.runs)}
+
+    def add(self, runs: Iterable[str], **counts: int) -> None:
+        with self._lock:
+            self.runs.update(runs)
+            for name, n in counts.items():
+                setattr(self, name, getattr(self, name) + n)
 
 
 @dataclass
 class _Batch:
     messages: Sequence[Message]
     outcomes: list[Outcome] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def describe(exc: BaseException) -> tuple[str, str]:
@@ -215,7 +227,7 @@ class Drain:
             if outcome.kind == STOP:
                 stop.stop(outcome.error)
         flow.processed()
-        with _BATCH_LOCK:
+        with batch.lock:
             batch.outcomes.append(outcome)
             finished = len(batch.outcomes) == len(batch.messages)
         if finished:
@@ -306,28 +318,20 @@ class Drain:
 
     def finish(self, outcomes: Sequence[Outcome], report: DrainReport) -> None:
         """Record, fan out, dead-letter, delete: in the order that never loses a message."""
-        by_kind: dict[str, list[Outcome]] = {}
-        for o in outcomes:
-            by_kind.setdefault(o.kind, []).append(o)
-        with _BATCH_LOCK:
-            report.runs.update(o.envelope.run_id for o in outcomes if o.envelope is not None)
+        by_kind = _group(outcomes, lambda o: o.kind)
         done, gone, dead = by_kind.get(DONE, []), by_kind.get(GONE, []), by_kind.get(DEAD, [])
 
         children = [c for o in done for c in o.children]
         if children and self.child_queue is not None:
-            for run_id, group in _by_run(children).items():
-                self.ledger.enqueued(run_id, group[0].stage, [(c.key, c.path) for c in group])
+            for run_id, kids in _group(children, lambda c: c.run_id).items():
+                self.ledger.enqueued(run_id, kids[0].stage, [(c.key, c.path) for c in kids])
             self.child_queue.send([Outgoing(c.to_json()) for c in children])
         if dead:
             self.dlq.send([self._dead_letter(o) for o in dead])
-        finished = [
-            (o.envelope.run_id, (o.envelope.key, o.kind, o.error))
-            for o in (*done, *gone, *dead)
-            if o.envelope is not None
-        ]
-        for run_id in {r for r, _ in finished}:
+        finished = [o for o in (*done, *gone, *dead) if o.envelope is not None]
+        for run_id, group in _group(finished, _run_of).items():
             self.ledger.finish_many(
-                run_id, self.stage.name, [f for r, f in finished if r == run_id]
+                run_id, self.stage.name, [(_key_of(o), o.kind, o.error) for o in group]
             )
         self.queue.delete([o.message.receipt for o in (*done, *gone, *dead)])
 
@@ -340,7 +344,7 @@ class Drain:
                     o.envelope.key,
                     f"{o.error_class}: {o.error}",
                 )
-        for delay, delayed in _by_delay(retry, self.retry_delay).items():
+        for delay, delayed in _group(retry, self._retry_delay).items():
             self.queue.change_visibility([o.message.receipt for o in delayed], delay)
         # Messages not processed (401 or the deadline) become visible again at once; their
         # receive count grows by one, which is why the drain stops at the first 401.
@@ -353,18 +357,24 @@ class Drain:
                 "message dead-lettered",
                 extra={"stage": self.stage.name, "reason": f"{o.error_class}: {o.error}"},
             )
-        with _BATCH_LOCK:  # batches finish on several threads at once
-            report.done += len(done)
-            report.gone += len(gone)
-            report.dead += len(dead)
-            report.retried += len(retry)
-            report.children += len(children)
+        report.add(
+            (_run_of(o) for o in outcomes if o.envelope is not None),
+            done=len(done),
+            gone=len(gone),
+            dead=len(dead),
+            retried=len(retry),
+            children=len(children),
+        )
         self.stats.add(
             messages_done=len(done),
             messages_gone=len(gone),
             messages_dead=len(dead),
             messages_failed=len(retry),
         )
+
+    def _retry_delay(self, o: Outcome) -> float:
+        """Exponential backoff by receive count: base, 2 × base, 4 × base, … at most 15 min."""
+        return min(self.retry_delay * 2.0 ** max(0, o.message.receive_count - 1), 900.0)
 
     def _dead_letter(self, o: Outcome) -> Outgoing:
         attributes: Mapping[str, str] = {
@@ -379,16 +389,16 @@ class Drain:
         return Outgoing(o.message.body, attributes)
 
 
-_BATCH_LOCK = threading.Lock()
-
-
 class Halt(threading.Event):
     """Set by a 401: every drain sharing it stops; `reason` keeps what the vendor said."""
 
-    reason = ""
+    def __init__(self) -> None:
+        super().__init__()
+        self.reason = ""
+        self._reason_lock = threading.Lock()
 
     def stop(self, reason: str) -> None:
-        with _BATCH_LOCK:
+        with self._reason_lock:
             self.reason = self.reason or reason
         self.set()
 
@@ -442,20 +452,21 @@ def _failed(message: Message, envelope: Envelope | None, kind: str, exc: BaseExc
     return Outcome(message, envelope, kind, error=error, error_class=error_class)
 
 
-def _by_run(children: Sequence[Envelope]) -> dict[str, list[Envelope]]:
-    groups: dict[str, list[Envelope]] = {}
-    for c in children:
-        groups.setdefault(c.run_id, []).append(c)
+def _group(items: Iterable[T], key: Callable[[T], K]) -> dict[K, list[T]]:
+    groups: dict[K, list[T]] = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
     return groups
 
 
-def _by_delay(outcomes: Sequence[Outcome], base: float) -> dict[float, list[Outcome]]:
-    """Exponential backoff by receive count: base, 2*base, 4*base, ... capped at 15 minutes."""
-    groups: dict[float, list[Outcome]] = {}
-    for o in outcomes:
-        delay = min(base * 2 ** max(0, o.message.receive_count - 1), 900.0)
-        groups.setdefault(delay, []).append(o)
-    return groups
+def _run_of(o: Outcome) -> str:
+    assert o.envelope is not None
+    return o.envelope.run_id
+
+
+def _key_of(o: Outcome) -> str:
+    assert o.envelope is not None
+    return o.envelope.key
 
 
 def monotonic_deadline(seconds: float) -> Callable[[], float]:

@@ -97,13 +97,11 @@ class SqsQueue:
         self._sqs = client
         self.url = url
         self.name = name or url.rsplit("/", 1)[-1]
-        self.requests = 0  # SQS API requests made, for the cost model
 
     def send(self, messages: Sequence[Outgoing]) -> None:
         for batch in chunks(messages):
             pending = {str(i): m for i, m in enumerate(batch)}
             for _ in range(3):
-                self.requests += 1
                 result = self._sqs.send_message_batch(
                     QueueUrl=self.url,
                     Entries=[_entry(i, m) for i, m in pending.items()],
@@ -115,7 +113,6 @@ class SqsQueue:
                 raise QueueError(f"{self.name}: {len(pending)} messages not accepted by SQS")
 
     def receive(self, max_messages: int = BATCH, wait_seconds: float = 0.0) -> list[Message]:
-        self.requests += 1
         result = self._sqs.receive_message(
             QueueUrl=self.url,
             MaxNumberOfMessages=min(max_messages, BATCH),
@@ -139,7 +136,6 @@ class SqsQueue:
 
     def delete(self, receipts: Sequence[str]) -> None:
         for batch in chunks(receipts):
-            self.requests += 1
             # A failed delete only means a redelivery later, which processing tolerates.
             self._sqs.delete_message_batch(
                 QueueUrl=self.url,
@@ -148,7 +144,6 @@ class SqsQueue:
 
     def change_visibility(self, receipts: Sequence[str], seconds: float) -> None:
         for batch in chunks(receipts):
-            self.requests += 1
             self._sqs.change_message_visibility_batch(
                 QueueUrl=self.url,
                 Entries=[
@@ -158,7 +153,6 @@ class SqsQueue:
             )
 
     def depth(self) -> Depth:
-        self.requests += 1
         attrs = self._sqs.get_queue_attributes(
             QueueUrl=self.url,
             AttributeNames=[
