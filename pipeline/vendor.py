@@ -15,12 +15,13 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote, urlencode
 
 import requests
 from aws_lambda_powertools import Logger
 from requests.adapters import HTTPAdapter
+from requests.structures import CaseInsensitiveDict
 from tenacity import (
     RetryCallState,
     RetryError,
@@ -144,6 +145,9 @@ class VendorClient:
         # or a repr.
         self._session.headers["Authorization"] = f"Bearer {token}"
         self._session.headers["Accept"] = "application/json"
+        # Requests go straight to the transport adapter (see `_send`).
+        self._adapter = self._session.get_adapter(self.base_url)
+        self._verify: bool | str = True if self._session.verify is None else self._session.verify
         self._backoff = wait_random_exponential(multiplier=backoff_base, max=backoff_max)
         # Retrying keeps its per-call state in thread-locals, so one instance serves all threads.
         self._retrying = Retrying(
@@ -271,20 +275,24 @@ class VendorClient:
         request = requests.PreparedRequest()
         request.method = "GET"
         request.url = url
-        request.prepare_headers(self._session.headers)
-        request.prepare_cookies(self._session.cookies)
+        # Every header is a str: requests' defaults and the two set in __init__.
+        request.headers = CaseInsensitiveDict(cast(Mapping[str, str], self._session.headers))
         stamp = self._budget.acquire(priority)
         started = time.perf_counter()
         try:
-            response = self._session.send(
+            # Straight to the adapter, not through Session.send: no redirects, cookies, hooks
+            # or proxies to resolve, and a fifth less CPU per call (bench/README).
+            response = self._adapter.send(
                 request,
-                timeout=self._timeout,
-                allow_redirects=False,
-                verify=self._session.verify,
-                proxies={},
                 stream=False,
+                timeout=self._timeout,
+                verify=self._verify,
                 cert=None,
+                proxies={},
             )
+            # Read the body now, as Session.send would: the connection goes back to the pool,
+            # and a body cut short fails here, as a transport error.
+            response.content  # noqa: B018
         except TRANSIENT_EXCEPTIONS:
             self._stats.add(calls=1, failures=1, latency_total=time.perf_counter() - started)
             raise
