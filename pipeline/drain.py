@@ -291,17 +291,17 @@ class Drain:
     def _harvest(self, envelope: Envelope) -> None:
         window = envelope.window
         points: list[dict[str, Any]] = []
+        append = points.append
         params = {"from": window.from_text, "to": window.to_text}
-        for item in self.client.items(
+        # The client hands over pages whose items are all JSON objects.
+        for items in self.client.pages(
             self.stage.path, envelope.entity_id, params, priority=self.priority
         ):
-            if (
-                not isinstance(item, dict)
-                or not isinstance(item.get("ts"), str)
-                or not isinstance(item.get("value"), int | float)
-            ):
-                raise PoisonError(f"data point without ts/value: {item!r}")
-            points.append({"ts": item["ts"], "value": item["value"]})
+            for item in items:
+                ts, value = item.get("ts"), item.get("value")
+                if type(ts) is not str or not isinstance(value, int | float):
+                    raise PoisonError(f"data point without ts/value: {item!r}")
+                append({"ts": ts, "value": value})
         troop_id, warrior_id, data_group_id = envelope.path
         record = {
             "run_id": envelope.run_id,

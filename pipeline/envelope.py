@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from pipeline.errors import MessageError
@@ -32,7 +33,7 @@ class Envelope:
     def entity_id(self) -> str:
         return self.path[-1]
 
-    @property
+    @cached_property
     def key(self) -> str:
         """Deterministic key of this entity within its run: same entity, same key."""
         raw = json.dumps([self.stage, *self.path], ensure_ascii=False)

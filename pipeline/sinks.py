@@ -86,19 +86,20 @@ class DirectorySink:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.location = str(self.root)
-        self._made: set[Path] = set()
+        self._made: set[str] = set()
 
     def put(self, key: str, blob: bytes, content_type: str) -> str:
-        path = self.root / key
-        if path.parent not in self._made:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._made.add(path.parent)
+        path = os.path.join(self.location, key)
+        parent = os.path.dirname(path)
+        if parent not in self._made:
+            os.makedirs(parent, exist_ok=True)
+            self._made.add(parent)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.write(fd, blob)
         finally:
             os.close(fd)
-        return str(path)
+        return path
 
     def get(self, key: str) -> bytes | None:
         path = self.root / key

@@ -14,6 +14,8 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
+from itertools import repeat
 from types import TracebackType
 from typing import Any, cast
 from urllib.parse import quote, urlencode
@@ -190,10 +192,22 @@ class VendorClient:
 
         `priority` goes to the rate budget: a higher one is served first when calls wait.
         """
+        for items in self.pages(path_template, entity_id, params, priority=priority):
+            yield from items
+
+    def pages(
+        self,
+        path_template: str,
+        entity_id: str | None = None,
+        params: Mapping[str, str] | None = None,
+        *,
+        priority: int = 0,
+    ) -> Iterator[list[dict[str, Any]]]:
+        """The items of a paginated listing page by page (as `items`, one list per page)."""
         cursor: str | None = None
         while True:
             page = self.get_page(path_template, entity_id, params, cursor=cursor, priority=priority)
-            yield from page.items
+            yield page.items
             if page.next_cursor is None:
                 return
             cursor = page.next_cursor
@@ -212,7 +226,7 @@ class VendorClient:
         query = {"limit": PAGE_LIMIT, **(params or {})}
         if cursor is not None:
             query["cursor"] = cursor
-        url = f"{self.base_url}{path}?{urlencode(query, quote_via=quote, safe='')}"
+        url = f"{self.base_url}{path}?{_encode_query(tuple(query.items()))}"
         try:
             page: Page = self._retrying(self._attempt, url, path, priority)
         except RetryError as exc:
@@ -357,11 +371,17 @@ def _parse_page(response: requests.Response) -> Page | None:
         return None
     items = body.get("items")
     cursor = body.get("next_cursor")
-    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+    if not isinstance(items, list) or not all(map(isinstance, items, repeat(dict))):
         return None
     if cursor is not None and not isinstance(cursor, str):
         return None
     return Page(items=items, next_cursor=cursor)
+
+
+@lru_cache(maxsize=256)
+def _encode_query(pairs: tuple[tuple[str, str], ...]) -> str:
+    """The query string: every name and value encoded whole (a run repeats the same ones)."""
+    return urlencode(pairs, quote_via=quote, safe="")
 
 
 def _describe_transport_error(exc: Exception) -> str:

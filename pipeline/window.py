@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cached_property, lru_cache
 
 from pipeline.errors import ConfigError
 
@@ -40,7 +41,7 @@ class Window:
 
     @classmethod
     def parse(cls, start: str, end: str) -> Window:
-        return cls(parse_instant(start), parse_instant(end))
+        return _parse_window(start, end)
 
     @classmethod
     def previous_day(cls, now: datetime | None = None) -> Window:
@@ -52,14 +53,20 @@ class Window:
         )
         return cls(today - timedelta(days=1), today)
 
-    @property
+    @cached_property
     def run_id(self) -> str:
         return f"{self.start:%Y%m%dT%H%M%SZ}-{self.end:%Y%m%dT%H%M%SZ}"
 
-    @property
+    @cached_property
     def from_text(self) -> str:
         return format_instant(self.start)
 
-    @property
+    @cached_property
     def to_text(self) -> str:
         return format_instant(self.end)
+
+
+# Every message of a run carries the same two instants: parse them once (a Window is immutable).
+@lru_cache(maxsize=64)
+def _parse_window(start: str, end: str) -> Window:
+    return Window(parse_instant(start), parse_instant(end))
