@@ -18,7 +18,7 @@ from functools import lru_cache
 from itertools import repeat
 from types import TracebackType
 from typing import Any, cast
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 import requests
 from aws_lambda_powertools import Logger
@@ -105,6 +105,56 @@ class _AttemptFailed(Exception):
         self.retry_after = retry_after
 
 
+class _VendorAdapter(HTTPAdapter):
+    """requests' HTTPAdapter that finds the vendor's connection pool once, not per request.
+
+    HTTPAdapter parses every request's URL into a pool key and looks the pool up again: a
+    sixth of the adapter's CPU per call here, for one host that never changes. Only
+    `get_connection_with_tls_context` (a documented subclassing hook) changes; `send`, which
+    the `responses` test mocks replace, is HTTPAdapter's own.
+    """
+
+    def __init__(self, base_url: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._prefix = base_url.rstrip("/") + "/"
+        parts = urlsplit(self._prefix)
+        self._origin = f"{parts.scheme}://{parts.netloc}"
+        self._pool: tuple[Any, Any] | None = None  # ((verify, cert), pool)
+
+    def _ours(self, request: requests.PreparedRequest, proxies: Mapping[str, str] | None) -> bool:
+        return not proxies and (request.url or "").startswith(self._prefix)
+
+    def request_url(
+        self, request: requests.PreparedRequest, proxies: Mapping[str, str] | None
+    ) -> str:
+        # The URL after the origin, as HTTPAdapter sends it when there is no proxy, without
+        # parsing it again.
+        if self._ours(request, proxies):
+            target = (request.url or "")[len(self._origin) :]
+            if not target.startswith("//"):
+                return target
+        return super().request_url(request, proxies)
+
+    def get_connection_with_tls_context(
+        self,
+        request: requests.PreparedRequest,
+        verify: bool | str | None,
+        proxies: Mapping[str, str] | None = None,
+        cert: Any = None,
+    ) -> Any:
+        cacheable = self._ours(request, proxies)
+        if cacheable and self._pool is not None and self._pool[0] == (verify, cert):
+            return self._pool[1]
+        pool = super().get_connection_with_tls_context(request, verify, proxies, cert)
+        if cacheable:
+            self._pool = ((verify, cert), pool)
+        return pool
+
+    def close(self) -> None:
+        self._pool = None
+        super().close()
+
+
 class VendorClient:
     """Client of the vendor API; thread-safe, meant to be shared by every drain thread."""
 
@@ -140,7 +190,9 @@ class VendorClient:
         if self._owns_session:
             # One pool per host, big enough that every drain thread keeps its connection;
             # retries are ours (below), not urllib3's.
-            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+            adapter = _VendorAdapter(
+                self.base_url, pool_connections=4, pool_maxsize=pool_size, max_retries=0
+            )
             self._session.mount("https://", adapter)
             self._session.mount("http://", adapter)
         # The token lives only in the Session's headers: never in an attribute, a message
