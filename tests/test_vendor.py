@@ -11,6 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 import responses
+from requests.adapters import HTTPAdapter
 from responses.registries import OrderedRegistry
 
 from pipeline.errors import (
@@ -21,7 +22,7 @@ from pipeline.errors import (
     RetryableError,
 )
 from pipeline.stats import CallStats
-from pipeline.vendor import VendorClient, encode_segment
+from pipeline.vendor import VendorClient, _VendorAdapter, encode_segment
 
 BASE = "https://vendor.test"
 TOKEN = "s3cret-token"
@@ -467,3 +468,52 @@ def test_token_is_in_no_repr_or_error(client: VendorClient, rsps: responses.Requ
     assert TOKEN not in str(vars(client))
     assert TOKEN not in str(raised.value)
     assert TOKEN not in repr(raised.value)
+
+
+# -- pages and the transport adapter -------------------------------------------------------
+
+
+def test_pages_yields_each_page_of_items_in_order(
+    client: VendorClient, rsps: responses.RequestsMock
+) -> None:
+    rsps.get(url(), json={"items": [{"id": "a"}, {"id": "b"}], "next_cursor": "c2"})
+    rsps.get(url(), json={"items": [{"id": "c"}], "next_cursor": None})
+
+    got = [[item["id"] for item in items] for items in client.pages(WARRIORS, "t1")]
+
+    assert got == [["a", "b"], ["c"]]
+
+
+def _prepared(target: str) -> requests.PreparedRequest:
+    request = requests.PreparedRequest()
+    request.prepare(method="GET", url=target)
+    return request
+
+
+def test_adapter_sends_the_target_after_the_origin_keeping_a_base_path() -> None:
+    # GIVEN a vendor whose base URL has a path of its own
+    adapter = _VendorAdapter("https://vendor.test/api/", max_retries=0)
+    request = _prepared("https://vendor.test/api/v1/troops/a%2Fb/warriors?limit=100")
+
+    # THEN the request line carries the base path and the encoded id as they were built,
+    # the same as HTTPAdapter's own answer
+    assert adapter.request_url(request, {}) == "/api/v1/troops/a%2Fb/warriors?limit=100"
+    assert adapter.request_url(request, {}) == HTTPAdapter().request_url(request, {})
+
+
+def test_adapter_reuses_the_vendor_pool_and_leaves_other_urls_to_httpadapter() -> None:
+    adapter = _VendorAdapter("https://vendor.test", max_retries=0)
+    first = adapter.get_connection_with_tls_context(_prepared(f"{BASE}/v1/troops"), True)
+
+    # WHEN later calls ask for the vendor, another host, other TLS settings, or a proxy
+    again = adapter.get_connection_with_tls_context(_prepared(f"{BASE}/v1/x?y=1"), True)
+    other_host = adapter.get_connection_with_tls_context(_prepared("https://else.test/v1"), True)
+    no_verify = adapter.get_connection_with_tls_context(_prepared(f"{BASE}/v1/troops"), False)
+    plain = _VendorAdapter("http://vendor.test", max_retries=0)
+    proxied = plain.request_url(_prepared("http://vendor.test/v1/t"), {"http": "http://proxy:3128"})
+
+    # THEN the vendor's pool is found once and reused; the rest is HTTPAdapter's answer
+    assert again is first
+    assert other_host is not first and other_host.host == "else.test"
+    assert no_verify is not first
+    assert proxied == "http://vendor.test/v1/t"  # a plain-HTTP proxy is sent the whole URL
