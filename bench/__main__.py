@@ -18,7 +18,7 @@ exact        output equals the simulator's ground truth
 peak queued  most messages waiting in all three queues at once (the scheduler looks every 0.5 s)
 1st out s    until the first data group was written
 cpu range    lowest and highest cpu ms/call of the N runs (this VM's CPU time per call
-             varies by a quarter from run to run)
+             varies by up to a quarter from run to run)
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", help="run scenarios whose name starts with these")
     parser.add_argument(
         "--repeat",
-        type=int,
+        type=_at_least_one,
         default=1,
         metavar="N",
         help="run each scenario N times and print medians, with the CPU range (default 1)",
@@ -182,6 +182,13 @@ def main() -> int:
             print(line(scenario.name, result), flush=True)
             failed |= not result["exact"]
     return 1 if failed else 0
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def combine(runs: list[dict[str, float]]) -> dict[str, float]:

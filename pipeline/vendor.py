@@ -11,6 +11,7 @@ page are retried here (tenacity, exponential backoff with full jitter) and end a
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from tenacity import (
 from pipeline.budget import Budget
 from pipeline.errors import (
     AuthError,
+    ConfigError,
     GoneError,
     PoisonError,
     RateLimitedError,
@@ -95,6 +97,19 @@ def vendor_path(path_template: str, entity_id: str | None = None) -> str:
     return path_template.replace("{id}", encode_segment(entity_id))
 
 
+_TOKEN_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _checked_token(token: str) -> str:
+    """The token without surrounding whitespace (a stored secret often ends in a newline);
+    ConfigError, never quoting it, if it is empty or holds a control character: http.client
+    would refuse the header with the token in its message."""
+    token = token.strip()
+    if not token or _TOKEN_CONTROL.search(token):
+        raise ConfigError("the vendor token is empty or contains control characters")
+    return token
+
+
 class _AttemptFailed(Exception):
     """One attempt failed in a way worth another; internal to the retry loop."""
 
@@ -145,8 +160,9 @@ class _VendorAdapter(HTTPAdapter):
         cert: Any = None,
     ) -> Any:
         cacheable = self._ours(request, proxies)
-        if cacheable and self._pool is not None and self._pool[0] == (verify, cert):
-            return self._pool[1]
+        cached = self._pool  # read once: close() may clear it meanwhile
+        if cacheable and cached is not None and cached[0] == (verify, cert):
+            return cached[1]
         pool = super().get_connection_with_tls_context(request, verify, proxies, cert)
         if cacheable:
             self._pool = ((verify, cert), pool)
@@ -213,7 +229,7 @@ class VendorClient:
             self._session.mount("http://", adapter)
         # The token lives only in the Session's headers: never in an attribute, a message
         # or a repr.
-        self._session.headers["Authorization"] = f"Bearer {token}"
+        self._session.headers["Authorization"] = f"Bearer {_checked_token(token)}"
         self._session.headers["Accept"] = "application/json"
         # Requests go straight to the transport adapter (see `_send`).
         self._adapter = self._session.get_adapter(self.base_url)

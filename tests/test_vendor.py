@@ -16,6 +16,7 @@ from responses.registries import OrderedRegistry
 
 from pipeline.errors import (
     AuthError,
+    ConfigError,
     GoneError,
     PoisonError,
     RateLimitedError,
@@ -517,3 +518,25 @@ def test_adapter_reuses_the_vendor_pool_and_leaves_other_urls_to_httpadapter() -
     assert other_host is not first and other_host.host == "else.test"
     assert no_verify is not first
     assert proxied == "http://vendor.test/v1/t"  # a plain-HTTP proxy is sent the whole URL
+
+
+def test_token_loses_a_trailing_newline_on_the_wire(
+    budget: FakeBudget, stats: CallStats, rsps: responses.RequestsMock
+) -> None:
+    rsps.get(url(), json=LAST_PAGE)
+
+    with VendorClient(BASE, f"  {TOKEN}\n", budget, stats) as client:
+        list(client.items(WARRIORS, "t1"))
+
+    assert rsps.calls[0].request.headers["Authorization"] == f"Bearer {TOKEN}"
+
+
+@pytest.mark.parametrize("token", ["", " \n", "abc\r\nX-Injected: 1", "ab\x00c"])
+def test_empty_or_control_character_token_is_refused_without_quoting_it(
+    budget: FakeBudget, stats: CallStats, token: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        VendorClient(BASE, token, budget, stats)
+
+    assert "control characters" in str(raised.value)
+    assert token.strip() == "" or token.strip() not in str(raised.value)
