@@ -53,11 +53,9 @@ def run_messages(count: int) -> None:
                 ledger=None,  # type: ignore[arg-type]  # nor the ledger
                 stats=stats,
             )
-            groups = list(simulator._model._tree.data_groups.values())[: WARM + count]
-            for i, g in enumerate(groups):
-                body = Envelope(
-                    window.run_id, "data_groups", (g.troop_id, g.warrior_id, g.id), window
-                ).to_json()
+            paths = list(simulator.ground_truth(window.start, window.end))[: WARM + count]
+            for i, path in enumerate(paths):
+                body = Envelope(window.run_id, "data_groups", path, window).to_json()
                 outcome = drain.process(Message(str(i), str(i), body, {}, 1))
                 if outcome.kind != "done":
                     raise RuntimeError(f"message {i} ended {outcome.kind}: {outcome.error}")

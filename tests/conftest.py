@@ -1,4 +1,4 @@
-"""Shared fixtures: a started simulator, a local Config builder, a Lambda context, a settler.
+"""Shared fixtures: a started simulator, a local Config builder, a settler.
 
 Reuse these rather than building the same objects by hand:
 
@@ -9,15 +9,13 @@ Reuse these rather than building the same objects by hand:
   layout ``harvest status/dlq/replay --out tmp_path/out`` reads. Also a fixture of the same
   name that returns this builder.
 - ``local_runtime(config)`` builds the Runtime of a config and closes it after the test.
+- A Lambda context for calling handlers: ``pipeline.local.LocalContext(name, timeout)``.
 - ``settle(rt, run_id)`` drives the three drains (concurrently, as EventBridge would) until
   the run has settled and every queue is empty; it returns the final RunStatus.
-- ``FakeContext(timeout)`` is enough of a Lambda context for the handlers and Powertools.
 """
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -40,25 +38,6 @@ TOKEN = SimulatorConfig.token
 SMALL_TREE = SimulatorConfig(
     troops=2, warriors_per_troop=2, data_groups_per_warrior=3, rate_calls=10**6
 )
-
-
-class FakeContext:
-    """A Lambda context whose remaining time counts down from `timeout` seconds."""
-
-    def __init__(self, timeout: float = 30.0, name: str = "test") -> None:
-        self.function_name = f"harvest-{name}"
-        self.function_version = "$LATEST"
-        self.invoked_function_arn = (
-            f"arn:aws:lambda:eu-west-1:000000000000:function:{self.function_name}"
-        )
-        self.memory_limit_in_mb = 256
-        self.aws_request_id = str(uuid.uuid4())
-        self.log_group_name = f"/aws/lambda/{self.function_name}"
-        self.log_stream_name = "test"
-        self._deadline = time.monotonic() + timeout
-
-    def get_remaining_time_in_millis(self) -> int:
-        return max(0, int((self._deadline - time.monotonic()) * 1000))
 
 
 def local_config(tmp_path: Path, url: str, token: str = TOKEN, **overrides: Any) -> Config:

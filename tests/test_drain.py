@@ -19,7 +19,7 @@ import boto3
 import pytest
 import requests
 import responses
-from conftest import TOKEN, WINDOW, FakeContext, local_config
+from conftest import TOKEN, WINDOW, local_config
 from moto import mock_aws
 
 from pipeline.budget import PacedBudget
@@ -34,6 +34,7 @@ from pipeline.drain import (
 )
 from pipeline.envelope import MAX_BODY_BYTES, Envelope
 from pipeline.ledger import SqliteLedger
+from pipeline.local import LocalContext
 from pipeline.queues import (
     Depth,
     LocalQueue,
@@ -626,7 +627,7 @@ def test_drain_handler_drains_the_stage_its_event_names(
         runtime(config).run_kickoff(WINDOW)
 
         # WHEN the handler is invoked for the troops stage
-        result = drain_worker.handler({"stage": "troops"}, FakeContext(timeout=10))
+        result = drain_worker.handler({"stage": "troops"}, LocalContext("drain", 10))
 
         # THEN it drained that stage and reports it
         assert result["stage"] == "troops"
