@@ -4,6 +4,9 @@ Call start times are handed out in order, so no rolling window of W seconds (plu
 small margin for network jitter) holds more than L call starts, however many threads or
 invocations draw from the budget. A 429 pauses the whole budget for its Retry-After; the
 vendor's X-RateLimit headers lower the limit when its real one is below the configured one.
+A caller that must not wait long (a queue message has a visibility timeout) passes
+`max_pause` to `acquire`: a pause longer than that, found on entry or arriving while it
+waits for its slot, raises RateLimitedError carrying the rest of the pause instead.
 
 `PacedBudget` keeps a sliding log of starts in process (local runs: every stage's drains
 share one). `DynamoBudget` keeps a virtual schedule (GCRA: one slot every W/L seconds) in
@@ -20,6 +23,8 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any, Protocol
+
+from pipeline.errors import RateLimitedError
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], None]
@@ -38,18 +43,24 @@ LEARNED_LIMIT_SECONDS = 3600.0
 class Budget(Protocol):
     """What a vendor client asks of a rate budget."""
 
-    def acquire(self, priority: int = 0) -> float:
+    def acquire(self, priority: int = 0, max_pause: float = math.inf) -> float:
         """Block until one vendor call may start now; return the time it is counted at.
 
         While calls of a higher `priority` wait for the budget, lower ones wait behind them.
+        RateLimitedError (its `retry_after` the rest of the pause), without waiting for it,
+        if the budget is paused for more than `max_pause` seconds when called or becomes so
+        while the caller waits for its slot.
         """
+
+    def paused_for(self) -> float:
+        """Seconds left of the current pause as far as this process knows; 0 if none."""
 
     def arrived(self, stamp: float, at: float) -> None:
         """The call counted at `stamp` reached the vendor by `at` at the latest (the budget's
         clock): count it there, so that jitter before the vendor's clock cannot crowd it."""
 
     def pause(self, seconds: float) -> None:
-        """Start no call for `seconds` from now (a 429's Retry-After)."""
+        """Start no call for `seconds` from now (a 429's Retry-After), however long that is."""
 
     def observe(self, limit: int | None, remaining: int | None, reset: float | None) -> None:
         """Adapt to the vendor's X-RateLimit-Limit / -Remaining / -Reset headers."""
@@ -97,22 +108,24 @@ class PacedBudget:
         self._starts: deque[float] = deque()
         self._paused_until = 0.0
 
-    def acquire(self, priority: int = 0) -> float:
+    def acquire(self, priority: int = 0, max_pause: float = math.inf) -> float:
         with self._turn:
             while any(n for p, n in self._waiting.items() if p > priority):
                 self._turn.wait(0.05)
             self._waiting[priority] += 1
         try:
-            return self._acquire()
+            return self._acquire(max_pause)
         finally:
             with self._turn:
                 self._waiting[priority] -= 1
                 self._turn.notify_all()
 
-    def _acquire(self) -> float:
+    def _acquire(self, max_pause: float) -> float:
         while True:
             with self._lock:
                 now = self._clock()
+                if self._paused_until - now > max_pause:
+                    raise _paused_error(self._paused_until - now, max_pause)
                 slot = max(now, self._paused_until)
                 if self._starts:
                     # No bursts: starts at least half the even spacing apart, so a vendor
@@ -137,7 +150,8 @@ class PacedBudget:
                         return late
                     return slot
                 # A pause that arrived while we slept voids this slot: give it back (it was
-                # never used, so it must not count against a window) and take a new one.
+                # never used, so it must not count against a window) and take a new one (or
+                # raise, if the pause is longer than max_pause).
                 try:
                     self._starts.remove(slot)
                 except ValueError:
@@ -160,12 +174,24 @@ class PacedBudget:
             until = self._clock() + max(0.0, seconds)
             self._paused_until = max(self._paused_until, until)
 
+    def paused_for(self) -> float:
+        # One float read and a clock: no lock needed, and this is asked once per receive.
+        return max(0.0, self._paused_until - self._clock())
+
     def observe(self, limit: int | None, remaining: int | None, reset: float | None) -> None:
         if limit is not None and 0 < limit < self.calls:
             with self._lock:
                 self.calls = limit
         if remaining == 0 and reset is not None and reset > 0:
             self.pause(reset)
+
+
+def _paused_error(remaining: float, max_pause: float) -> RateLimitedError:
+    return RateLimitedError(
+        f"the vendor's rate limit pauses every call for {remaining:.0f} s more,"
+        f" longer than the {max_pause:g} s a call may wait",
+        remaining,
+    )
 
 
 def slots_per_reservation(calls: int, period: float, horizon: float = 0.25) -> int:
@@ -180,6 +206,11 @@ class DynamoBudget:
     quarter second of calls), so the table sees a few writes per second at any rate. A
     slot that its holder does not use is lost, never reused: the vendor can see fewer
     calls than the budget allows, never more.
+
+    A pause is shared through the item's `paused_until`. An invocation learns another's
+    pause when it next reserves (reading the item it reads anyway): from then on
+    `paused_for` reports it and `acquire` raises instead of waiting if it is longer than
+    `max_pause`. The slots it reserved before the pause (a quarter second) are still used.
     """
 
     def __init__(
@@ -205,17 +236,19 @@ class DynamoBudget:
         self._slots: deque[float] = deque()
         self._paused_until = 0.0
 
-    def acquire(self, priority: int = 0) -> float:
+    def acquire(self, priority: int = 0, max_pause: float = math.inf) -> float:
         # Priority is not shared between invocations: each serves one stage.
         while True:
             with self._lock:
                 # A reserved slot whose time has passed is lost: spent late, it would land on
                 # top of the slots other invocations reserved after it.
                 now = self._clock()
+                if self._paused_until - now > max_pause:
+                    raise _paused_error(self._paused_until - now, max_pause)
                 while self._slots and self._slots[0] < now:
                     self._slots.popleft()
                 if not self._slots:
-                    self._reserve()
+                    self._reserve(max_pause)
                 slot = self._slots.popleft()
             delay = slot - self._clock()
             if delay > 0:
@@ -229,7 +262,7 @@ class DynamoBudget:
     def arrived(self, stamp: float, at: float) -> None:
         """Not needed: slots are evenly spaced, never crowded, and the spacing has margin."""
 
-    def _reserve(self) -> None:
+    def _reserve(self, max_pause: float = math.inf) -> None:
         count = slots_per_reservation(self.calls, self.period)
         while True:
             item = self._ddb.get_item(TableName=self.table, Key=self._key, ConsistentRead=True).get(
@@ -242,8 +275,13 @@ class DynamoBudget:
             if float(item.get("interval_expires", {}).get("N", "0")) < now:
                 shared_interval = 0.0
             interval = max(self.interval, shared_interval)
-            paused_until = float(item.get("paused_until", {}).get("N", "0"))
-            start = max(float(old or 0), now, paused_until, self._paused_until)
+            # Another invocation's pause (a 429, or the vendor saying none remain) holds here
+            # too: learn it, and reserve nothing if the caller will not wait that long.
+            shared_pause = float(item.get("paused_until", {}).get("N", "0"))
+            self._paused_until = max(self._paused_until, shared_pause)
+            if self._paused_until - now > max_pause:
+                raise _paused_error(self._paused_until - now, max_pause)
+            start = max(float(old or 0), now, self._paused_until)
             new = start + count * interval
             condition = "tat = :old" if old is not None else "attribute_not_exists(tat)"
             values: dict[str, Any] = {":new": {"N": repr(new)}}
@@ -277,6 +315,10 @@ class DynamoBudget:
             )
         except self._ddb.exceptions.ConditionalCheckFailedException:
             pass  # someone paused longer already
+
+    def paused_for(self) -> float:
+        """This invocation's pauses and the shared ones learned at its last reservation."""
+        return max(0.0, self._paused_until - self._clock())
 
     def observe(self, limit: int | None, remaining: int | None, reset: float | None) -> None:
         if limit is not None and 0 < limit < self.calls:

@@ -32,7 +32,7 @@ def _local_config(out: str) -> Config:
             f"no local harvest state in {root}: run `harvest local --out {root}` first"
         )
     return Config(
-        vendor_url="http://localhost",
+        vendor_url="https://localhost",  # a placeholder: these commands never call the vendor
         backend="local",
         sink=str(root),
         state_dir=str(root / ".harvest"),
@@ -65,6 +65,7 @@ def cmd_local(args: argparse.Namespace) -> int:
         window=_window(args),
         out=Path(args.out),
         vendor_url=args.vendor_url,
+        allow_http=args.allow_http,
         token=token,
         rate_calls=args.rate_calls,
         rate_period=args.rate_period,
@@ -201,6 +202,12 @@ def parser() -> argparse.ArgumentParser:
 
     local = sub.add_parser("local", help="harvest on this machine: embedded queues, local sink")
     local.add_argument("--vendor-url", help="a real vendor base URL (default: built-in simulator)")
+    local.add_argument(
+        "--allow-http",
+        action="store_true",
+        help="allow a plain http:// --vendor-url: the token crosses the network unencrypted"
+        " (the built-in simulator, on loopback, needs no flag)",
+    )
     local.add_argument(
         "--token",
         help="vendor token (visible in `ps`: prefer the HARVEST_VENDOR_TOKEN variable)",

@@ -1,16 +1,54 @@
-"""Run completion: when a run settles, write its manifest beside the output and say so once."""
+"""Run completion: every open run settles, writes its manifest and says so once.
+
+A run settles when every entity it enqueued is done, gone or dead. Two things could keep
+one from ever settling, and both are resolved here:
+
+- An entity whose message is in no stage queue any more (SQS moved it to the DLQ itself
+  after a drain crashed at its last receive, or it expired) stays "queued" in the ledger.
+  When no stage queue has held a message for `quiet_grace` seconds (SQS's counts are
+  approximate and lag), such entities are recorded dead with that reason: the run settles
+  incomplete, the manifest names them, and a replay of the DLQ (or a new kickoff) finishes
+  them (done overwrites dead).
+- Completion was checked only for runs an invocation touched: a run with nothing left to
+  touch (an empty troop listing, the sweep above) never wrote its manifest. Every open run
+  is checked now (`settle_runs`), and every run an invocation touched. A run that settled
+  incomplete is left alone once its manifest is written, until a replay touches it again:
+  a full status read of a large run at every invocation for two weeks would cost more
+  than the harvest.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from aws_lambda_powertools import Logger
 
-from pipeline.ledger import Ledger, RunStatus
+from pipeline.ledger import DEAD, Ledger, RunStatus
+from pipeline.queues import Queue
 from pipeline.sinks import Sink, data_key, write_manifest
+from pipeline.stages import STAGE_NAMES
 
 logger = Logger(service="harvest", child=True)
+
+# Runs older than this are left alone: their messages are gone from SQS (14 days' retention).
+OPEN_RUN_DAYS = 14
+LOST = (
+    "its message is in no stage queue: moved to the DLQ by SQS after a drain died at its"
+    " last receive, or expired; replay the DLQ or kick the run off again"
+)
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """What `settle_runs` found: runs still open, and the age of the oldest unsettled one."""
+
+    open_runs: int
+    unsettled: int
+    oldest_unsettled_seconds: float
+    lost: int
 
 
 def manifest(status: RunStatus, ledger: Ledger, sink: Sink) -> dict[str, Any]:
@@ -41,7 +79,11 @@ def manifest(status: RunStatus, ledger: Ledger, sink: Sink) -> dict[str, Any]:
 
 
 def check_completion(ledger: Ledger, sink: Sink, run_id: str) -> RunStatus | None:
-    """Write the manifest if the run has settled; log completion the first time it completes."""
+    """Write the manifest if the run has settled; log completion the first time it completes.
+
+    A run settled with dead entities gets a manifest each time its counts change (a replay
+    finishing some), not at every check.
+    """
     status = ledger.status(run_id)
     if status is None or not status.settled:
         return status
@@ -51,10 +93,79 @@ def check_completion(ledger: Ledger, sink: Sink, run_id: str) -> RunStatus | Non
             where = write_manifest(sink, run_id, manifest(status, ledger, sink))
             if ledger.mark_completed(run_id):
                 logger.info("run complete", extra={"run_id": run_id, "manifest": where})
-    else:
+    elif status.manifest_signature != status.signature:
         where = write_manifest(sink, run_id, manifest(status, ledger, sink))
+        ledger.mark_manifest(run_id, status.signature)
         logger.warning(
             "run settled with dead-lettered entities",
             extra={"run_id": run_id, "dead": status.dead, "manifest": where},
         )
     return status
+
+
+def sweep_lost(
+    ledger: Ledger,
+    queues: Sequence[Queue],
+    status: RunStatus,
+    *,
+    quiet_grace: float,
+    now: float | None = None,
+) -> int:
+    """Record dead the entities of an unsettled run that no stage queue holds a message for.
+
+    Acts only once every stage queue has been empty (nothing visible, delayed or in flight)
+    for `quiet_grace` seconds: while any message is in flight, a drain may still be between
+    recording children and sending them. Returns how many entities it recorded dead.
+    """
+    if not status.kicked_off or status.settled:
+        return 0
+    now = time.time() if now is None else now
+    if any(q.depth().total for q in queues):
+        ledger.mark_quiet(status.run_id, None)
+        return 0
+    since = ledger.mark_quiet(status.run_id, now)
+    if since is None or now - since < quiet_grace:
+        return 0
+    lost = 0
+    for stage in STAGE_NAMES:
+        if status.stages[stage].pending == 0:
+            continue
+        entries = [(key, DEAD, LOST) for key, _ in ledger.pending(status.run_id, stage)]
+        lost += ledger.finish_pending(status.run_id, stage, entries)
+    if lost:
+        logger.warning(
+            "entities with no message left recorded dead",
+            extra={"run_id": status.run_id, "lost": lost},
+        )
+    return lost
+
+
+def settle_runs(
+    ledger: Ledger,
+    sink: Sink,
+    queues: Sequence[Queue],
+    *,
+    quiet_grace: float,
+    touched: Iterable[str] = (),
+    now: float | None = None,
+) -> Settlement:
+    """Check every open run and those `touched`: sweep lost entities, write manifests,
+    measure the oldest one still unsettled (the "run not settled in time" alarm)."""
+    now = time.time() if now is None else now
+    runs = ledger.open_runs(since=now - OPEN_RUN_DAYS * 86400)
+    runs += sorted(set(touched) - set(runs))
+    unsettled, oldest, lost = 0, 0.0, 0
+    for run_id in runs:
+        status = ledger.status(run_id)
+        if status is None:
+            continue
+        if not status.settled:
+            swept = sweep_lost(ledger, queues, status, quiet_grace=quiet_grace, now=now)
+            lost += swept
+            if swept:
+                status = ledger.status(run_id)
+        status = check_completion(ledger, sink, run_id)
+        if status is not None and not status.settled:
+            unsettled += 1
+            oldest = max(oldest, now - status.started_at)
+    return Settlement(len(runs), unsettled, oldest, lost)

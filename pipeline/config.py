@@ -3,7 +3,8 @@
 Environment contract (Terraform sets these on every function):
 
 HARVEST_BACKEND            "aws" (default) or "local"
-HARVEST_VENDOR_URL         vendor base URL
+HARVEST_VENDOR_URL         vendor base URL: https:// (http:// only with HARVEST_ALLOW_HTTP)
+HARVEST_ALLOW_HTTP         "true"/"1"/"yes": allow a plain http:// vendor URL (token in clear)
 HARVEST_VENDOR_TOKEN       the token itself (local runs only; never set in Lambda)
 HARVEST_VENDOR_TOKEN_PARAMETER  SSM SecureString name holding the token (AWS)
 HARVEST_RATE_CALLS         calls allowed per period (default 100)
@@ -21,11 +22,16 @@ HARVEST_READ_TIMEOUT       seconds a vendor response may stall before a retry (d
 HARVEST_RETRY_DELAY        first retry delay of a failed message, doubling (default 5)
 HARVEST_WAIT_SECONDS       long-poll wait of an empty receive (default 5)
 HARVEST_DEEPER_FIRST       "true": deeper stages' calls go first in a shared budget (local only)
+HARVEST_MAX_PAGES          pages one listing may have before it is poison (default 1000)
+HARVEST_MAX_RETRY_AFTER    longest vendor Retry-After waited out inside a call; a longer
+                           one returns the message to its queue for that long (default 60)
+HARVEST_MAX_PAGE_BYTES     largest page body read; a larger one is poison (default 8388608)
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -35,6 +41,7 @@ from pipeline.errors import ConfigError
 from pipeline.stages import STAGE_NAMES
 
 ENV_PREFIX = "HARVEST_"
+TRUE_WORDS = ("true", "1", "yes")
 
 
 @dataclass(frozen=True)
@@ -67,12 +74,31 @@ class Config:
     retry_delay: float = 5.0
     wait_seconds: float = 5.0
     deeper_first: bool = False
+    allow_http: bool = False
+    max_pages: int = 1000
+    max_retry_after: float = 60.0
+    max_page_bytes: int = 8 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if self.backend not in ("aws", "local"):
             raise ConfigError(f"backend must be 'aws' or 'local', not {self.backend!r}")
         if not self.vendor_url.startswith(("http://", "https://")):
             raise ConfigError(f"vendor URL must be http(s)://..., not {self.vendor_url!r}")
+        if self.vendor_url.startswith("http://") and not self.allow_http:
+            raise ConfigError(
+                f"vendor URL {self.vendor_url!r} is plain http: the token and the data would"
+                " cross the network unencrypted. Use https://, or allow plain http with"
+                " HARVEST_ALLOW_HTTP=true (allow_http) or `harvest local --allow-http`"
+            )
+        for name, value in (
+            ("max_pages", self.max_pages),
+            ("max_retry_after", self.max_retry_after),
+            ("max_page_bytes", self.max_page_bytes),
+        ):
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(
+                    f"{name} (HARVEST_{name.upper()}) must be a number > 0, not {value!r}"
+                )
         if self.rate_calls < 1 or self.rate_period <= 0:
             raise ConfigError("rate limit needs calls >= 1 and a period > 0 seconds")
         if self.stage and self.stage not in STAGE_NAMES:
@@ -90,6 +116,14 @@ class Config:
 
         def get(name: str, default: str = "") -> str:
             return env.get(ENV_PREFIX + name, default)
+
+        def whole(name: str, default: int) -> int:
+            try:
+                return int(get(name, str(default)))
+            except ValueError:
+                raise ConfigError(
+                    f"{ENV_PREFIX}{name} must be a whole number, not {get(name)!r}"
+                ) from None
 
         try:
             raw_queues = json.loads(get("QUEUES", "{}"))
@@ -113,7 +147,11 @@ class Config:
                 read_timeout=float(get("READ_TIMEOUT", "10")),
                 retry_delay=float(get("RETRY_DELAY", "5")),
                 wait_seconds=float(get("WAIT_SECONDS", "5")),
-                deeper_first=get("DEEPER_FIRST", "false").lower() in ("1", "true", "yes"),
+                deeper_first=get("DEEPER_FIRST", "false").lower() in TRUE_WORDS,
+                allow_http=get("ALLOW_HTTP", "false").lower() in TRUE_WORDS,
+                max_pages=whole("MAX_PAGES", cls.max_pages),
+                max_retry_after=float(get("MAX_RETRY_AFTER", str(cls.max_retry_after))),
+                max_page_bytes=whole("MAX_PAGE_BYTES", cls.max_page_bytes),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(f"bad HARVEST_* environment: {exc}") from exc
@@ -143,6 +181,10 @@ class Config:
                 "RETRY_DELAY": str(self.retry_delay),
                 "WAIT_SECONDS": str(self.wait_seconds),
                 "DEEPER_FIRST": "true" if self.deeper_first else "",
+                "ALLOW_HTTP": "true" if self.allow_http else "",
+                "MAX_PAGES": str(self.max_pages),
+                "MAX_RETRY_AFTER": str(self.max_retry_after),
+                "MAX_PAGE_BYTES": str(self.max_page_bytes),
             }.items()
             if v
         }

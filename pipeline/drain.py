@@ -7,11 +7,19 @@ finished as a unit: children are recorded and sent in batches of 10, dead messag
 to the DLQ with their reason, then done, gone and dead messages are deleted in one call.
 Retryable failures go back to the queue with a growing visibility delay and are
 dead-lettered by the drain itself at the last allowed receive, with the error as reason.
+
+Every message ends as an outcome, whatever goes wrong while it is handled: an exception
+that escapes the vendor client or the parser becomes a retry or a dead letter of that one
+message, never the loss of its batch. A message whose entity the ledger already holds as
+done or gone (a duplicate, a stale DLQ copy, a second kickoff) is deleted without a vendor
+call. State-store steps (ledger, queues, sink) are retried in place before a failure costs
+the message a receive.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -21,8 +29,9 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from aws_lambda_powertools import Logger
+from tenacity import Retrying, stop_after_attempt, wait_random_exponential
 
-from pipeline.envelope import Envelope
+from pipeline.envelope import Envelope, checked_id
 from pipeline.errors import (
     AuthError,
     GoneError,
@@ -41,8 +50,13 @@ logger = Logger(service="harvest", child=True)
 T = TypeVar("T")
 K = TypeVar("K")
 
-RETRY, STOP, RELEASE = "retry", "stop", "release"
+RETRY, STOP, RELEASE, SKIP = "retry", "stop", "release", "skip"
 MAX_ERROR_CHARS = 1000
+# SQS keeps a message hidden at most 12 hours.
+MAX_VISIBILITY_SECONDS = 43200.0
+# A bad id is stored (in the dead entity's path) cut to this many characters.
+MAX_STORED_ID_CHARS = 1000
+VANISHED = "no longer listed by its parent"
 # Attribute names that a dead-lettered message carries (besides its own).
 ERROR_CLASS, ERROR_MESSAGE = "error_class", "error_message"
 DEAD_STAGE, DEAD_AT, DEAD_RECEIVES = "dead_stage", "dead_at", "dead_receive_count"
@@ -56,6 +70,13 @@ class Outcome:
     children: list[Envelope] = field(default_factory=list)
     error: str = ""
     error_class: str = ""
+    # Listed children whose id no envelope accepts, as (key, path to store, reason):
+    # recorded dead.
+    rejected: list[tuple[str, tuple[str, ...], str]] = field(default_factory=list)
+    # Keys of children an earlier listing of this parent named and this one does not.
+    vanished: list[str] = field(default_factory=list)
+    # The vendor's own wait (a long Retry-After): the message stays hidden this long.
+    retry_after: float | None = None
 
 
 @dataclass
@@ -68,9 +89,12 @@ class DrainReport:
     gone: int = 0
     dead: int = 0
     retried: int = 0
+    skipped: int = 0
     children: int = 0
-    stopped: str = ""  # deadline | idle | auth
+    stopped: str = ""  # deadline | idle | auth | paused
     auth_error: str = ""
+    # Age of the oldest run not settled yet, seen after the drain (0: none).
+    oldest_unsettled_seconds: float = 0.0
     runs: set[str] = field(default_factory=set)
     # Batches finish on several threads at once.
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -120,6 +144,9 @@ class Drain:
         idle_grace: float = 20.0,
         halt: Halt | None = None,
         deeper_first: bool = False,
+        store_attempts: int = 5,
+        store_backoff: float = 0.2,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if stage.child is not None and child_queue is None:
             raise ValueError(f"stage {stage.name} fans out to {stage.child} but has no child queue")
@@ -135,6 +162,15 @@ class Drain:
         self.halt = halt
         # Deeper stages first: their calls go ahead of upstream ones in a shared budget.
         self.priority = stage.depth if deeper_first else 0
+        # Ledger, queue and sink steps: a throttle or a 5xx is retried here, in place
+        # (botocore has retried it a few times already), before it costs a receive.
+        self._store = Retrying(
+            stop=stop_after_attempt(store_attempts),
+            wait=wait_random_exponential(multiplier=store_backoff, max=10.0),
+            reraise=True,
+            before_sleep=_log_store_retry,
+            sleep=sleep,
+        )
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -166,6 +202,13 @@ class Drain:
                 if remaining() <= safety_margin:
                     report.stopped = "deadline"
                     break
+                paused = self.client.paused_for()
+                if paused > self.client.max_retry_after or paused >= remaining() - safety_margin:
+                    # The vendor asked for a longer wait than a message sits out inside a
+                    # call, or one past this invocation: every message taken now would only
+                    # be charged a receive. The next scheduled invocation looks again.
+                    report.stopped = "paused"
+                    break
                 # A 401 or the deadline may have come while waiting for room: look again
                 # before receiving (the loop's head stops).
                 if (
@@ -186,9 +229,18 @@ class Drain:
                 report.received += len(messages)
                 flow.opened(len(messages))
                 batch = _Batch(messages)
+                finished = self._finished_already(messages)
                 for message in messages:
                     pool.submit(
-                        self._work, batch, message, report, stop, remaining, safety_margin, flow
+                        self._work,
+                        batch,
+                        message,
+                        report,
+                        stop,
+                        remaining,
+                        safety_margin,
+                        flow,
+                        message.id in finished,
                     )
         finally:
             pool.shutdown(wait=True)
@@ -217,15 +269,22 @@ class Drain:
         remaining: Callable[[], float],
         safety_margin: float,
         flow: _Flow,
+        skip: bool = False,
     ) -> None:
-        if stop.is_set():
-            outcome = Outcome(message, None, STOP)
-        elif remaining() <= safety_margin / 2:
-            outcome = Outcome(message, None, RELEASE)
-        else:
-            outcome = self.process(message)
-            if outcome.kind == STOP:
-                stop.stop(outcome.error)
+        try:
+            if stop.is_set():
+                outcome = self._release(message, STOP, "the vendor rejected the token")
+            elif remaining() <= safety_margin / 2:
+                outcome = self._release(message, RELEASE, "the invocation ran out of time")
+            else:
+                outcome = self.process(message, skip=skip)
+                if outcome.kind == STOP:
+                    stop.stop(outcome.error)
+                    if self._last_receive(message):
+                        outcome = self._release(message, STOP, outcome.error)
+        except Exception as exc:  # whatever it is, it is this message's
+            logger.exception("handling a message failed", extra={"stage": self.stage.name})
+            outcome = self._retry_or_dead(message, None, exc)
         flow.processed()
         with batch.lock:
             batch.outcomes.append(outcome)
@@ -233,7 +292,7 @@ class Drain:
         if finished:
             try:
                 self.finish(batch.outcomes, report)
-            except Exception:
+            except Exception:  # the store stayed down through every retry
                 # Nothing was deleted that was not safely recorded: the messages come back.
                 logger.exception("finishing a batch failed; its messages will be redelivered")
             finally:
@@ -241,21 +300,22 @@ class Drain:
 
     # -- one message ----------------------------------------------------------------------
 
-    def process(self, message: Message) -> Outcome:
-        """Process one message and say what becomes of it; never raises."""
+    def process(self, message: Message, *, skip: bool = False) -> Outcome:
+        """Process one message and say what becomes of it; never raises.
+
+        `skip`: the ledger holds the entity as done or gone already; delete it uncalled.
+        """
         try:
             envelope = Envelope.from_json(message.body)
             if envelope.stage != self.stage.name:
                 raise MessageError(f"a {envelope.stage} message on the {self.stage.name} queue")
         except MessageError as exc:
             return _failed(message, None, DEAD, exc)
+        if skip:
+            return Outcome(message, envelope, SKIP)
         try:
             if self.stage.child is not None:
-                children = [
-                    envelope.child(self.stage.child, child_id)
-                    for child_id in self._child_ids(envelope)
-                ]
-                return Outcome(message, envelope, DONE, children)
+                return self._fan_out(message, envelope)
             self._harvest(envelope)
             return Outcome(message, envelope, DONE)
         except GoneError as exc:
@@ -265,43 +325,106 @@ class Drain:
         except AuthError as exc:
             return _failed(message, envelope, STOP, exc)
         except RetryableError as exc:
-            return self._retry_or_dead(message, envelope, exc)
+            outcome = self._retry_or_dead(message, envelope, exc)
+            outcome.retry_after = exc.retry_after
+            return outcome
         except Exception as exc:  # a bug or an unforeseen response: retry, then dead-letter
             logger.exception(
                 "unexpected error processing a message", extra={"stage": self.stage.name}
             )
             return self._retry_or_dead(message, envelope, exc)
 
-    def _retry_or_dead(self, message: Message, envelope: Envelope, exc: Exception) -> Outcome:
+    def _retry_or_dead(
+        self, message: Message, envelope: Envelope | None, exc: BaseException
+    ) -> Outcome:
         kind = DEAD if message.receive_count >= self.max_receive_count else RETRY
         return _failed(message, envelope, kind, exc)
 
-    def _child_ids(self, envelope: Envelope) -> list[str]:
-        ids: list[str] = []
+    def _last_receive(self, message: Message) -> bool:
+        """SQS moves the message to the DLQ itself at its next receive, unseen by the ledger."""
+        return message.receive_count > self.max_receive_count
+
+    def _release(self, message: Message, kind: str, why: str) -> Outcome:
+        """Give an unprocessed message back; at its last receive, dead-letter it instead."""
+        if not self._last_receive(message):
+            return Outcome(message, None, kind)
+        try:
+            envelope: Envelope | None = Envelope.from_json(message.body)
+        except MessageError:
+            envelope = None
+        error = f"released unprocessed at its last receive ({message.receive_count}): {why}"
+        return Outcome(message, envelope, DEAD, error=error, error_class="Released")
+
+    def _finished_already(self, messages: Sequence[Message]) -> set[str]:
+        """Ids of the messages whose entity the ledger holds as done or gone (one read)."""
+        by_run: dict[str, dict[str, str]] = {}
+        for m in messages:
+            try:
+                e = Envelope.from_json(m.body)
+            except MessageError:
+                continue  # dead-lettered by process()
+            if e.stage == self.stage.name:
+                by_run.setdefault(e.run_id, {})[e.key] = m.id
+        found: set[str] = set()
+        try:
+            for run_id, keys in by_run.items():
+                done = self.ledger.finished(run_id, self.stage.name, list(keys))
+                found.update(keys[k] for k in done)
+        except Exception:  # only an optimisation: process them all
+            logger.warning("could not read which messages are done already", exc_info=True)
+        return found
+
+    def _fan_out(self, message: Message, envelope: Envelope) -> Outcome:
+        child_stage = self.stage.child
+        assert child_stage is not None
+        children: dict[str, Envelope] = {}
+        rejected: dict[str, tuple[tuple[str, ...], str]] = {}
         for item in self.client.items(self.stage.path, envelope.entity_id, priority=self.priority):
-            child_id = item.get("id") if isinstance(item, dict) else None
+            child_id = item.get("id")
             if not isinstance(child_id, str) or not child_id:
                 raise PoisonError(
-                    f"{self.stage.name} listing returned an item without an id: {item!r}"
+                    f"{self.stage.name} listing returned an item without an id: {ascii(item)[:300]}"
                 )
-            ids.append(child_id)
-        # A listing that repeats an id must not make the entity twice.
-        return list(dict.fromkeys(ids))
+            child = envelope.child(child_stage, child_id)
+            try:
+                checked_id(child_id)
+            except MessageError as exc:
+                rejected[child.key] = (
+                    (*envelope.path, child_id[:MAX_STORED_ID_CHARS]),
+                    f"{self.stage.name} listing returned an invalid {child_stage} id: {exc}",
+                )
+                continue
+            # A listing that repeats an id must not make the entity twice.
+            children.setdefault(child.key, child)
+        vanished: list[str] = []
+        if message.receive_count > 1:
+            # An earlier attempt may have recorded children this listing no longer names.
+            earlier = self._store(
+                self.ledger.children, envelope.run_id, self.stage.name, envelope.key
+            )
+            vanished = sorted(earlier - children.keys() - rejected.keys())
+        return Outcome(
+            message,
+            envelope,
+            DONE,
+            list(children.values()),
+            rejected=[(k, path, why) for k, (path, why) in rejected.items()],
+            vanished=vanished,
+        )
 
     def _harvest(self, envelope: Envelope) -> None:
         window = envelope.window
         points: list[dict[str, Any]] = []
         append = points.append
         params = {"from": window.from_text, "to": window.to_text}
+        start, end = window.start, window.end
         # The client hands over pages whose items are all JSON objects.
         for items in self.client.pages(
             self.stage.path, envelope.entity_id, params, priority=self.priority
         ):
             for item in items:
                 ts, value = item.get("ts"), item.get("value")
-                if type(ts) is not str or not isinstance(value, int | float):
-                    raise PoisonError(f"data point without ts/value: {item!r}")
-                append({"ts": ts, "value": value})
+                append({"ts": _checked_ts(ts, item, start, end), "value": _checked_value(value)})
         troop_id, warrior_id, data_group_id = envelope.path
         record = {
             "run_id": envelope.run_id,
@@ -312,45 +435,79 @@ class Drain:
             "to": window.to_text,
             "points": points,
         }
-        write_records(self.sink, envelope.run_id, envelope.key, [record])
+        self._store(write_records, self.sink, envelope.run_id, envelope.key, [record])
 
     # -- one batch ------------------------------------------------------------------------
 
     def finish(self, outcomes: Sequence[Outcome], report: DrainReport) -> None:
-        """Record, fan out, dead-letter, delete: in the order that never loses a message."""
+        """Record, fan out, dead-letter, delete: in the order that never loses a message.
+
+        Each step is retried in place (`_store`); every step is idempotent, so a retry
+        after a half-done call repeats nothing harmful.
+        """
+        store = self._store
         by_kind = _group(outcomes, lambda o: o.kind)
         done, gone, dead = by_kind.get(DONE, []), by_kind.get(GONE, []), by_kind.get(DEAD, [])
+        skipped = by_kind.get(SKIP, [])
+        child_stage = self.stage.child
 
         children = [c for o in done for c in o.children]
-        if children and self.child_queue is not None:
-            for run_id, kids in _group(children, lambda c: c.run_id).items():
-                self.ledger.enqueued(run_id, kids[0].stage, [(c.key, c.path) for c in kids])
-            self.child_queue.send([Outgoing(c.to_json()) for c in children])
+        if child_stage is not None and self.child_queue is not None:
+            for o in done:
+                if o.envelope is None or not (o.children or o.rejected):
+                    continue
+                entities = [(c.key, c.path) for c in o.children]
+                entities += [(key, path) for key, path, _ in o.rejected]
+                store(
+                    self.ledger.enqueued,
+                    o.envelope.run_id,
+                    child_stage,
+                    entities,
+                    (self.stage.name, o.envelope.key),
+                )
+            if children:
+                store(self.child_queue.send, [Outgoing(c.to_json()) for c in children])
+            for o in done:
+                if o.envelope is not None and o.rejected:
+                    entries = [(key, DEAD, why) for key, _, why in o.rejected]
+                    store(self.ledger.finish_many, o.envelope.run_id, child_stage, entries)
+                    for _, path, why in o.rejected:
+                        logger.warning(
+                            "listed entity rejected", extra={"path": ascii(path), "reason": why}
+                        )
+                if o.envelope is not None and o.vanished:
+                    entries = [(key, GONE, VANISHED) for key in o.vanished]
+                    store(self.ledger.finish_pending, o.envelope.run_id, child_stage, entries)
         if dead:
-            self.dlq.send([self._dead_letter(o) for o in dead])
+            store(self.dlq.send, [self._dead_letter(o) for o in dead])
         finished = [o for o in (*done, *gone, *dead) if o.envelope is not None]
         for run_id, group in _group(finished, _run_of).items():
-            self.ledger.finish_many(
-                run_id, self.stage.name, [(_key_of(o), o.kind, o.error) for o in group]
+            store(
+                self.ledger.finish_many,
+                run_id,
+                self.stage.name,
+                [(_key_of(o), o.kind, o.error) for o in group],
             )
-        self.queue.delete([o.message.receipt for o in (*done, *gone, *dead)])
+        store(self.queue.delete, [o.message.receipt for o in (*done, *gone, *dead, *skipped)])
 
         retry = by_kind.get(RETRY, [])
         for o in retry:
             if o.envelope is not None:
-                self.ledger.record_error(
+                store(
+                    self.ledger.record_error,
                     o.envelope.run_id,
                     self.stage.name,
                     o.envelope.key,
                     f"{o.error_class}: {o.error}",
                 )
         for delay, delayed in _group(retry, self._retry_delay).items():
-            self.queue.change_visibility([o.message.receipt for o in delayed], delay)
+            store(self.queue.change_visibility, [o.message.receipt for o in delayed], delay)
         # Messages not processed (401 or the deadline) become visible again at once; their
-        # receive count grows by one, which is why the drain stops at the first 401.
+        # receive count grows by one, which is why the drain stops at the first 401 (and
+        # dead-letters one at its last receive rather than let SQS move it unrecorded).
         released = [o.message.receipt for o in (*by_kind.get(STOP, []), *by_kind.get(RELEASE, []))]
         if released:
-            self.queue.change_visibility(released, 0)
+            store(self.queue.change_visibility, released, 0)
 
         for o in dead:
             logger.warning(
@@ -363,6 +520,7 @@ class Drain:
             gone=len(gone),
             dead=len(dead),
             retried=len(retry),
+            skipped=len(skipped),
             children=len(children),
         )
         self.stats.add(
@@ -370,11 +528,14 @@ class Drain:
             messages_gone=len(gone),
             messages_dead=len(dead),
             messages_failed=len(retry),
+            messages_skipped=len(skipped),
         )
 
     def _retry_delay(self, o: Outcome) -> float:
-        """Exponential backoff by receive count: base, 2 × base, 4 × base, … at most 15 min."""
-        return min(self.retry_delay * 2.0 ** max(0, o.message.receive_count - 1), 900.0)
+        """Exponential backoff by receive count: base, 2 × base, 4 × base, … at most 15 min;
+        or the vendor's longer Retry-After, up to the 12 hours SQS allows."""
+        backoff = min(self.retry_delay * 2.0 ** max(0, o.message.receive_count - 1), 900.0)
+        return min(max(backoff, o.retry_after or 0.0), MAX_VISIBILITY_SECONDS)
 
     def _dead_letter(self, o: Outcome) -> Outgoing:
         attributes: Mapping[str, str] = {
@@ -445,6 +606,50 @@ class _Flow:
     def idle(self) -> bool:
         with self._cond:
             return self._open == 0
+
+
+def _log_store_retry(state: Any) -> None:
+    outcome = state.outcome
+    logger.warning(
+        "state store call failed, retrying",
+        extra={
+            "attempt": state.attempt_number,
+            "error": repr(outcome.exception()) if outcome is not None else "",
+        },
+    )
+
+
+# RFC 3339 with a UTC offset or Z (vendor-api.md: ts is RFC 3339, UTC).
+_TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:Z|[+-]\d\d:\d\d)")
+
+
+def _checked_ts(ts: object, item: Mapping[str, Any], start: datetime, end: datetime) -> str:
+    """`ts` if it is an RFC 3339 instant in [start, end); PoisonError naming the point if not."""
+    if type(ts) is not str or _TS.fullmatch(ts) is None:
+        raise PoisonError(f"data point whose ts is not an RFC 3339 instant: {_shown(item)}")
+    try:
+        at = datetime.fromisoformat(ts)
+    except ValueError:
+        raise PoisonError(f"data point whose ts is not a real instant: {_shown(item)}") from None
+    if not start <= at < end:
+        raise PoisonError(f"data point outside the window: {_shown(item)}")
+    return ts
+
+
+def _checked_value(value: object) -> int | float:
+    """A finite number (not a boolean); PoisonError if not: strict JSON holds no NaN or Infinity."""
+    if type(value) is float:
+        if math.isfinite(value):
+            return value
+        raise PoisonError(f"data point whose value is not finite: {value!r}")
+    if type(value) is int:
+        return value
+    raise PoisonError(f"data point whose value is not a number: {_shown(value)}")
+
+
+def _shown(value: object) -> str:
+    text = ascii(value)
+    return text if len(text) <= 300 else text[:300] + "..."
 
 
 def _failed(message: Message, envelope: Envelope | None, kind: str, exc: BaseException) -> Outcome:

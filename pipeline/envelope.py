@@ -37,7 +37,9 @@ class Envelope:
     def key(self) -> str:
         """Deterministic key of this entity within its run: same entity, same key."""
         raw = json.dumps([self.stage, *self.path], ensure_ascii=False)
-        return hashlib.sha256(raw.encode()).hexdigest()[:32]
+        # surrogatepass: the same bytes as UTF-8 for every valid id, and a key even for an
+        # id that is not (recorded dead, see `checked_id`).
+        return hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
     def child(self, child_stage: str, child_id: str) -> Envelope:
         return Envelope(self.run_id, child_stage, (*self.path, child_id), self.window)
@@ -64,8 +66,9 @@ class Envelope:
             raise MessageError(f"message body over {MAX_BODY_BYTES} bytes")
         try:
             data: Any = json.loads(body)
-        except ValueError as exc:
-            raise MessageError(f"message body is not JSON: {exc}") from exc
+        except (ValueError, RecursionError) as exc:
+            # RecursionError: nesting deeper than the parser's stack ("[" x 5000).
+            raise MessageError(f"message body is not JSON: {type(exc).__name__}") from exc
         if not isinstance(data, dict):
             raise MessageError("message body is not a JSON object")
         if data.get("v") != VERSION:
@@ -79,8 +82,10 @@ class Envelope:
         if not isinstance(path, list) or len(path) != stage(name).depth:
             raise MessageError(f"path must be a list of {stage(name).depth} ids for {name}")
         for item in path:
-            if not _valid_id(item):
-                raise MessageError(f"invalid id in path: {item!r}")
+            try:
+                checked_id(item)
+            except MessageError as exc:
+                raise MessageError(f"invalid id in path: {exc}") from None
         start, end = data.get("from"), data.get("to")
         if not isinstance(start, str) or not isinstance(end, str):
             raise MessageError("from and to must be RFC 3339 strings")
@@ -94,11 +99,29 @@ class Envelope:
 
 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+# Lone surrogates: valid in JSON ("\ud800"), not in UTF-8, so no store or URL takes them.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _valid_id(value: object) -> bool:
-    return (
-        isinstance(value, str)
-        and 1 <= len(value) <= MAX_ID_CHARS
-        and _CONTROL.search(value) is None
-    )
+def checked_id(value: object) -> str:
+    """`value` if it is a valid entity id (vendor-api.md: 1-128 characters of Unicode, no
+    control characters), else MessageError saying why.
+
+    The one check every id passes where it enters: a listing's items (kickoff and drains)
+    and a message's path, so an id a parent accepts is one its child's envelope accepts.
+    """
+    if not isinstance(value, str):
+        raise MessageError(f"id is not a string: {_shown(value)}")
+    if not 1 <= len(value) <= MAX_ID_CHARS:
+        raise MessageError(f"id of {len(value)} characters (1-{MAX_ID_CHARS}): {_shown(value)}")
+    if _CONTROL.search(value) is not None:
+        raise MessageError(f"id holds a control character: {_shown(value)}")
+    if _SURROGATE.search(value) is not None:
+        raise MessageError(f"id is not valid Unicode (a lone surrogate): {_shown(value)}")
+    return value
+
+
+def _shown(value: object) -> str:
+    """A bad id as an error message quotes it: ASCII, at most 200 characters."""
+    text = ascii(value)
+    return text if len(text) <= 200 else text[:200] + "..."

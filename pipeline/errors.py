@@ -24,15 +24,24 @@ class AuthError(VendorError):
 
 
 class RetryableError(VendorError):
-    """5xx, stall, truncated body, or 429 after retries: the message returns via the queue."""
+    """5xx, stall, truncated body, or 429 after retries: the message returns via the queue.
+
+    `retry_after`, when set, is the vendor's own wait (a long Retry-After): the message stays
+    hidden at least that long instead of the drain's backoff.
+    """
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class RateLimitedError(RetryableError):
-    """429 from the vendor, carrying its Retry-After in seconds."""
+    """429 from the vendor (or a budget paused by one), carrying its Retry-After in seconds."""
+
+    retry_after: float
 
     def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+        super().__init__(message, retry_after)
 
 
 class MessageError(HarvestError):

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from aws_lambda_powertools import Logger
 
-from pipeline.envelope import Envelope
-from pipeline.errors import PoisonError
-from pipeline.ledger import Ledger
+from pipeline.envelope import Envelope, checked_id
+from pipeline.errors import MessageError, PoisonError
+from pipeline.ledger import DEAD, Ledger
 from pipeline.queues import Outgoing, Queue
 from pipeline.stages import FIRST_STAGE, ROOT_PATH
 from pipeline.vendor import VendorClient
@@ -30,13 +30,33 @@ def kickoff(window: Window, *, client: VendorClient, queue: Queue, ledger: Ledge
     run_id = window.run_id
     ledger.start_run(run_id, window.from_text, window.to_text)
     troops: list[Envelope] = []
+    # Troops whose id no envelope accepts: recorded dead with the reason, never sent.
+    rejected: dict[str, tuple[tuple[str, ...], str]] = {}
     for item in client.items(ROOT_PATH):
         troop_id = item.get("id") if isinstance(item, dict) else None
         if not isinstance(troop_id, str) or not troop_id:
-            raise PoisonError(f"troop listing returned an item without an id: {item!r}")
-        troops.append(Envelope(run_id, FIRST_STAGE, (troop_id,), window))
+            raise PoisonError(f"troop listing returned an item without an id: {ascii(item)[:300]}")
+        troop = Envelope(run_id, FIRST_STAGE, (troop_id,), window)
+        try:
+            checked_id(troop_id)
+        except MessageError as exc:
+            rejected[troop.key] = (
+                (troop_id[:1000],),
+                f"troop listing returned an invalid id: {exc}",
+            )
+            continue
+        troops.append(troop)
     troops = list({t.key: t for t in troops}.values())
-    ledger.enqueued(run_id, FIRST_STAGE, [(t.key, t.path) for t in troops])
+    ledger.enqueued(
+        run_id,
+        FIRST_STAGE,
+        [(t.key, t.path) for t in troops] + [(k, path) for k, (path, _) in rejected.items()],
+    )
+    if rejected:
+        ledger.finish_many(
+            run_id, FIRST_STAGE, [(k, DEAD, why) for k, (_, why) in rejected.items()]
+        )
+        logger.warning("troops rejected", extra={"run_id": run_id, "rejected": len(rejected)})
     # A second kickoff of the window (by hand, or a schedule delivered twice) resends only
     # the troops not yet listed: a finished troop's subtree is not harvested again.
     finished = ledger.finished(run_id, FIRST_STAGE, [t.key for t in troops])

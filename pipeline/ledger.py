@@ -28,6 +28,22 @@ FINAL_STATES = (DONE, GONE, DEAD)
 STAT_FIELDS = ("calls", "rate_limited", "retries")
 # (entity key, final state, error) of one entity a drain has finished with.
 Finished = tuple[str, str, str]
+# (entity key, path) of one entity.
+Entity = tuple[str, tuple[str, ...]]
+# The children a parent listed are remembered (to notice one that vanishes from a later
+# listing) up to this many: a DynamoDB item holds 400 KB, a key takes 33 bytes of it.
+MAX_RECORDED_CHILDREN = 8000
+
+
+def path_json(path: Sequence[str]) -> str:
+    """An entity path as stored: JSON, ASCII-escaped (a bad id may hold a lone surrogate,
+    which neither SQLite nor DynamoDB can store as text)."""
+    return json.dumps(list(path), ensure_ascii=True)
+
+
+def storable(text: str) -> str:
+    """`text` with anything UTF-8 cannot encode (lone surrogates) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -59,6 +75,15 @@ class RunStatus:
     completed_at: float | None
     stages: Mapping[str, StageCounts]
     stats: Mapping[str, int] = field(default_factory=dict)
+    # What the last manifest written for this run said (see `signature`), "" if none.
+    manifest_signature: str = ""
+
+    @property
+    def signature(self) -> str:
+        """The counts a manifest reports: a new manifest is due when they change."""
+        return json.dumps(
+            {n: [c.enqueued, c.done, c.gone, c.dead] for n, c in sorted(self.stages.items())}
+        )
 
     @property
     def settled(self) -> bool:
@@ -82,9 +107,25 @@ class Ledger(Protocol):
     def kicked_off(self, run_id: str) -> None: ...
 
     def enqueued(
-        self, run_id: str, stage: str, entities: Sequence[tuple[str, tuple[str, ...]]]
+        self,
+        run_id: str,
+        stage: str,
+        entities: Sequence[Entity],
+        parent: tuple[str, str] | None = None,
     ) -> None:
-        """Record (key, path) entities as queued unless already known."""
+        """Record (key, path) entities as queued unless already known.
+
+        `parent` (its stage and key) remembers them as that parent's children.
+        """
+
+    def children(self, run_id: str, parent_stage: str, parent_key: str) -> set[str]:
+        """Keys of the children recorded for a parent by `enqueued`."""
+
+    def finish_pending(self, run_id: str, stage: str, entries: Sequence[Finished]) -> int:
+        """`finish` only the entities still queued; return how many changed."""
+
+    def pending(self, run_id: str, stage: str) -> list[Entity]:
+        """The entities of a stage still queued."""
 
     def finish(self, run_id: str, stage: str, key: str, state: str, error: str = "") -> None:
         """Move an entity to done, gone or dead. dead never overwrites done or gone."""
@@ -109,8 +150,19 @@ class Ledger(Protocol):
     def mark_completed(self, run_id: str) -> bool:
         """Record completion; True only for the call that recorded it first."""
 
+    def mark_manifest(self, run_id: str, signature: str) -> None:
+        """Remember the signature of the manifest just written."""
+
+    def mark_quiet(self, run_id: str, at: float | None) -> float | None:
+        """Note that no queue held a message at `at` (None: one did); return since when
+        they have been empty without interruption, or None."""
+
     def runs(self) -> list[str]:
         """Known run ids, newest first."""
+
+    def open_runs(self, since: float) -> list[str]:
+        """Runs started after `since` (epoch seconds) that have neither completed nor
+        settled incomplete with their manifest written (a replay touches those again)."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -126,6 +178,10 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE TABLE IF NOT EXISTS entities (
     run_id TEXT, stage TEXT, key TEXT, path TEXT, state TEXT, error TEXT DEFAULT '',
     PRIMARY KEY (run_id, stage, key)
+);
+CREATE TABLE IF NOT EXISTS children (
+    run_id TEXT, parent_stage TEXT, parent_key TEXT, child_key TEXT,
+    PRIMARY KEY (run_id, parent_stage, parent_key, child_key)
 );
 -- Counts per state, kept by triggers in the same transaction as the entity rows, so that
 -- status is a few row reads however large the run.
@@ -158,6 +214,11 @@ class SqliteLedger:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(_SCHEMA)
+        # Columns added since the first release: state directories made before still open.
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(runs)")}
+        for column, kind in (("quiet_since", "REAL"), ("manifest_signature", "TEXT")):
+            if column not in have:
+                self._db.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
 
     def _write(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
         with self._lock:
@@ -177,13 +238,50 @@ class SqliteLedger:
         self._write("UPDATE runs SET kicked_off = 1 WHERE run_id = ?", [(run_id,)])
 
     def enqueued(
-        self, run_id: str, stage: str, entities: Sequence[tuple[str, tuple[str, ...]]]
+        self,
+        run_id: str,
+        stage: str,
+        entities: Sequence[Entity],
+        parent: tuple[str, str] | None = None,
     ) -> None:
-        self._write(
-            "INSERT OR IGNORE INTO entities (run_id, stage, key, path, state)"
-            " VALUES (?, ?, ?, ?, ?)",
-            [(run_id, stage, k, json.dumps(p, ensure_ascii=False), QUEUED) for k, p in entities],
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany(
+                "INSERT OR IGNORE INTO entities (run_id, stage, key, path, state)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(run_id, stage, k, path_json(p), QUEUED) for k, p in entities],
+            )
+            if parent is not None and len(entities) <= MAX_RECORDED_CHILDREN:
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO children VALUES (?, ?, ?, ?)",
+                    [(run_id, parent[0], parent[1], k) for k, _ in entities],
+                )
+            self._db.execute("COMMIT")
+
+    def children(self, run_id: str, parent_stage: str, parent_key: str) -> set[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT child_key FROM children"
+                " WHERE run_id = ? AND parent_stage = ? AND parent_key = ?",
+                (run_id, parent_stage, parent_key),
+            ).fetchall()
+        return {r[0] for r in rows}
+
+    def finish_pending(self, run_id: str, stage: str, entries: Sequence[Finished]) -> int:
+        return self._write(
+            "UPDATE entities SET state = ?, error = ?"
+            " WHERE run_id = ? AND stage = ? AND key = ? AND state = 'queued'",
+            [(state, storable(error), run_id, stage, key) for key, state, error in entries],
         )
+
+    def pending(self, run_id: str, stage: str) -> list[Entity]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key, path FROM entities"
+                " WHERE run_id = ? AND stage = ? AND state = 'queued' ORDER BY key",
+                (run_id, stage),
+            ).fetchall()
+        return [(k, tuple(json.loads(p))) for k, p in rows]
 
     def finish(self, run_id: str, stage: str, key: str, state: str, error: str = "") -> None:
         self.finish_many(run_id, stage, [(key, state, error)])
@@ -193,13 +291,13 @@ class SqliteLedger:
             "UPDATE entities SET state = ?, error = ?"
             " WHERE run_id = ? AND stage = ? AND key = ?"
             " AND (? <> 'dead' OR state NOT IN ('done', 'gone'))",
-            [(state, error, run_id, stage, key, state) for key, state, error in entries],
+            [(state, storable(error), run_id, stage, key, state) for key, state, error in entries],
         )
 
     def record_error(self, run_id: str, stage: str, key: str, error: str) -> None:
         self._write(
             "UPDATE entities SET error = ? WHERE run_id = ? AND stage = ? AND key = ?",
-            [(error, run_id, stage, key)],
+            [(storable(error), run_id, stage, key)],
         )
 
     def finished(self, run_id: str, stage: str, keys: Sequence[str]) -> set[str]:
@@ -228,7 +326,7 @@ class SqliteLedger:
         with self._lock:
             row = self._db.execute(
                 "SELECT window_from, window_to, kicked_off, started_at, completed_at,"
-                " calls, rate_limited, retries FROM runs WHERE run_id = ?",
+                " calls, rate_limited, retries, manifest_signature FROM runs WHERE run_id = ?",
                 (run_id,),
             ).fetchone()
             if row is None:
@@ -245,6 +343,7 @@ class SqliteLedger:
             completed_at=row[4],
             stages=_stage_counts((s, st, n) for s, st, n in counts),
             stats=dict(zip(STAT_FIELDS, row[5:8], strict=True)),
+            manifest_signature=row[8] or "",
         )
 
     def dead(self, run_id: str) -> list[DeadEntity]:
@@ -273,9 +372,37 @@ class SqliteLedger:
             > 0
         )
 
+    def mark_manifest(self, run_id: str, signature: str) -> None:
+        self._write(
+            "UPDATE runs SET manifest_signature = ? WHERE run_id = ?", [(signature, run_id)]
+        )
+
+    def mark_quiet(self, run_id: str, at: float | None) -> float | None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "UPDATE runs SET quiet_since = CASE WHEN ? IS NULL THEN NULL"
+                " ELSE coalesce(quiet_since, ?) END WHERE run_id = ?",
+                (at, at, run_id),
+            )
+            row = self._db.execute(
+                "SELECT quiet_since FROM runs WHERE run_id = ?", (run_id,)
+            ).fetchone()
+            self._db.execute("COMMIT")
+        return None if row is None or row[0] is None else float(row[0])
+
     def runs(self) -> list[str]:
         with self._lock:
             rows = self._db.execute("SELECT run_id FROM runs ORDER BY started_at DESC").fetchall()
+        return [r[0] for r in rows]
+
+    def open_runs(self, since: float) -> list[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT run_id FROM runs WHERE completed_at IS NULL AND started_at >= ?"
+                " AND manifest_signature IS NULL ORDER BY started_at",
+                (since,),
+            ).fetchall()
         return [r[0] for r in rows]
 
 
@@ -346,7 +473,11 @@ class DynamoLedger:
         )
 
     def enqueued(
-        self, run_id: str, stage: str, entities: Sequence[tuple[str, tuple[str, ...]]]
+        self,
+        run_id: str,
+        stage: str,
+        entities: Sequence[Entity],
+        parent: tuple[str, str] | None = None,
     ) -> None:
         for key, path in entities:
             self._ddb.update_item(
@@ -356,9 +487,54 @@ class DynamoLedger:
                 ExpressionAttributeNames={"#s": "state", "#p": "path"},
                 ExpressionAttributeValues={
                     ":q": {"S": QUEUED},
-                    ":p": {"S": json.dumps(path, ensure_ascii=False)},
+                    ":p": {"S": path_json(path)},
                 },
             )
+        if parent is not None and entities and len(entities) <= MAX_RECORDED_CHILDREN:
+            # On the parent's own item: read back only when the parent is redelivered.
+            self._ddb.update_item(
+                TableName=self.table,
+                Key={"pk": {"S": _entity_pk(run_id, parent[0])}, "sk": {"S": parent[1]}},
+                UpdateExpression="ADD children :c",
+                ExpressionAttributeValues={":c": {"SS": sorted({k for k, _ in entities})}},
+            )
+
+    def children(self, run_id: str, parent_stage: str, parent_key: str) -> set[str]:
+        item = self._ddb.get_item(
+            TableName=self.table,
+            Key={"pk": {"S": _entity_pk(run_id, parent_stage)}, "sk": {"S": parent_key}},
+            ProjectionExpression="children",
+            ConsistentRead=True,
+        ).get("Item", {})
+        return set(item.get("children", {}).get("SS", []))
+
+    def finish_pending(self, run_id: str, stage: str, entries: Sequence[Finished]) -> int:
+        changed = 0
+        for key, state, error in entries:
+            try:
+                self._ddb.update_item(
+                    TableName=self.table,
+                    Key={"pk": {"S": _entity_pk(run_id, stage)}, "sk": {"S": key}},
+                    UpdateExpression="SET #s = :s, #e = :e",
+                    ConditionExpression="#s = :q",
+                    ExpressionAttributeNames={"#s": "state", "#e": "error"},
+                    ExpressionAttributeValues={
+                        ":s": {"S": state},
+                        ":e": {"S": storable(error)},
+                        ":q": {"S": QUEUED},
+                    },
+                )
+                changed += 1
+            except self._ddb.exceptions.ConditionalCheckFailedException:
+                pass  # finished meanwhile
+        return changed
+
+    def pending(self, run_id: str, stage: str) -> list[Entity]:
+        return sorted(
+            (e["sk"]["S"], tuple(json.loads(e.get("path", {}).get("S", "[]"))))
+            for e in self._query(_entity_pk(run_id, stage), "sk, #s, #p")
+            if e["state"]["S"] == QUEUED
+        )
 
     def finish(self, run_id: str, stage: str, key: str, state: str, error: str = "") -> None:
         kwargs: dict[str, Any] = {}
@@ -367,7 +543,7 @@ class DynamoLedger:
             kwargs["ExpressionAttributeValues"] = {":d": {"S": DONE}, ":g": {"S": GONE}}
         values = {
             ":s": {"S": state},
-            ":e": {"S": error},
+            ":e": {"S": storable(error)},
             **kwargs.pop("ExpressionAttributeValues", {}),
         }
         try:
@@ -396,7 +572,7 @@ class DynamoLedger:
                 # An item without a state would break status(); unknown entities are skipped.
                 ConditionExpression="attribute_exists(#s)",
                 ExpressionAttributeNames={"#e": "error", "#s": "state"},
-                ExpressionAttributeValues={":e": {"S": error}},
+                ExpressionAttributeValues={":e": {"S": storable(error)}},
             )
         except self._ddb.exceptions.ConditionalCheckFailedException:
             pass
@@ -453,6 +629,7 @@ class DynamoLedger:
             completed_at=float(item["completed_at"]["N"]) if "completed_at" in item else None,
             stages=_stage_counts(rows),
             stats={n: int(item.get(n, {}).get("N", "0")) for n in STAT_FIELDS},
+            manifest_signature=item.get("manifest_signature", {}).get("S", ""),
         )
 
     def _query(self, pk: str, projection: str) -> Iterable[dict[str, Any]]:
@@ -461,9 +638,12 @@ class DynamoLedger:
             KeyConditionExpression="pk = :pk",
             ExpressionAttributeValues={":pk": {"S": pk}},
             ProjectionExpression=projection,
-            ExpressionAttributeNames={"#s": "state", "#p": "path", "#e": "error"}
-            if "#p" in projection
-            else {"#s": "state"},
+            # DynamoDB refuses names the expression does not use.
+            ExpressionAttributeNames={
+                k: v
+                for k, v in {"#s": "state", "#p": "path", "#e": "error"}.items()
+                if k in projection
+            },
             ConsistentRead=True,
         )
         for page in pages:
@@ -486,23 +666,77 @@ class DynamoLedger:
         return str(item.get("error", {}).get("S", ""))
 
     def mark_completed(self, run_id: str) -> bool:
+        now = {":n": {"N": str(time.time())}}
         try:
             self._ddb.update_item(
                 TableName=self.table,
                 Key={"pk": {"S": _run_pk(run_id)}, "sk": {"S": "meta"}},
                 UpdateExpression="SET completed_at = :n",
                 ConditionExpression="attribute_not_exists(completed_at)",
-                ExpressionAttributeValues={":n": {"N": str(time.time())}},
+                ExpressionAttributeValues=now,
             )
-            return True
+            first = True
         except self._ddb.exceptions.ConditionalCheckFailedException:
-            return False
+            first = False
+        # The run list's item too, so that open_runs() can skip the run (also repairs a
+        # list item that an interrupted first call left without it).
+        self._ddb.update_item(
+            TableName=self.table,
+            Key={"pk": {"S": self.RUNS_PK}, "sk": {"S": run_id}},
+            UpdateExpression="SET completed_at = if_not_exists(completed_at, :n)",
+            ExpressionAttributeValues=now,
+        )
+        return first
 
-    def runs(self) -> list[str]:
-        items = self._ddb.query(
+    def mark_manifest(self, run_id: str, signature: str) -> None:
+        for key in (
+            {"pk": {"S": _run_pk(run_id)}, "sk": {"S": "meta"}},
+            # The run list's item too: open_runs() skips the run from then on.
+            {"pk": {"S": self.RUNS_PK}, "sk": {"S": run_id}},
+        ):
+            self._ddb.update_item(
+                TableName=self.table,
+                Key=key,
+                UpdateExpression="SET manifest_signature = :s",
+                ExpressionAttributeValues={":s": {"S": signature}},
+            )
+
+    def mark_quiet(self, run_id: str, at: float | None) -> float | None:
+        key = {"pk": {"S": _run_pk(run_id)}, "sk": {"S": "meta"}}
+        if at is None:
+            self._ddb.update_item(
+                TableName=self.table, Key=key, UpdateExpression="REMOVE quiet_since"
+            )
+            return None
+        item = self._ddb.update_item(
+            TableName=self.table,
+            Key=key,
+            UpdateExpression="SET quiet_since = if_not_exists(quiet_since, :n)",
+            ExpressionAttributeValues={":n": {"N": repr(at)}},
+            ReturnValues="ALL_NEW",
+        ).get("Attributes", {})
+        return float(item.get("quiet_since", {}).get("N", repr(at)))
+
+    def _run_items(self) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        pages = self._ddb.get_paginator("query").paginate(
             TableName=self.table,
             KeyConditionExpression="pk = :pk",
             ExpressionAttributeValues={":pk": {"S": self.RUNS_PK}},
-        ).get("Items", [])
+        )
+        for page in pages:
+            items.extend(page.get("Items", []))
         items.sort(key=lambda i: float(i.get("started_at", {}).get("N", "0")), reverse=True)
-        return [i["sk"]["S"] for i in items]
+        return items
+
+    def runs(self) -> list[str]:
+        return [i["sk"]["S"] for i in self._run_items()]
+
+    def open_runs(self, since: float) -> list[str]:
+        return [
+            i["sk"]["S"]
+            for i in reversed(self._run_items())
+            if "completed_at" not in i
+            and "manifest_signature" not in i
+            and float(i.get("started_at", {}).get("N", "0")) >= since
+        ]

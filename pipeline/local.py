@@ -45,6 +45,9 @@ class LocalOptions:
     window: Window
     out: Path
     vendor_url: str | None = None
+    # A plain http:// vendor_url is refused unless allowed; the built-in simulator (ours,
+    # on loopback) is allowed without asking.
+    allow_http: bool = False
     token: str | None = field(default=None, repr=False)
     rate_calls: int = 100
     rate_period: float = 1.0
@@ -165,6 +168,7 @@ def run_local(
     out = options.out.resolve()
     config = Config(
         vendor_url=url,
+        allow_http=options.allow_http or simulator is not None,
         token=token or "",
         backend="local",
         rate_calls=options.rate_calls,

@@ -68,8 +68,14 @@ class Queue(Protocol):
     def send(self, messages: Sequence[Outgoing]) -> None:
         """Send all `messages`, in batches of 10; raise QueueError if any is not accepted."""
 
-    def receive(self, max_messages: int = BATCH, wait_seconds: float = 0.0) -> list[Message]:
-        """Up to `max_messages` (<= 10) visible messages, waiting up to `wait_seconds` for one."""
+    def receive(
+        self,
+        max_messages: int = BATCH,
+        wait_seconds: float = 0.0,
+        visibility_timeout: float | None = None,
+    ) -> list[Message]:
+        """Up to `max_messages` (<= 10) visible messages, waiting up to `wait_seconds` for one;
+        hidden for `visibility_timeout` seconds (the queue's default if None)."""
 
     def delete(self, receipts: Sequence[str]) -> None:
         """Delete received messages, in batches of 10."""
@@ -112,7 +118,15 @@ class SqsQueue:
             if pending:
                 raise QueueError(f"{self.name}: {len(pending)} messages not accepted by SQS")
 
-    def receive(self, max_messages: int = BATCH, wait_seconds: float = 0.0) -> list[Message]:
+    def receive(
+        self,
+        max_messages: int = BATCH,
+        wait_seconds: float = 0.0,
+        visibility_timeout: float | None = None,
+    ) -> list[Message]:
+        extra: dict[str, Any] = {}
+        if visibility_timeout is not None:
+            extra["VisibilityTimeout"] = int(visibility_timeout)
         result = self._sqs.receive_message(
             QueueUrl=self.url,
             MaxNumberOfMessages=min(max_messages, BATCH),
@@ -120,6 +134,7 @@ class SqsQueue:
             MessageAttributeNames=["All"],
             # AttributeNames, not its newer twin: the Lambda runtime's boto3 may predate that.
             AttributeNames=["ApproximateReceiveCount"],
+            **extra,
         )
         return [
             Message(
@@ -265,20 +280,27 @@ class LocalQueueStore:
             self._db.execute("COMMIT")
             self._arrived.notify_all()
 
-    def _receive(self, q: LocalQueue, max_messages: int, wait_seconds: float) -> list[Message]:
+    def _receive(
+        self,
+        q: LocalQueue,
+        max_messages: int,
+        wait_seconds: float,
+        visibility_timeout: float | None = None,
+    ) -> list[Message]:
         deadline = time.monotonic() + wait_seconds
         with self._arrived:
             self.requests += 1
             while True:
-                got = self._take(q, min(max_messages, BATCH))
+                got = self._take(q, min(max_messages, BATCH), visibility_timeout)
                 remaining = deadline - time.monotonic()
                 if got or remaining <= 0 or self._hurry:
                     return got
                 # Woken by a send in this process; other processes' sends are seen on timeout.
                 self._arrived.wait(min(remaining, 1.0))
 
-    def _take(self, q: LocalQueue, limit: int) -> list[Message]:
+    def _take(self, q: LocalQueue, limit: int, visibility_timeout: float | None) -> list[Message]:
         now = self._clock()
+        hidden = q.visibility_timeout if visibility_timeout is None else visibility_timeout
         got: list[Message] = []
         self._db.execute("BEGIN IMMEDIATE")
         try:
@@ -303,7 +325,7 @@ class LocalQueueStore:
                     self._db.execute(
                         "UPDATE messages SET visible_at = ?, receive_count = ?, receipt = ?"
                         " WHERE seq = ?",
-                        (now + q.visibility_timeout, count + 1, receipt, seq),
+                        (now + hidden, count + 1, receipt, seq),
                     )
                     got.append(Message(mid, receipt, body, json.loads(attrs), count + 1))
             self._db.execute("COMMIT")
@@ -364,8 +386,13 @@ class LocalQueue:
         if messages:
             self.store._send(self.name, messages)
 
-    def receive(self, max_messages: int = BATCH, wait_seconds: float = 0.0) -> list[Message]:
-        return self.store._receive(self, max_messages, wait_seconds)
+    def receive(
+        self,
+        max_messages: int = BATCH,
+        wait_seconds: float = 0.0,
+        visibility_timeout: float | None = None,
+    ) -> list[Message]:
+        return self.store._receive(self, max_messages, wait_seconds, visibility_timeout)
 
     def delete(self, receipts: Sequence[str]) -> None:
         if receipts:

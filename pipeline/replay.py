@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pipeline.drain import DEAD_RECEIVES, ERROR_CLASS, ERROR_MESSAGE
 from pipeline.queues import BATCH, Message, Outgoing, Queue
 
-# A listing holds received DLQ messages invisible this long, then releases them.
-INSPECT_VISIBILITY = 60.0
+# A listing holds the DLQ messages it received invisible this long (and releases them when
+# done): long enough that none comes round again while the listing goes on.
+INSPECT_VISIBILITY = 300.0
 # Seconds a DLQ receive waits: SQS's short poll (0) samples some servers only and can come
 # back empty while messages remain; a long poll asks them all.
 REPLAY_WAIT = 1.0
@@ -69,18 +70,28 @@ def _identity(body: str) -> tuple[tuple[str, ...], str]:
 def inspect(
     dlq: Queue, *, limit: int = 1000, last_error: Callable[[str], str] | None = None
 ) -> list[DeadLetter]:
-    """Up to `limit` dead letters with their reasons; the messages stay in the DLQ."""
-    found: list[Message] = []
+    """Up to `limit` dead letters with their reasons; the messages stay in the DLQ.
+
+    Each message is counted once: received messages stay hidden while the listing goes on,
+    and one seen again (a listing outlasting INSPECT_VISIBILITY) ends it.
+    """
+    found: dict[str, Message] = {}
     try:
         while len(found) < limit:
-            batch = dlq.receive(min(BATCH, limit - len(found)), wait_seconds=REPLAY_WAIT)
-            if not batch:
+            batch = dlq.receive(
+                min(BATCH, limit - len(found)),
+                wait_seconds=REPLAY_WAIT,
+                visibility_timeout=INSPECT_VISIBILITY,
+            )
+            repeated = any(m.id in found for m in batch)
+            # The latest receipt of each: only it can release the message again.
+            found.update((m.id, m) for m in batch)
+            if not batch or repeated:
                 break
-            found.extend(batch)
     finally:
-        dlq.change_visibility([m.receipt for m in found], 0)
+        dlq.change_visibility([m.receipt for m in found.values()], 0)
     letters = []
-    for m in found:
+    for m in found.values():
         path, run_id = _identity(m.body)
         letters.append(DeadLetter(m.body, reason_of(m, last_error), path, run_id))
     return letters

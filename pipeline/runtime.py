@@ -18,7 +18,7 @@ from typing import Any
 from aws_lambda_powertools import Logger
 
 from pipeline.budget import Budget, DynamoBudget, PacedBudget
-from pipeline.completion import check_completion
+from pipeline.completion import check_completion, settle_runs
 from pipeline.config import Config
 from pipeline.drain import Drain, DrainReport, Halt
 from pipeline.errors import AuthError, ConfigError
@@ -35,6 +35,10 @@ from pipeline.window import Window
 logger = Logger(service="harvest", child=True)
 
 STATE_DB = "state.sqlite"
+# How long every stage queue must look empty before entities still queued in the ledger
+# count as lost (completion.sweep_lost). SQS's approximate counts lag by up to a minute;
+# the embedded queues' are exact, and one process drives a local run (kickoff first).
+QUIET_GRACE = {"aws": 180.0, "local": 0.0}
 
 
 @dataclass
@@ -105,6 +109,8 @@ class Runtime:
             window, client=self.client, queue=self.queues[STAGE_NAMES[0]], ledger=self.ledger
         )
         self._attribute({report.run_id})
+        # A listing with no troops settles at once: nothing else would notice.
+        check_completion(self.ledger, self.sink, report.run_id)
         return report
 
     def run_drain(self, stage_name: str, remaining: Callable[[], float]) -> DrainReport:
@@ -123,8 +129,14 @@ class Runtime:
             self.auth_failed.clear()
         report = self.drain(stage_name).run(remaining, self.config.safety_margin)
         self._attribute(report.runs)
-        for run_id in sorted(report.runs):
-            check_completion(self.ledger, self.sink, run_id)
+        settlement = settle_runs(
+            self.ledger,
+            self.sink,
+            list(self.queues.values()),
+            quiet_grace=QUIET_GRACE[self.config.backend],
+            touched=report.runs,
+        )
+        report.oldest_unsettled_seconds = settlement.oldest_unsettled_seconds
         return report
 
     def run_replay(
@@ -196,6 +208,9 @@ def _client(config: Config, token: str, budget: Budget, stats: CallStats) -> Ven
         connect_timeout=config.connect_timeout,
         read_timeout=config.read_timeout,
         pool_size=max(32, config.concurrency * 4),
+        max_pages=config.max_pages,
+        max_retry_after=config.max_retry_after,
+        max_page_bytes=config.max_page_bytes,
     )
 
 
@@ -246,8 +261,13 @@ def _build_aws(config: Config, stats: CallStats) -> Runtime:
     if missing:
         raise ConfigError(f"AWS backend needs {', '.join(missing)}")
     session = boto3.session.Session()
+    # Throttles and 5xx of DynamoDB, SQS and S3 are retried where they happen: adaptive
+    # mode backs off and slows this client's own request rate on throttling; 8 attempts
+    # ride out about half a minute of trouble before a message is charged a receive (the
+    # drain then retries the step a few times more, see Drain._store).
     boto_config = BotoConfig(
-        max_pool_connections=max(10, config.concurrency * 2), retries={"mode": "standard"}
+        max_pool_connections=max(10, config.concurrency * 2),
+        retries={"mode": "adaptive", "max_attempts": 8},
     )
     sqs = session.client("sqs", config=boto_config)
     ddb = session.client("dynamodb", config=boto_config)

@@ -31,7 +31,12 @@ def manifest_key(run_id: str) -> str:
 
 
 def encode_lines(records: Sequence[Mapping[str, Any]]) -> bytes:
-    text = "".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n" for r in records)
+    # allow_nan=False: strict JSON; NaN and Infinity are refused where points are checked,
+    # and would fail here rather than reach a reader.
+    text = "".join(
+        json.dumps(r, ensure_ascii=False, separators=(",", ":"), allow_nan=False) + "\n"
+        for r in records
+    )
     return gzip.compress(text.encode(), compresslevel=6, mtime=_GZIP_MTIME)
 
 
@@ -63,7 +68,7 @@ def write_records(
 
 
 def write_manifest(sink: Sink, run_id: str, manifest: Mapping[str, Any]) -> str:
-    blob = json.dumps(manifest, indent=2, ensure_ascii=False).encode()
+    blob = json.dumps(manifest, indent=2, ensure_ascii=True, allow_nan=False).encode()
     return sink.put(manifest_key(run_id), blob, "application/json")
 
 

@@ -19,6 +19,7 @@ class CallStats:
     messages_gone: int = 0
     messages_failed: int = 0  # returned to the queue for a retry
     messages_dead: int = 0  # sent to a DLQ by the drain
+    messages_skipped: int = 0  # deleted uncalled: the ledger held the entity as finished
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **amounts: float) -> None:

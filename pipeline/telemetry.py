@@ -17,6 +17,7 @@ METRICS: Mapping[str, tuple[str, MetricUnit]] = {
     "MessagesGone": ("messages_gone", MetricUnit.Count),
     "MessagesFailed": ("messages_failed", MetricUnit.Count),
     "MessagesDead": ("messages_dead", MetricUnit.Count),
+    "MessagesSkipped": ("messages_skipped", MetricUnit.Count),
 }
 
 

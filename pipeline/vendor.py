@@ -6,15 +6,24 @@ onto the exceptions of `pipeline.errors`: 400 and other 4xx are poison, 401 is a
 is gone; 429, 500/502/503/504, stalls, broken connections and 200s whose body is not a
 page are retried here (tenacity, exponential backoff with full jitter) and end as
 `RetryableError` / `RateLimitedError` once the attempts run out.
+
+Nothing the vendor sends keeps a message inside a call for long: a listing ends at
+`max_pages` pages or at a cursor seen twice in it (poison); a Retry-After over
+`max_retry_after` is not waited out here but handed to the queue (`retry_after` on the
+error), and a 429 asking that long pauses the budget for all of it; a body over
+`max_page_bytes` is not read on (poison); a 200 object without `items` or `next_cursor`
+is poison, never taken for the last page.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import lru_cache
 from itertools import repeat
 from types import TracebackType
@@ -51,6 +60,15 @@ PAGE_LIMIT = "100"
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
 # Retry-After of a 429 that lacks a usable one.
 DEFAULT_RATE_LIMIT_WAIT = 1.0
+# The bounds of one message's calls (Config: HARVEST_MAX_PAGES, _MAX_RETRY_AFTER,
+# _MAX_PAGE_BYTES). A thousand pages of 100 is 100,000 items in one listing. A page of 100
+# points is about 5 KB; 8 MiB (some 180,000 points) means a vendor ignoring `limit`, and
+# parsed it takes about ten times that (a 23 MB page took ~220 MB).
+DEFAULT_MAX_PAGES = 1000
+DEFAULT_MAX_RETRY_AFTER = 60.0
+DEFAULT_MAX_PAGE_BYTES = 8 * 1024 * 1024
+# Bodies are read in chunks of this size, so that one over the cap stops being read soon.
+BODY_CHUNK_BYTES = 64 * 1024
 # Transport failures worth another attempt: refused or reset connections, connect and
 # read timeouts (a stalled vendor), bodies cut short (chunked or Content-Length errors).
 TRANSIENT_EXCEPTIONS: tuple[type[Exception], ...] = (
@@ -103,10 +121,16 @@ _TOKEN_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 def _checked_token(token: str) -> str:
     """The token without surrounding whitespace (a stored secret often ends in a newline);
     ConfigError, never quoting it, if it is empty or holds a control character: http.client
-    would refuse the header with the token in its message."""
+    would refuse the header with the token in its message. Non-ASCII too: a bearer token
+    is ASCII, and http.client would fail every call encoding the header (UnicodeEncodeError).
+    """
     token = token.strip()
     if not token or _TOKEN_CONTROL.search(token):
         raise ConfigError("the vendor token is empty or contains control characters")
+    if not token.isascii():
+        raise ConfigError(
+            "the vendor token contains non-ASCII characters (a bearer token is ASCII)"
+        )
     return token
 
 
@@ -203,16 +227,32 @@ class VendorClient:
         backoff_base: float = 0.5,
         backoff_max: float = 20.0,
         pool_size: int = 32,
+        max_pages: int = DEFAULT_MAX_PAGES,
+        max_retry_after: float = DEFAULT_MAX_RETRY_AFTER,
+        max_page_bytes: int = DEFAULT_MAX_PAGE_BYTES,
         session: requests.Session | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
+        for name, bound in (
+            ("max_pages", max_pages),
+            ("max_retry_after", max_retry_after),
+            ("max_page_bytes", max_page_bytes),
+        ):
+            if not bound > 0:
+                raise ValueError(f"{name} must be > 0, got {bound}")
         self.base_url = base_url.rstrip("/")
         self._budget = budget
         self._stats = stats
         self._timeout = (connect_timeout, read_timeout)
         self._max_attempts = max_attempts
+        self._max_pages = max_pages
+        self._max_retry_after = max_retry_after
+        self._max_page_bytes = max_page_bytes
+        # The end (time.monotonic) of the last long pause logged, so each is logged once.
+        self._announced_until = -math.inf
+        self._announce_lock = threading.Lock()
         self._owns_session = session is None
         self._session = session if session is not None else requests.Session()
         # No .netrc or proxy lookups from the environment on every request: the URL, the
@@ -264,6 +304,19 @@ class VendorClient:
         if self._owns_session:
             self._session.close()
 
+    def paused_for(self) -> float:
+        """Seconds the vendor asked every call to wait, still to go (0 if none).
+
+        While this is over `max_retry_after`, every call raises RateLimitedError at once
+        without reaching the vendor: a drain should not receive meanwhile.
+        """
+        return self._budget.paused_for()
+
+    @property
+    def max_retry_after(self) -> float:
+        """The longest wait (a Retry-After, a paused budget) a call sits out itself."""
+        return self._max_retry_after
+
     def items(
         self,
         path_template: str,
@@ -287,14 +340,33 @@ class VendorClient:
         *,
         priority: int = 0,
     ) -> Iterator[list[dict[str, Any]]]:
-        """The items of a paginated listing page by page (as `items`, one list per page)."""
+        """The items of a paginated listing page by page (as `items`, one list per page).
+
+        PoisonError once the listing has more than `max_pages` pages (no call is made for
+        the one over), or when a cursor comes back that this listing has already followed.
+        """
         cursor: str | None = None
+        seen: set[str] = set()
+        pages = 0
         while True:
             page = self.get_page(path_template, entity_id, params, cursor=cursor, priority=priority)
+            pages += 1
             yield page.items
-            if page.next_cursor is None:
-                return
             cursor = page.next_cursor
+            if cursor is None:
+                return
+            if cursor in seen:
+                raise PoisonError(
+                    f"GET {vendor_path(path_template, entity_id)}: the vendor returned cursor"
+                    f" {_shorten(repr(cursor))} twice in one listing (page {pages}):"
+                    " following it would loop"
+                )
+            if pages >= self._max_pages:
+                raise PoisonError(
+                    f"GET {vendor_path(path_template, entity_id)}: the listing has more than"
+                    f" {self._max_pages} pages (max_pages)"
+                )
+            seen.add(cursor)
 
     def get_page(
         self,
@@ -310,7 +382,13 @@ class VendorClient:
         query = {"limit": PAGE_LIMIT, **(params or {})}
         if cursor is not None:
             query["cursor"] = cursor
-        url = f"{self.base_url}{path}?{_encode_query(tuple(query.items()))}"
+        try:
+            url = f"{self.base_url}{path}?{_encode_query(tuple(query.items()))}"
+        except UnicodeEncodeError as exc:
+            # JSON can carry a lone surrogate ("\ud800") in a cursor; no URL can.
+            raise PoisonError(
+                f"GET {path}: a cursor or parameter is not valid Unicode: {_shorten(repr(query))}"
+            ) from exc
         try:
             page: Page = self._retrying(self._attempt, url, path, priority)
         except RetryError as exc:
@@ -321,9 +399,14 @@ class VendorClient:
 
     def _attempt(self, url: str, path: str, priority: int = 0) -> Page:
         try:
-            response, started = self._send(url, priority)
+            response, started, oversize = self._send(url, priority)
         except TRANSIENT_EXCEPTIONS as exc:
             raise _AttemptFailed(_describe_transport_error(exc)) from exc
+        except RateLimitedError as exc:
+            # The budget is paused for longer than this call may wait (by a 429 here, in
+            # another thread or, shared, in another invocation): the message waits instead.
+            self._announce_pause(exc.retry_after)
+            raise RateLimitedError(f"GET {path}: {exc}", exc.retry_after) from None
         elapsed = time.perf_counter() - started
         self._stats.add(calls=1, latency_total=elapsed)
         # The vendor counted the request when it arrived, about when it was sent: its Reset
@@ -336,10 +419,17 @@ class VendorClient:
         )
         status = response.status_code
         if status == 200:
-            page = _parse_page(response)
-            if page is not None:
-                return page
+            if oversize is None:
+                try:
+                    page = _parse_page(response, path)
+                except PoisonError:
+                    self._stats.add(failures=1)
+                    raise
+                if page is not None:
+                    return page
             self._stats.add(failures=1)
+            if oversize is not None:
+                raise PoisonError(f"GET {path}: 200 {oversize}")
             raise _AttemptFailed("200 with a body that is not a page", status)
         self._stats.add(failures=1)
         if status == 429:
@@ -347,11 +437,26 @@ class VendorClient:
             if retry_after is None:
                 retry_after = DEFAULT_RATE_LIMIT_WAIT
             self._stats.add(rate_limited=1)
-            # The wait happens in budget.acquire, for every thread sharing the budget.
+            # The wait happens in budget.acquire, for every thread sharing the budget: all of
+            # it, however long (every call would draw a 429 meanwhile), but a call waits at
+            # most max_retry_after there; a longer wait is the queue's.
             self._budget.pause(retry_after)
+            if retry_after > self._max_retry_after:
+                self._announce_pause(retry_after)
+                raise RateLimitedError(
+                    f"GET {path}: 429 rate limited with Retry-After {retry_after:g} s,"
+                    f" over max_retry_after ({self._max_retry_after:g} s)",
+                    retry_after,
+                )
             raise _AttemptFailed("429 rate limited", status, retry_after)
         if status in RETRY_STATUSES:
             retry_after = _header_seconds(response, "Retry-After") if status == 503 else None
+            if retry_after is not None and retry_after > self._max_retry_after:
+                raise RetryableError(
+                    f"GET {path}: {status} with Retry-After {retry_after:g} s,"
+                    f" over max_retry_after ({self._max_retry_after:g} s)",
+                    retry_after,
+                )
             raise _AttemptFailed(str(status), status, retry_after)
         if status == 400:
             raise PoisonError(f"GET {path}: 400 bad request{_vendor_message(response)}")
@@ -363,9 +468,14 @@ class VendorClient:
             raise PoisonError(f"GET {path}: unexpected {status}{_vendor_message(response)}")
         raise RetryableError(f"GET {path}: unexpected {status}")
 
-    def _send(self, url: str, priority: int = 0) -> tuple[requests.Response, float]:
-        """Prepare, take a budget slot, send: the slot is taken as late as possible, so the
-        vendor sees the request at the time the budget counted it."""
+    def _send(self, url: str, priority: int = 0) -> tuple[requests.Response, float, str | None]:
+        """Prepare, take a budget slot, send, read the body: the slot is taken as late as
+        possible, so the vendor sees the request at the time the budget counted it.
+
+        Returns the response, when it was sent, and why its body was not read whole (it is
+        over max_page_bytes) or None. RateLimitedError, sending nothing, if the budget is
+        paused for more than max_retry_after.
+        """
         # Prepared by hand: Session.prepare_request re-normalises the URL (urllib3's
         # parse_url resolves "." and ".." segments, requote_uri decodes %2E back to ".")
         # and merges cookies, auth, hooks and environment settings this client never uses.
@@ -375,7 +485,7 @@ class VendorClient:
         request.url = url
         # Every header is a str: requests' defaults and the two set in __init__.
         request.headers = CaseInsensitiveDict(cast(Mapping[str, str], self._session.headers))
-        stamp = self._budget.acquire(priority)
+        stamp = self._budget.acquire(priority, self._max_retry_after)
         started = time.perf_counter()
         try:
             # Straight to the adapter, not through Session.send: no redirects, cookies, hooks
@@ -390,7 +500,7 @@ class VendorClient:
             )
             # Read the body now, as Session.send would: the connection goes back to the pool,
             # and a body cut short fails here, as a transport error.
-            response.content  # noqa: B018
+            oversize = _read_body(response, self._max_page_bytes)
         except TRANSIENT_EXCEPTIONS:
             self._stats.add(calls=1, failures=1, latency_total=time.perf_counter() - started)
             raise
@@ -399,7 +509,22 @@ class VendorClient:
         rtt = time.perf_counter() - started
         self._min_rtt = min(self._min_rtt, rtt)
         self._budget.arrived(stamp, stamp + rtt - self._min_rtt)
-        return response, started
+        return response, started, oversize
+
+    def _announce_pause(self, seconds: float) -> None:
+        """Log a long pause once, not once per thread or call that meets it."""
+        until = time.monotonic() + seconds
+        with self._announce_lock:
+            # A pause ending within max_retry_after of one already logged is that one.
+            if until <= self._announced_until + self._max_retry_after:
+                return
+            self._announced_until = until
+        wall = datetime.fromtimestamp(time.time() + seconds, UTC).isoformat(timespec="seconds")
+        logger.warning(
+            f"vendor asked to wait {seconds:.0f} s; pausing every call until {wall}",
+            retry_after=seconds,
+            paused_until=wall,
+        )
 
     # -- retry policy ----------------------------------------------------------------------
 
@@ -445,16 +570,56 @@ def _failure_of(retry_state: RetryCallState) -> _AttemptFailed | None:
     return failure if isinstance(failure, _AttemptFailed) else None
 
 
-def _parse_page(response: requests.Response) -> Page | None:
-    """The page in a 200's body, or None if the body is not one (cut short, not JSON)."""
+def _read_body(response: requests.Response, limit: int) -> str | None:
+    """Read the body into `response.content`, or stop at `limit` bytes and say why.
+
+    A Content-Length over the limit is refused before a byte is read; otherwise the body
+    is read in chunks (decoded, so a compressed body is measured as it will be held) and
+    reading stops once it is over. A body not read whole is dropped (`content` is empty)
+    with its connection.
+    """
+    declared = _header_int(response, "Content-Length")
+    if declared is not None and declared > limit:
+        reason = f"page of {declared:,} bytes (Content-Length) over max_page_bytes ({limit:,})"
+    else:
+        chunks = []
+        size = 0
+        for chunk in response.iter_content(BODY_CHUNK_BYTES):
+            size += len(chunk)
+            if size > limit:
+                break
+            chunks.append(chunk)
+        else:
+            # What `Response.content` caches the body in, so that it and `json()` find it.
+            response._content = b"".join(chunks)
+            return None
+        reason = (
+            f"page of more than {limit:,} bytes over max_page_bytes ({limit:,}):"
+            f" stopped reading after {size:,} bytes"
+        )
+    response.close()
+    response._content = b""
+    return reason
+
+
+def _parse_page(response: requests.Response, path: str) -> Page | None:
+    """The page in a 200's body, or None if the body is not one (cut short, not JSON).
+
+    PoisonError if the body is a JSON object without `items` or `next_cursor`: taking it
+    for the last page would silently cut the listing short.
+    """
     try:
         body = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep ("[" * 5000)
         return None
     if not isinstance(body, dict):
         return None
-    items = body.get("items")
-    cursor = body.get("next_cursor")
+    try:
+        items = body["items"]
+        cursor = body["next_cursor"]
+    except KeyError as missing:
+        keys = _shorten(repr(sorted(map(str, body))))
+        raise PoisonError(f"GET {path}: page without {missing.args[0]} (keys: {keys})") from None
     if not isinstance(items, list) or not all(map(isinstance, items, repeat(dict))):
         return None
     if cursor is not None and not isinstance(cursor, str):
@@ -486,10 +651,20 @@ def _vendor_message(response: requests.Response) -> str:
     """The vendor's `message` from an error body, as a suffix; empty if there is none."""
     try:
         body = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         return ""
     message = body.get("message") if isinstance(body, dict) else None
-    return f": {str(message)[:200]}" if message else ""
+    if not message:
+        return ""
+    # A lone surrogate ("\ud800" in the JSON) would make the error message unencodable
+    # wherever it is written next (logs, SQS attributes, the ledger): escape it.
+    text = str(message)[:200].encode("utf-8", "backslashreplace").decode("utf-8")
+    return f": {text}"
+
+
+def _shorten(text: str, limit: int = 120) -> str:
+    """`text`, cut to `limit` characters with an ellipsis (vendor strings in messages)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _header_int(response: requests.Response, name: str) -> int | None:

@@ -45,6 +45,7 @@ def local_config(tmp_path: Path, url: str, token: str = TOKEN, **overrides: Any)
     out = tmp_path / "out"
     settings: dict[str, Any] = {
         "vendor_url": url,
+        "allow_http": True,  # the simulator serves plain http on loopback
         "token": token,
         "backend": "local",
         "sink": str(out),

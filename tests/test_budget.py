@@ -24,6 +24,7 @@ from moto import mock_aws
 from ratelimit import limits
 
 from pipeline.budget import MARGIN_FRACTION, MARGIN_MIN_SECONDS, DynamoBudget, PacedBudget
+from pipeline.errors import RateLimitedError
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
@@ -132,6 +133,71 @@ def test_paced_budget_keeps_the_longer_pause_when_pauses_overlap() -> None:
     budget.acquire()
 
     assert clock() >= 3.0
+
+
+def test_paced_budget_paused_for_counts_down_the_pause() -> None:
+    clock = FakeClock()
+    budget = PacedBudget(50, 1.0, clock=clock, sleep=clock.sleep)
+    assert budget.paused_for() == 0.0
+
+    budget.pause(90.0)
+    clock.advance(30.0)
+
+    assert budget.paused_for() == pytest.approx(60.0)
+    clock.advance(61.0)
+    assert budget.paused_for() == 0.0
+
+
+def test_paced_budget_raises_instead_of_waiting_out_a_pause_over_max_pause() -> None:
+    # GIVEN a budget paused for an hour by a 429
+    clock = FakeClock()
+    budget = PacedBudget(50, 1.0, clock=clock, sleep=clock.sleep)
+    budget.pause(3_600.0)
+
+    # WHEN a caller that may wait a minute at most asks for a slot
+    with pytest.raises(RateLimitedError) as raised:
+        budget.acquire(max_pause=60.0)
+
+    # THEN it is told how long the pause lasts, at once
+    assert raised.value.retry_after == pytest.approx(3_600.0)
+    assert clock.sleeps == []
+    # AND a caller without a limit still waits it out
+    budget.acquire()
+    assert clock() >= 3_600.0
+
+
+def test_paced_budget_waits_out_a_pause_within_max_pause() -> None:
+    clock = FakeClock()
+    budget = PacedBudget(50, 1.0, clock=clock, sleep=clock.sleep)
+    budget.pause(30.0)
+
+    budget.acquire(max_pause=60.0)
+
+    assert clock() >= 30.0
+
+
+def test_paced_budget_raises_when_a_long_pause_starts_while_a_caller_waits() -> None:
+    # GIVEN callers that will soon have to wait for a slot
+    clock = FakeClock()
+    paused: list[float] = []
+
+    def sleep_while_another_thread_hits_a_long_429(seconds: float) -> None:
+        if not paused:
+            paused.append(clock())
+            budget.pause(3_600.0)
+        clock.sleep(seconds)
+
+    budget = PacedBudget(5, 1.0, clock=clock, sleep=sleep_while_another_thread_hits_a_long_429)
+
+    # WHEN an hour's pause starts while one of them sleeps until its slot
+    with pytest.raises(RateLimitedError) as raised:
+        for _ in range(100):
+            budget.acquire(max_pause=60.0)
+
+    # THEN that caller wakes and gives up instead of sleeping on for the hour
+    assert paused
+    assert clock() < paused[0] + 60.0
+    assert raised.value.retry_after > 3_500.0
 
 
 def test_paced_budget_lowers_the_pace_when_vendor_reports_a_lower_limit() -> None:
@@ -452,6 +518,51 @@ def test_dynamo_budget_pauses_when_vendor_reports_nothing_remaining(
     b.acquire()
 
     assert clock() >= observed_at + 1.5
+
+
+def test_dynamo_budget_paused_for_counts_down_its_own_pause(
+    dynamodb: DynamoDBClient, table: str
+) -> None:
+    clock = FakeClock(1_700_000_000.0)
+    a, _ = two_invocations(dynamodb, table, clock, 20, 1.0)
+    assert a.paused_for() == 0.0
+
+    a.pause(120.0)
+    clock.advance(20.0)
+
+    assert a.paused_for() == pytest.approx(100.0)
+
+
+def test_dynamo_budget_learns_a_long_pause_from_the_shared_item_and_raises_over_max_pause(
+    dynamodb: DynamoDBClient, table: str
+) -> None:
+    # GIVEN invocation a drew a 429 asking for an hour
+    clock = FakeClock(1_700_000_000.0)
+    a, b = two_invocations(dynamodb, table, clock, 20, 1.0)
+    a.pause(3_600.0)
+    clock.advance(10.0)
+
+    # WHEN invocation b, which may wait a minute at most, takes a slot
+    with pytest.raises(RateLimitedError) as raised:
+        b.acquire(max_pause=60.0)
+
+    # THEN it learns the pause from the shared item and gives up at once, and from then
+    # on says how long the pause lasts without another call
+    assert raised.value.retry_after == pytest.approx(3_590.0)
+    assert clock.sleeps == []
+    assert b.paused_for() == pytest.approx(3_590.0)
+
+
+def test_dynamo_budget_waits_out_a_shared_pause_within_max_pause(
+    dynamodb: DynamoDBClient, table: str
+) -> None:
+    clock = FakeClock(1_700_000_000.0)
+    a, b = two_invocations(dynamodb, table, clock, 20, 1.0)
+    a.pause(30.0)
+
+    b.acquire(max_pause=60.0)
+
+    assert clock() >= 1_700_000_030.0
 
 
 # -- why not the `ratelimit` package -------------------------------------------------------

@@ -114,7 +114,7 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[Aws]:
             "HARVEST_QUEUES": json.dumps(urls),
             "HARVEST_STATE_TABLE": TABLE,
             "HARVEST_SINK": f"s3://{BUCKET}/harvest",
-            "HARVEST_VENDOR_URL": "http://unused",
+            "HARVEST_VENDOR_URL": "https://unused.invalid",
         }.items():
             monkeypatch.setenv(name, value)
         yield Aws(sqs, urls, DynamoLedger(ddb, TABLE))

@@ -23,6 +23,7 @@ from conftest import TOKEN, WINDOW, local_config
 from moto import mock_aws
 
 from pipeline.budget import PacedBudget
+from pipeline.config import Config
 from pipeline.drain import (
     DEAD_RECEIVES,
     DEAD_STAGE,
@@ -33,7 +34,7 @@ from pipeline.drain import (
     monotonic_deadline,
 )
 from pipeline.envelope import MAX_BODY_BYTES, Envelope
-from pipeline.ledger import SqliteLedger
+from pipeline.ledger import DEAD, SqliteLedger
 from pipeline.local import LocalContext
 from pipeline.queues import (
     Depth,
@@ -83,6 +84,7 @@ class FakeVendor:
     token: str = TOKEN
     calls: list[str] = field(default_factory=list)
     on_call: Callable[[int], None] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __call__(self, request: requests.PreparedRequest) -> tuple[int, dict[str, str], str]:
@@ -98,6 +100,7 @@ class FakeVendor:
             "X-RateLimit-Limit": "10000",
             "X-RateLimit-Remaining": "9999",
             "X-RateLimit-Reset": "0",
+            **self.headers,
         }
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             return 401, headers, json.dumps({"error": "unauthorized"})
@@ -178,6 +181,7 @@ class Pipeline:
             max_receive_count=MAX_RECEIVES,
             retry_delay=RETRY_DELAY,
             wait_seconds=0.05,
+            store_backoff=0.001,
         )
 
     def run(self, stage_name: str, seconds: float = 10.0, margin: float = 0.0) -> DrainReport:
@@ -297,12 +301,29 @@ def test_children_reach_sqs_in_batches_of_ten_when_a_troop_has_many(
         assert (report.done, report.children) == (1, 23)
 
 
-def test_troop_stays_queued_when_sending_its_children_fails(pipeline: Pipeline) -> None:
+def test_troop_is_done_at_once_when_a_child_send_is_refused_once(pipeline: Pipeline) -> None:
     # GIVEN a warriors queue that refuses the first send
     pipeline.enqueue(troop())
     child_queue = pipeline.queues["warriors"]
+    flaky = Flaky(child_queue.send, 1)
+    child_queue.send = flaky  # type: ignore[method-assign]
+
+    # WHEN the troops stage drains
+    report = pipeline.run("troops")
+
+    # THEN the send was retried in place: done on the first receive, warriors queued once
+    assert (report.done, report.retried) == (1, 0)
+    sent = sorted(Envelope.from_json(m.body).path for m in peek(pipeline.queues["warriors"]))
+    assert sent == [(TROOP, "w1"), (TROOP, "w2")]
+    assert flaky.calls == 2
+
+
+def test_troop_stays_queued_when_sending_its_children_keeps_failing(pipeline: Pipeline) -> None:
+    # GIVEN a warriors queue that refuses every send of the first receive
+    pipeline.enqueue(troop())
+    child_queue = pipeline.queues["warriors"]
     real_send = child_queue.send
-    refusals = [QueueError("warriors: 2 messages not accepted by SQS")]
+    refusals = [QueueError("warriors: 2 messages not accepted by SQS")] * 5
 
     def flaky_send(messages: Sequence[Outgoing]) -> None:
         if refusals:
@@ -607,34 +628,407 @@ def test_drain_releases_received_messages_when_time_runs_out_mid_batch(
 # -- the handler --------------------------------------------------------------------------
 
 
-def test_drain_handler_drains_the_stage_its_event_names(
-    tmp_path: Path,
-    simulator: Callable[..., Any],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # GIVEN a kicked-off run and the HARVEST_* environment Lambda would give
+@pytest.fixture
+def kicked_off_in_lambda_env(
+    tmp_path: Path, simulator: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Any, Config]]:
+    """A kicked-off run, and this process given the HARVEST_* environment Lambda would give."""
     from pipeline.runtime import runtime
-    from workers import drain as drain_worker
 
     sim = simulator()
     config = local_config(tmp_path, sim.url, safety_margin=1.0)
     for name, value in {**config.to_env(), "HARVEST_VENDOR_TOKEN": TOKEN}.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "true")
     monkeypatch.setenv("POWERTOOLS_TRACE_DISABLED", "true")
     reset_cache()
     try:
         runtime(config).run_kickoff(WINDOW)
-
-        # WHEN the handler is invoked for the troops stage
-        result = drain_worker.handler({"stage": "troops"}, LocalContext("drain", 10))
-
-        # THEN it drained that stage and reports it
-        assert result["stage"] == "troops"
-        assert result["done"] == sim.config.troops
-        assert result["runs"] == [RUN]
-        assert runtime(config).queues["warriors"].depth().total == (
-            sim.config.troops * sim.config.warriors_per_troop
-        )
+        yield sim, config
     finally:
         reset_cache()
+
+
+def test_drain_handler_drains_the_stage_its_event_names(
+    kicked_off_in_lambda_env: tuple[Any, Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN a kicked-off run and the HARVEST_* environment Lambda would give
+    from pipeline.runtime import runtime
+    from workers import drain as drain_worker
+
+    sim, config = kicked_off_in_lambda_env
+    monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "true")
+
+    # WHEN the handler is invoked for the troops stage
+    result = drain_worker.handler({"stage": "troops"}, LocalContext("drain", 10))
+
+    # THEN it drained that stage and reports it
+    assert result["stage"] == "troops"
+    assert result["done"] == sim.config.troops
+    assert result["runs"] == [RUN]
+    assert runtime(config).queues["warriors"].depth().total == (
+        sim.config.troops * sim.config.warriors_per_troop
+    )
+
+
+def test_drain_handler_publishes_the_oldest_unsettled_run_age_per_service(
+    kicked_off_in_lambda_env: tuple[Any, Config], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a kicked-off run that the troops drain alone cannot settle
+    from workers import drain as drain_worker
+
+    capsys.readouterr()
+
+    # WHEN the troops drain runs
+    drain_worker.handler({"stage": "troops"}, LocalContext("drain", 10))
+
+    # THEN it emits OldestUnsettledRunAge with the service dimension alone (what the
+    # alarm asks for), beside its per-stage metrics
+    blobs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"_aws"' in line]
+    ages = [b for b in blobs if "OldestUnsettledRunAge" in b]
+    assert len(ages) == 1
+    [directive] = ages[0]["_aws"]["CloudWatchMetrics"]
+    assert directive["Namespace"] == "Harvest"
+    assert directive["Dimensions"] == [["service"]]
+    assert ages[0]["service"] == "harvest"
+    assert ages[0]["OldestUnsettledRunAge"][0] > 0
+
+
+# -- every message ends somewhere (issue: the deployed path never stalls) ----------------
+
+
+BAD_IDS = {
+    "lone surrogate": "w\ud800x",
+    "over 128 characters": "w" * 129,
+    "control character": "w\x07",
+}
+
+
+@pytest.mark.parametrize("bad_id", BAD_IDS.values(), ids=BAD_IDS.keys())
+def test_child_id_no_envelope_accepts_is_recorded_dead_and_its_siblings_go_on(
+    pipeline: Pipeline, vendor: FakeVendor, bad_id: str
+) -> None:
+    # GIVEN a batch of troops, one of which lists a warrior whose id the child envelope
+    # rejects (valid JSON, but no valid entity id)
+    vendor.warriors = {f"t{i}": [f"w{i}"] for i in range(9)}
+    vendor.warriors["t0"] = ["w0", bad_id]
+    pipeline.enqueue(*(troop(f"t{i}") for i in range(9)))
+
+    # WHEN the troops stage drains
+    report = pipeline.run("troops")
+
+    # THEN every troop is done and deleted, the good warriors are queued, and the bad one
+    # is recorded dead with the reason instead of sitting "queued" forever
+    assert (report.done, report.dead, report.retried) == (9, 0, 0)
+    assert pipeline.queues["troops"].depth().total == 0
+    sent = {Envelope.from_json(m.body).entity_id for m in peek(pipeline.queues["warriors"])}
+    assert sent == {f"w{i}" for i in range(9)}
+    assert pipeline.counts("warriors") == (10, 0, 0, 1)
+    [dead] = pipeline.ledger.dead(RUN)
+    assert dead.stage == "warriors"
+    assert dead.path[0] == "t0"
+    assert "invalid warriors id" in dead.error
+    status = pipeline.ledger.status(RUN)
+    assert status is not None and status.stages["troops"].pending == 0
+
+
+def test_body_nested_too_deep_is_dead_lettered_and_the_batch_goes_on(
+    pipeline: Pipeline,
+) -> None:
+    # GIVEN three good troops and a body of 5,000 "[" (under the size limit; the JSON
+    # parser gives up with RecursionError, not ValueError)
+    pipeline.enqueue(troop(), troop("t2"), troop("t3"))
+    pipeline.queues["troops"].send([Outgoing("[" * 5000)])
+
+    # WHEN the troops stage drains
+    report = pipeline.run("troops")
+
+    # THEN the deep one is dead with its reason, the others are done: the batch finished
+    [dead] = peek(pipeline.dlqs["troops"])
+    assert dead.attributes[ERROR_CLASS] == "MessageError"
+    assert "not JSON" in dead.attributes[ERROR_MESSAGE]
+    assert (report.done, report.dead) == (3, 1)
+    assert pipeline.queues["troops"].depth().total == 0
+
+
+def test_an_exception_escaping_processing_costs_only_its_own_message(
+    pipeline: Pipeline, vendor: FakeVendor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN a vendor client that blows up with an error no handler expects, for one troop
+    vendor.warriors = {f"t{i}": [f"w{i}"] for i in range(5)}
+    pipeline.enqueue(*(troop(f"t{i}") for i in range(5)))
+    real_items = pipeline.client.items
+
+    def items(path: str, entity_id: str | None = None, *args: Any, **kwargs: Any) -> Any:
+        if entity_id == "t3":
+            raise RecursionError("maximum recursion depth exceeded")
+        return real_items(path, entity_id, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.client, "items", items)
+
+    # WHEN the troops stage drains
+    report = pipeline.run("troops", seconds=1.0)
+
+    # THEN the other four finished; t3 alone comes back for a retry, with the error recorded
+    assert (report.done, report.retried) == (4, 1)
+    assert pipeline.queues["troops"].depth() == Depth(visible=0, in_flight=1)
+    assert "RecursionError" in pipeline.ledger.last_error(RUN, "troops", troop("t3").key)
+
+
+def receive_times(queue: Queue, times: int) -> None:
+    """What drains that died mid-batch leave behind: a message received `times` times."""
+    for _ in range(times):
+        [m] = queue.receive(1)
+        queue.change_visibility([m.receipt], 0)
+
+
+def test_message_released_at_its_last_receive_is_dead_lettered_not_left_to_sqs(
+    pipeline: Pipeline, vendor: FakeVendor
+) -> None:
+    # GIVEN a troop whose message was received MAX_RECEIVES times by drains that died, so
+    # the next receive is the last before SQS moves it to the DLQ unrecorded
+    pipeline.enqueue(troop())
+    receive_times(pipeline.queues["troops"], MAX_RECEIVES)
+    left = [60.0]
+    queue = pipeline.queues["troops"]
+    real_receive = queue.receive
+
+    def receive_then_run_out(*args: Any, **kwargs: Any) -> list[Message]:
+        got = real_receive(*args, **kwargs)
+        if got:
+            left[0] = 1.0
+        return got
+
+    queue.receive = receive_then_run_out  # type: ignore[method-assign]
+
+    # WHEN a drain receives it and runs out of time before processing it
+    report = pipeline.drain("troops").run(lambda: left[0], 5.0)
+
+    # THEN it is dead-lettered by the drain, with the reason, and the ledger knows
+    assert report.dead == 1
+    [dead] = peek(pipeline.dlqs["troops"])
+    assert dead.attributes[ERROR_CLASS] == "Released"
+    assert "last receive" in dead.attributes[ERROR_MESSAGE]
+    assert pipeline.counts("troops") == (1, 0, 0, 1)
+    assert vendor.calls == []
+
+
+def test_unauthorized_at_the_last_receive_dead_letters_with_the_reason(
+    pipeline: Pipeline, vendor: FakeVendor
+) -> None:
+    # GIVEN a rejected token and a troop at its last receive
+    vendor.token = "another-token"
+    pipeline.enqueue(troop())
+    receive_times(pipeline.queues["troops"], MAX_RECEIVES)
+
+    # WHEN the troops stage drains
+    report = pipeline.run("troops")
+
+    # THEN the drain stops for the 401, and the message is dead with the 401 as reason
+    assert report.stopped == "auth"
+    [dead] = peek(pipeline.dlqs["troops"])
+    assert "401" in dead.attributes[ERROR_MESSAGE]
+    assert pipeline.counts("troops") == (1, 0, 0, 1)
+
+
+def test_child_that_vanished_from_a_relisted_parent_is_recorded_gone(
+    pipeline: Pipeline, vendor: FakeVendor
+) -> None:
+    # GIVEN a troop whose batch-finish failed after its warriors were recorded (every
+    # retry of the send failed), and whose listing then loses w2
+    pipeline.enqueue(troop())
+    child_queue = pipeline.queues["warriors"]
+    real_send = child_queue.send
+
+    def refusing_send(messages: Sequence[Outgoing]) -> None:
+        raise QueueError("warriors: 2 messages not accepted by SQS")
+
+    child_queue.send = refusing_send  # type: ignore[method-assign]
+    pipeline.run("troops", seconds=1.0)
+    assert pipeline.counts("warriors") == (2, 0, 0, 0)
+    child_queue.send = real_send  # type: ignore[method-assign]
+    vendor.warriors[TROOP] = ["w1"]
+
+    # WHEN the troop comes back and is processed again
+    pipeline.clock.advance(VISIBILITY + 1)
+    pipeline.run("troops")
+
+    # THEN w1 is queued, and w2 is recorded gone instead of "queued" forever
+    sent = [Envelope.from_json(m.body).entity_id for m in peek(pipeline.queues["warriors"])]
+    assert sent == ["w1"]
+    assert pipeline.counts("warriors") == (2, 0, 1, 0)
+    assert pipeline.counts("troops") == (1, 1, 0, 0)
+
+
+BAD_POINTS = {
+    "boolean value": ({"ts": "2024-03-01T00:00:00Z", "value": True}, "not a number"),
+    "infinite value": ({"ts": "2024-03-01T00:00:00Z", "value": float("inf")}, "not finite"),
+    "nan value": ({"ts": "2024-03-01T00:00:00Z", "value": float("nan")}, "not finite"),
+    "string value": ({"ts": "2024-03-01T00:00:00Z", "value": "1.5"}, "not a number"),
+    "ts not RFC 3339": ({"ts": "01/03/2024 10:00", "value": 1}, "RFC 3339"),
+    "ts not a real day": ({"ts": "2024-02-30T00:00:00Z", "value": 1}, "real instant"),
+    "ts before the window": ({"ts": "2024-02-29T23:59:59Z", "value": 1}, "outside the window"),
+    "ts at the window end": ({"ts": "2024-03-02T00:00:00Z", "value": 1}, "outside the window"),
+    "ts missing": ({"value": 1}, "RFC 3339"),
+}
+
+
+@pytest.mark.parametrize(("point", "says"), BAD_POINTS.values(), ids=BAD_POINTS.keys())
+def test_malformed_point_dead_letters_its_data_group_with_the_reason(
+    pipeline: Pipeline, vendor: FakeVendor, point: dict[str, Any], says: str
+) -> None:
+    # GIVEN a data group with a good point and a malformed one, and a good data group
+    vendor.points["d1"] = [POINTS[0], point]
+    pipeline.enqueue(group("d1"), group("d2"))
+
+    # WHEN the data_groups stage drains
+    pipeline.run("data_groups")
+
+    # THEN d1 is dead with the reason and wrote nothing; d2 is written as strict JSON
+    [dead] = peek(pipeline.dlqs["data_groups"])
+    assert dead.attributes[ERROR_CLASS] == "PoisonError"
+    assert says in dead.attributes[ERROR_MESSAGE]
+    assert pipeline.counts("data_groups") == (2, 1, 0, 1)
+    [record] = read_run(pipeline.sink, RUN)
+    assert record["data_group_id"] == "d2"
+
+
+def test_points_with_offsets_and_fractions_inside_the_window_are_kept_as_sent(
+    pipeline: Pipeline, vendor: FakeVendor
+) -> None:
+    # GIVEN points whose ts use a fraction and a zero offset, and integral values
+    points = [
+        {"ts": "2024-03-01T00:00:00.250Z", "value": 0},
+        {"ts": "2024-03-01T23:59:59+00:00", "value": -7},
+    ]
+    vendor.points["d1"] = points
+    pipeline.enqueue(group("d1"))
+
+    # WHEN the data_groups stage drains
+    pipeline.run("data_groups")
+
+    # THEN they are written unchanged
+    [record] = read_run(pipeline.sink, RUN)
+    assert record["points"] == points
+
+
+def test_message_of_an_entity_already_done_is_deleted_without_a_vendor_call(
+    pipeline: Pipeline, vendor: FakeVendor
+) -> None:
+    # GIVEN a troop harvested to done, then a duplicate of its message (an SQS duplicate,
+    # a stale DLQ copy, a second kickoff)
+    pipeline.enqueue(troop())
+    pipeline.run("troops")
+    peek(pipeline.queues["warriors"])
+    calls = len(vendor.calls)
+    pipeline.queues["troops"].send([Outgoing(troop().to_json())])
+
+    # WHEN the troops stage drains again
+    report = pipeline.run("troops")
+
+    # THEN the duplicate is deleted uncalled, and its subtree is not queued again
+    assert len(vendor.calls) == calls
+    assert (report.skipped, report.done) == (1, 0)
+    assert pipeline.queues["troops"].depth().total == 0
+    assert pipeline.counts("troops") == (1, 1, 0, 0)
+    assert pipeline.counts("warriors") == (2, 0, 0, 0)
+
+
+def test_dead_entity_is_processed_again_when_replayed(
+    pipeline: Pipeline, vendor: FakeVendor
+) -> None:
+    # GIVEN a data group recorded dead (its message is back from the DLQ)
+    pipeline.enqueue(group("d1"))
+    pipeline.ledger.finish(RUN, "data_groups", group("d1").key, DEAD, "earlier trouble")
+
+    # WHEN the stage drains
+    report = pipeline.run("data_groups")
+
+    # THEN it is harvested: only done and gone are skipped
+    assert (report.done, report.skipped) == (1, 0)
+    assert pipeline.counts("data_groups") == (1, 1, 0, 0)
+
+
+class Flaky:
+    """Wraps a callable; its first `failures` calls raise a throttling-like error."""
+
+    def __init__(self, real: Callable[..., Any], failures: int) -> None:
+        self.real, self.failures, self.calls = real, failures, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise RuntimeError("ProvisionedThroughputExceededException (simulated)")
+        return self.real(*args, **kwargs)
+
+
+def test_state_store_trouble_is_retried_in_place_before_costing_a_receive(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN a ledger and a sink that each fail their first three writes
+    finish = Flaky(pipeline.ledger.finish_many, 3)
+    put = Flaky(pipeline.sink.put, 3)
+    monkeypatch.setattr(pipeline.ledger, "finish_many", finish)
+    monkeypatch.setattr(pipeline.sink, "put", put)
+    pipeline.enqueue(group("d1"), group("d2"))
+
+    # WHEN the data_groups stage drains once
+    report = pipeline.run("data_groups")
+
+    # THEN both were done on their first receive: no retry, nothing dead
+    assert (report.done, report.retried, report.dead) == (2, 0, 0)
+    assert pipeline.counts("data_groups") == (2, 2, 0, 0)
+    assert pipeline.queues["data_groups"].depth().total == 0
+    assert finish.calls > 3 and put.calls > 3
+    assert len(list(read_run(pipeline.sink, RUN))) == 2
+
+
+def test_dead_letter_reason_is_kept_when_it_holds_characters_no_store_takes(
+    pipeline: Pipeline, vendor: FakeVendor
+) -> None:
+    # GIVEN a data group whose points carry a lone surrogate in the ts (valid JSON)
+    vendor.points["d1"] = [{"ts": "2024-03-01T00:00:00Z\ud800", "value": 1}]
+    pipeline.enqueue(group("d1"))
+
+    # WHEN the stage drains
+    pipeline.run("data_groups")
+
+    # THEN it is dead with a reason the ledger could store
+    [entity] = pipeline.ledger.dead(RUN)
+    assert "RFC 3339" in entity.error
+    assert pipeline.ledger.status(RUN) is not None
+
+
+def test_long_retry_after_hides_the_message_that_long_instead_of_sleeping(
+    pipeline: Pipeline, vendor: FakeVendor
+) -> None:
+    # GIVEN a vendor that answers 503 with Retry-After: 86400 for one data group
+    vendor.fail["d1"] = 503
+    vendor.headers["Retry-After"] = "86400"
+    pipeline.enqueue(group("d1"))
+
+    # WHEN the stage drains (the client sleeps nothing: a longer wait than its cap is the
+    # queue's)
+    report = pipeline.run("data_groups", seconds=5.0)
+
+    # THEN the message is back, hidden for the 12 hours SQS allows at most, not dead
+    assert (report.retried, report.dead) == (1, 0)
+    pipeline.clock.advance(RETRY_DELAY * 10)
+    assert pipeline.queues["data_groups"].depth() == Depth(visible=0, in_flight=1)
+    pipeline.clock.advance(12 * 3600)
+    assert pipeline.queues["data_groups"].depth() == Depth(visible=1, in_flight=0)
+
+
+def test_drain_takes_nothing_while_the_vendor_asked_for_a_long_pause(
+    pipeline: Pipeline, vendor: FakeVendor
+) -> None:
+    # GIVEN a budget paused for an hour by a 429 another invocation saw
+    pipeline.enqueue(group("d1"))
+    pipeline.client._budget.pause(3600)
+
+    # WHEN the stage drains
+    report = pipeline.run("data_groups")
+
+    # THEN it stops at once, saying why; the message was not received, no call made
+    assert (report.stopped, report.received) == ("paused", 0)
+    assert vendor.calls == []
+    assert pipeline.queues["data_groups"].depth() == Depth(visible=1, in_flight=0)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.envelope import MAX_BODY_BYTES, MAX_ID_CHARS, Envelope
+from pipeline.envelope import MAX_BODY_BYTES, MAX_ID_CHARS, Envelope, checked_id
 from pipeline.errors import MessageError
 from pipeline.window import Window
 
@@ -166,9 +166,9 @@ def test_keys_are_distinct_over_many_entities() -> None:
         (body(path=["only-troop"]), "path must be a list of 2 ids for warriors"),
         (body(path=["t", "w", "extra"]), "path must be a list of 2 ids for warriors"),
         (body(path="t/w"), "path must be a list of 2 ids for warriors"),
-        (body(path=["t", 42]), "invalid id in path: 42"),
-        (body(path=["t", None]), "invalid id in path: None"),
-        (body(path=["t", ""]), "invalid id in path: ''"),
+        (body(path=["t", 42]), "invalid id in path: id is not a string: 42"),
+        (body(path=["t", None]), "invalid id in path: id is not a string: None"),
+        (body(path=["t", ""]), "invalid id in path: id of 0 characters (1-128): ''"),
         (body(path=["t", "x" * (MAX_ID_CHARS + 1)]), "invalid id in path"),
         (body(to=None), "from and to must be RFC 3339 strings"),
         (body(**{"from": 1704067200}), "from and to must be RFC 3339 strings"),
@@ -188,6 +188,25 @@ def test_from_json_rejects_with_a_reason(raw: str, reason: str) -> None:
 def test_from_json_rejects_ids_when_they_hold_control_characters(control: str) -> None:
     with pytest.raises(MessageError, match="invalid id in path"):
         Envelope.from_json(body(path=["t", f"war{control}rior"]))
+
+
+def test_from_json_rejects_ids_when_they_are_not_valid_unicode() -> None:
+    # A lone surrogate is valid JSON ("\\ud800") but no UTF-8 store or URL takes it.
+    raw = body(path=["t", "war\ud800rior"])
+
+    with pytest.raises(MessageError, match="lone surrogate"):
+        Envelope.from_json(raw)
+
+
+def test_from_json_rejects_body_when_nested_deeper_than_the_parser_goes() -> None:
+    # Under the size limit, but json.loads raises RecursionError, not ValueError.
+    with pytest.raises(MessageError, match="not JSON"):
+        Envelope.from_json("[" * 5000)
+
+
+def test_checked_id_accepts_what_the_vendor_contract_allows() -> None:
+    for good in ("a", "x" * MAX_ID_CHARS, "troop/1?#%+ ..", "wárrior 漢字 🚀"):
+        assert checked_id(good) == good
 
 
 def test_from_json_rejects_body_when_oversize() -> None:

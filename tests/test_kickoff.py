@@ -1,17 +1,23 @@
-"""The kickoff: a second kickoff of the same window does not harvest finished troops again."""
+"""The kickoff: a second kickoff does not harvest finished troops again; bad or empty listings
+still settle the run."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
+import responses
 from conftest import WINDOW, local_config, settle
 
 from pipeline.config import Config
+from pipeline.envelope import Envelope
 from pipeline.runtime import Runtime
 from pipeline.simulator import Simulator, SimulatorConfig
+from pipeline.sinks import manifest_key
 
 TREE = SimulatorConfig(troops=3, warriors_per_troop=2, data_groups_per_warrior=2)
+VENDOR = "http://vendor.test"
 
 
 def test_kickoff_again_sends_nothing_when_every_troop_is_finished(
@@ -40,14 +46,17 @@ def test_kickoff_again_resends_only_the_unfinished_troops(
     simulator: Callable[..., Simulator],
     local_runtime: Callable[[Config], Runtime],
 ) -> None:
-    # GIVEN a kicked-off run whose first troop message was lost before any drain ran
+    # GIVEN a kicked-off run whose first troop message was lost before any drain ran: the
+    # run settles with that troop recorded dead, since no queue holds a message for it
     sim = simulator(TREE)
     rt = local_runtime(local_config(tmp_path, sim.url))
     rt.run_kickoff(WINDOW)
     lost = rt.queues["troops"].receive(1)
     rt.queues["troops"].delete([m.receipt for m in lost])
-    status = settle(rt, WINDOW.run_id, until=lambda s: s.stages["troops"].pending == 1)
-    assert not status.settled
+    status = settle(rt, WINDOW.run_id)
+    assert (status.settled, status.complete, status.stages["troops"].dead) == (True, False, 1)
+    [dead] = rt.ledger.dead(WINDOW.run_id)
+    assert "no stage queue" in dead.error
 
     # WHEN the window is kicked off again
     rt.run_kickoff(WINDOW)
@@ -55,3 +64,52 @@ def test_kickoff_again_resends_only_the_unfinished_troops(
     # THEN only the lost troop is sent, and the run completes
     assert rt.queues["troops"].depth().total == 1
     assert settle(rt, WINDOW.run_id).complete
+
+
+def troop_listing(items: list[dict[str, object]]) -> responses.RequestsMock:
+    """A vendor whose troop listing is `items`, in one page."""
+    mock = responses.RequestsMock(assert_all_requests_are_fired=False)
+    mock.add(
+        responses.GET,
+        f"{VENDOR}/v1/troops",
+        body=json.dumps({"items": items, "next_cursor": None}),
+        content_type="application/json",
+    )
+    return mock
+
+
+def test_kickoff_of_an_empty_listing_completes_the_run_with_a_manifest(
+    tmp_path: Path, local_runtime: Callable[[Config], Runtime]
+) -> None:
+    # GIVEN an account with no troops
+    rt = local_runtime(local_config(tmp_path, VENDOR))
+
+    # WHEN the window is kicked off
+    with troop_listing([]):
+        report = rt.run_kickoff(WINDOW)
+
+    # THEN the run is complete at once: manifest written, completion recorded
+    status = rt.ledger.status(WINDOW.run_id)
+    assert report.troops == 0
+    assert status is not None and status.complete and status.completed_at is not None
+    blob = rt.sink.get(manifest_key(WINDOW.run_id))
+    assert blob is not None and json.loads(blob)["status"] == "complete"
+
+
+def test_kickoff_records_a_troop_with_an_invalid_id_dead_and_sends_the_rest(
+    tmp_path: Path, local_runtime: Callable[[Config], Runtime]
+) -> None:
+    # GIVEN a troop listing holding a lone surrogate id (valid JSON) among good ones
+    rt = local_runtime(local_config(tmp_path, VENDOR))
+    items: list[dict[str, object]] = [{"id": "t1"}, {"id": "t\ud800"}, {"id": "t2"}]
+
+    # WHEN the window is kicked off
+    with troop_listing(items):
+        rt.run_kickoff(WINDOW)
+
+    # THEN the good troops are queued, the bad one is dead with the reason
+    sent = [Envelope.from_json(m.body).entity_id for m in rt.queues["troops"].receive(10)]
+    assert sorted(sent) == ["t1", "t2"]
+    [dead] = rt.ledger.dead(WINDOW.run_id)
+    assert dead.path == ("t\ud800",)
+    assert "lone surrogate" in dead.error

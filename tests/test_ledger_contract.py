@@ -416,3 +416,94 @@ def test_mark_completed_is_true_only_for_the_first_call(ledger: Ledger, clock: F
     assert (first, second) == (True, False)
     assert status is not None
     assert status.completed_at == clock.now - 5
+
+
+# -- what keeps every run settling ---------------------------------------------------------
+
+
+def test_children_are_remembered_under_their_parent(ledger: Ledger) -> None:
+    started(ledger)
+    ledger.enqueued(RUN, "warriors", [("w1", WARRIOR), ("w2", (*TROOP, "w2"))], ("troops", "t"))
+    ledger.enqueued(RUN, "warriors", [("w3", (*TROOP, "w3"))], ("troops", "other"))
+
+    assert ledger.children(RUN, "troops", "t") == {"w1", "w2"}
+    assert ledger.children(RUN, "troops", "nobody") == set()
+
+
+def test_finish_pending_changes_only_queued_entities(ledger: Ledger) -> None:
+    started(ledger)
+    ledger.enqueued(RUN, "troops", [("a", ("a",)), ("b", ("b",)), ("c", ("c",))])
+    ledger.finish(RUN, "troops", "a", DONE)
+    ledger.finish(RUN, "troops", "b", DEAD, "earlier")
+
+    changed = ledger.finish_pending(
+        RUN, "troops", [("a", GONE, "x"), ("b", GONE, "x"), ("c", GONE, "vanished")]
+    )
+
+    assert changed == 1
+    assert counts(ledger, "troops") == StageCounts(enqueued=3, done=1, gone=1, dead=1)
+    assert ledger.pending(RUN, "troops") == []
+
+
+def test_pending_lists_queued_entities_with_their_paths(ledger: Ledger) -> None:
+    started(ledger)
+    ledger.enqueued(RUN, "warriors", [("k1", WARRIOR), ("k2", (*TROOP, "w2"))])
+    ledger.finish(RUN, "warriors", "k2", DONE)
+
+    assert ledger.pending(RUN, "warriors") == [("k1", WARRIOR)]
+
+
+def test_a_path_holding_a_lone_surrogate_is_stored_and_read_back(ledger: Ledger) -> None:
+    # A bad id from the vendor is recorded dead under its own path; no store takes a lone
+    # surrogate as text, so paths are stored ASCII-escaped.
+    started(ledger)
+    path = (*TROOP, "w\ud800")
+    ledger.enqueued(RUN, "warriors", [("k", path)])
+    ledger.finish(RUN, "warriors", "k", DEAD, "invalid id 'w\ud800'")
+
+    [dead] = ledger.dead(RUN)
+    assert dead.path == path
+    assert "invalid id" in dead.error
+
+
+def test_open_runs_are_recent_and_neither_completed_nor_reported(
+    ledger: Ledger, clock: FakeClock
+) -> None:
+    started(ledger, "old")
+    clock.advance(100)
+    started(ledger, "done")
+    ledger.kicked_off("done")
+    ledger.mark_completed("done")
+    started(ledger, "open")
+
+    started(ledger, "reported")
+    ledger.mark_manifest("reported", "signature")
+
+    assert ledger.open_runs(since=0) == ["old", "open"]
+    assert ledger.open_runs(since=clock.now - 50) == ["open"]
+
+
+def test_mark_quiet_keeps_the_first_time_until_reset(ledger: Ledger) -> None:
+    started(ledger)
+
+    first = ledger.mark_quiet(RUN, 10.0)
+    again = ledger.mark_quiet(RUN, 20.0)
+    reset = ledger.mark_quiet(RUN, None)
+    after = ledger.mark_quiet(RUN, 30.0)
+
+    assert (first, again, reset, after) == (10.0, 10.0, None, 30.0)
+
+
+def test_manifest_signature_is_kept_and_follows_the_counts(ledger: Ledger) -> None:
+    started(ledger)
+    ledger.kicked_off(RUN)
+    ledger.enqueued(RUN, "troops", [("a", ("a",))])
+    status = ledger.status(RUN)
+    assert status is not None and status.manifest_signature == ""
+
+    ledger.mark_manifest(RUN, status.signature)
+    ledger.finish(RUN, "troops", "a", DEAD, "x")
+
+    after = ledger.status(RUN)
+    assert after is not None
+    assert after.manifest_signature == status.signature != after.signature

@@ -112,7 +112,7 @@ def test_local_run_resumes_a_run_started_elsewhere_without_a_new_kickoff(
     out = tmp_path / "out"
 
     # WHEN `harvest local` runs on the same directory and vendor
-    result = run_local(options(out, vendor_url=sim.url, token=TOKEN))
+    result = run_local(options(out, vendor_url=sim.url, allow_http=True, token=TOKEN))
 
     # THEN it finishes that run with exactly the calls left to make: neither the troop
     # listing (the kickoff) nor the troops' warrior listings again
@@ -159,7 +159,8 @@ def test_harvest_local_with_a_wrong_token_fails_clearly_and_dead_letters_nothing
 
     # WHEN `harvest local` is pointed at it
     code = cli.main(
-        ["local", "--vendor-url", sim.url, "--token", "not-the-token", "--out", str(out), *FLAGS]
+        ["local", "--vendor-url", sim.url, "--allow-http", "--token", "not-the-token"]
+        + ["--out", str(out), *FLAGS]
     )
 
     # THEN it fails with the token's exit code, saying the vendor refused the token, with
@@ -190,6 +191,7 @@ def test_local_run_with_a_wrong_token_stops_its_drains_and_keeps_the_messages(
         options(
             tmp_path / "out",
             vendor_url=sim.url,
+            allow_http=True,
             token="not-the-token",
             invocation_timeout=4.0,
             safety_margin=1.0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -38,8 +39,11 @@ class FakeBudget:
     def __init__(self) -> None:
         self.events: list[tuple[Any, ...]] = []
 
-    def acquire(self, priority: int = 0) -> float:
+    def acquire(self, priority: int = 0, max_pause: float = math.inf) -> float:
         self.events.append(("acquire",))
+        return 0.0
+
+    def paused_for(self) -> float:
         return 0.0
 
     def arrived(self, stamp: float, at: float) -> None:
@@ -438,7 +442,9 @@ def test_read_timeout_exhausted_names_the_stall(
     [
         '{"items": [{"id": "w1"}, {"id": "w',  # cut short
         "<html>Bad gateway</html>",
-        '{"next_cursor": null}',  # JSON, but not a page
+        "[]",  # JSON, but not an object
+        "null",
+        '"ok"',
         '{"items": {"id": "w1"}, "next_cursor": null}',
         '{"items": [], "next_cursor": 7}',
     ],

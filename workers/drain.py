@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.metrics import MetricUnit, single_metric
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from pipeline.config import Config
@@ -31,6 +32,16 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     if len(report.runs) == 1:
         logger.set_correlation_id(next(iter(report.runs)))
     publish(metrics, before, rt.stats.snapshot())
+    # Not a per-stage figure: published with the service dimension only, which the
+    # "run not settled in time" alarm watches.
+    with single_metric(
+        name="OldestUnsettledRunAge",
+        unit=MetricUnit.Seconds,
+        value=report.oldest_unsettled_seconds,
+        namespace="Harvest",
+        default_dimensions={"service": "harvest"},
+    ):
+        pass
     logger.info("drain finished", extra={"report": report.to_dict()})
     if report.stopped == "auth":
         # Fail the invocation so the errors alarm fires; the messages stay queued.
