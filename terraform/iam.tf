@@ -45,20 +45,42 @@ data "aws_iam_policy_document" "xray" {
   }
 }
 
-# The state table holds the run ledger and the shared rate budget; every function uses both.
+# The state table holds the run ledger and the shared rate budget; the functions that call
+# the vendor (kickoff and drains) use both: GetItem/UpdateItem for the budget and the
+# ledger's items, BatchGetItem to skip what is done, Query for a run's status. Nothing
+# puts, deletes or batch-writes items (every write is a conditional UpdateItem).
 data "aws_iam_policy_document" "state_table" {
   statement {
     sid = "StateTable"
     actions = [
       "dynamodb:GetItem",
-      "dynamodb:PutItem",
+      "dynamodb:BatchGetItem",
       "dynamodb:UpdateItem",
       "dynamodb:Query",
-      "dynamodb:BatchWriteItem",
-      "dynamodb:ConditionCheckItem",
-      "dynamodb:TransactWriteItems",
     ]
     resources = [aws_dynamodb_table.state.arn]
+  }
+}
+
+# Whichever function settles a run writes its manifest, counting the run's data files
+# first; the data_groups drains write the data. Only under the sink prefix.
+data "aws_iam_policy_document" "sink" {
+  statement {
+    sid       = "WriteSink"
+    actions   = ["s3:PutObject"]
+    resources = ["${aws_s3_bucket.output.arn}/${var.output_prefix}/*"]
+  }
+
+  statement {
+    sid       = "ListSink"
+    actions   = ["s3:ListBucket"]
+    resources = [aws_s3_bucket.output.arn]
+
+    condition {
+      test     = "StringLike"
+      variable = "s3:prefix"
+      values   = ["${var.output_prefix}/*"]
+    }
   }
 }
 
@@ -96,6 +118,8 @@ data "aws_iam_policy_document" "kickoff" {
     data.aws_iam_policy_document.xray.json,
     data.aws_iam_policy_document.state_table.json,
     data.aws_iam_policy_document.vendor_token.json,
+    # A window whose listing holds no troops settles at once, in the kickoff.
+    data.aws_iam_policy_document.sink.json,
   ]
 
   statement {
@@ -109,7 +133,6 @@ data "aws_iam_policy_document" "kickoff" {
     actions   = ["sqs:SendMessage"]
     resources = [aws_sqs_queue.stage["troops"].arn]
   }
-
 }
 
 resource "aws_iam_role_policy" "kickoff" {
@@ -129,6 +152,7 @@ data "aws_iam_policy_document" "drain" {
     data.aws_iam_policy_document.xray.json,
     data.aws_iam_policy_document.state_table.json,
     data.aws_iam_policy_document.vendor_token.json,
+    data.aws_iam_policy_document.sink.json,
   ]
 
   statement {
@@ -143,9 +167,17 @@ data "aws_iam_policy_document" "drain" {
       "sqs:ReceiveMessage",
       "sqs:DeleteMessage",
       "sqs:ChangeMessageVisibility",
-      "sqs:GetQueueAttributes",
     ]
     resources = [aws_sqs_queue.stage[each.key].arn]
+  }
+
+  # Whether a stage queue still holds work decides if an empty queue means "done" (the
+  # stages above) and whether a run the ledger shows unsettled has a message left
+  # anywhere (every stage).
+  statement {
+    sid       = "WatchStageQueues"
+    actions   = ["sqs:GetQueueAttributes"]
+    resources = [for name in keys(local.stages) : aws_sqs_queue.stage[name].arn]
   }
 
   statement {
@@ -163,38 +195,6 @@ data "aws_iam_policy_document" "drain" {
       resources = [aws_sqs_queue.stage[statement.value].arn]
     }
   }
-
-  # Whether the stages above still hold work decides if an empty queue means "done".
-  dynamic "statement" {
-    for_each = length(local.upstream[each.key]) == 0 ? [] : [local.upstream[each.key]]
-
-    content {
-      sid       = "WatchUpstreamQueues"
-      actions   = ["sqs:GetQueueAttributes"]
-      resources = [for name in statement.value : aws_sqs_queue.stage[name].arn]
-    }
-  }
-
-  # The last stage writes the data points; whichever drain settles a run writes its
-  # manifest (counting the run's data files first), so every drain may write and list
-  # under the sink prefix, and nowhere else.
-  statement {
-    sid       = "WriteSink"
-    actions   = ["s3:PutObject"]
-    resources = ["${aws_s3_bucket.output.arn}/${var.output_prefix}/*"]
-  }
-
-  statement {
-    sid       = "ListSink"
-    actions   = ["s3:ListBucket"]
-    resources = [aws_s3_bucket.output.arn]
-
-    condition {
-      test     = "StringLike"
-      variable = "s3:prefix"
-      values   = ["${var.output_prefix}/*"]
-    }
-  }
 }
 
 resource "aws_iam_role_policy" "drain" {
@@ -209,10 +209,10 @@ resource "aws_iam_role_policy" "drain" {
 # Replay: DLQs back to their stage queues
 ################################################################################
 
+# No state table, no token: a replay only moves messages.
 data "aws_iam_policy_document" "replay" {
   source_policy_documents = [
     data.aws_iam_policy_document.xray.json,
-    data.aws_iam_policy_document.state_table.json,
   ]
 
   statement {
@@ -221,9 +221,11 @@ data "aws_iam_policy_document" "replay" {
     resources = ["${aws_cloudwatch_log_group.replay.arn}:*"]
   }
 
+  # A dry run receives the dead letters to count them and releases them at once
+  # (ChangeMessageVisibility to 0); a replay deletes each once it is requeued.
   statement {
     sid       = "ConsumeDeadLetterQueues"
-    actions   = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"]
+    actions   = ["sqs:ReceiveMessage", "sqs:ChangeMessageVisibility", "sqs:DeleteMessage"]
     resources = [for name in keys(local.stages) : aws_sqs_queue.dlq[name].arn]
   }
 

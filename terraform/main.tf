@@ -27,14 +27,6 @@ locals {
     data_groups = { child = null, depth = 3 }
   }
 
-  # The stages that feed each stage; a drain watches their depth to know whether more
-  # work can still arrive.
-  upstream = {
-    for name, stage in local.stages : name => [
-      for other, o in local.stages : other if o.depth < stage.depth
-    ]
-  }
-
   # Stage names in pipeline order, for the dashboard.
   stage_order = [
     for depth in range(1, length(local.stages) + 1) :
@@ -93,8 +85,17 @@ locals {
     HARVEST_READ_TIMEOUT         = tostring(var.vendor_read_timeout)
     HARVEST_RETRY_DELAY          = tostring(var.retry_delay)
     HARVEST_WAIT_SECONDS         = tostring(var.receive_wait_seconds)
-    POWERTOOLS_SERVICE_NAME      = "harvest"
-    POWERTOOLS_METRICS_NAMESPACE = "Harvest"
+    HARVEST_ALLOW_HTTP           = tostring(var.allow_insecure_vendor_url)
+    HARVEST_MAX_PAGES            = tostring(var.vendor_max_pages)
+    HARVEST_MAX_RETRY_AFTER      = tostring(var.vendor_max_retry_after)
+    HARVEST_MAX_PAGE_BYTES       = tostring(var.vendor_max_page_bytes)
+    POWERTOOLS_SERVICE_NAME      = local.service_name
+    POWERTOOLS_METRICS_NAMESPACE = local.metrics_namespace
     POWERTOOLS_LOG_LEVEL         = var.log_level
   }
+
+  # Powertools' service name is the `service` dimension of every metric the functions
+  # publish; the alarms and the dashboard select metrics by it.
+  service_name      = "harvest"
+  metrics_namespace = "Harvest"
 }

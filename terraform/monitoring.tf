@@ -140,7 +140,31 @@ resource "aws_cloudwatch_metric_alarm" "kickoff_errors" {
 }
 
 ################################################################################
-# Dashboard: queue depth per stage, vendor calls per minute against the limit
+# Alarm on the whole pipeline: a run that does not settle
+################################################################################
+
+# Queue alarms see one stage at a time; a run can also stall between them (a drain that
+# keeps failing its batches, a token outage that leaves messages queued). Every drain
+# invocation publishes the age of the oldest run that has not settled (0 when none).
+resource "aws_cloudwatch_metric_alarm" "run_not_settled" {
+  alarm_name          = "${var.name_prefix}-run-not-settled"
+  alarm_description   = "A harvest run has not settled ${var.run_settle_alarm_seconds} s after its kickoff: check the queues, the DLQs and the drain errors."
+  namespace           = local.metrics_namespace
+  metric_name         = "OldestUnsettledRunAge"
+  dimensions          = { service = local.service_name }
+  statistic           = "Maximum"
+  period              = 300
+  evaluation_periods  = 1
+  comparison_operator = "GreaterThanThreshold"
+  threshold           = var.run_settle_alarm_seconds
+  # No data means no drain ran: the drains' own alarms and the queue alarms cover that.
+  treat_missing_data = "notBreaching"
+  alarm_actions      = [aws_sns_topic.alarms.arn]
+  ok_actions         = [aws_sns_topic.alarms.arn]
+}
+
+################################################################################
+# Dashboard: queue depth per stage, vendor calls per minute against the limit, run age
 ################################################################################
 
 locals {
@@ -170,6 +194,13 @@ locals {
     }
   ]
 
+  # A drain's metrics carry its stage as a second dimension, the kickoff's only the
+  # service: the vendor calls line sums the four series (hidden, by id).
+  vendor_call_series = merge(
+    { kickoff = [local.metrics_namespace, "VendorCalls", "service", local.service_name] },
+    { for name in local.stage_order : "drain_${name}" => [local.metrics_namespace, "VendorCalls", "service", local.service_name, "stage", name] },
+  )
+
   vendor_calls_widget = {
     type   = "metric"
     x      = (length(local.stage_order) % 2) * 12
@@ -183,12 +214,38 @@ locals {
       stacked = false
       stat    = "Sum"
       period  = 60
-      metrics = [
-        ["Harvest", "VendorCalls", "service", "harvest", { label = "calls/min" }],
-      ]
+      metrics = concat(
+        [[{ expression = "SUM([${join(", ", keys(local.vendor_call_series))}])", label = "calls/min", id = "calls" }]],
+        [for id, metric in local.vendor_call_series : concat(metric, [{ id = id, visible = false }])],
+      )
       annotations = {
         horizontal = [
           { label = "rate limit", value = var.rate_calls * 60 / var.rate_period },
+        ]
+      }
+      yAxis = { left = { min = 0 } }
+    }
+  }
+
+  run_age_widget = {
+    type   = "metric"
+    x      = ((length(local.stage_order) + 1) % 2) * 12
+    y      = floor((length(local.stage_order) + 1) / 2) * 6
+    width  = 12
+    height = 6
+    properties = {
+      title   = "Oldest unsettled run (seconds since kickoff)"
+      region  = local.region
+      view    = "timeSeries"
+      stacked = false
+      stat    = "Maximum"
+      period  = 300
+      metrics = [
+        [local.metrics_namespace, "OldestUnsettledRunAge", "service", local.service_name, { label = "age" }],
+      ]
+      annotations = {
+        horizontal = [
+          { label = "alarm", value = var.run_settle_alarm_seconds },
         ]
       }
       yAxis = { left = { min = 0 } }
@@ -200,5 +257,5 @@ resource "aws_cloudwatch_dashboard" "this" {
   count = var.enable_dashboard ? 1 : 0
 
   dashboard_name = local.dashboard_name
-  dashboard_body = jsonencode({ widgets = concat(local.queue_widgets, [local.vendor_calls_widget]) })
+  dashboard_body = jsonencode({ widgets = concat(local.queue_widgets, [local.vendor_calls_widget, local.run_age_widget]) })
 }

@@ -41,13 +41,26 @@ variable "tags" {
 ################################################################################
 
 variable "vendor_url" {
-  description = "Base URL of the vendor API (paths under it start with /v1)."
+  description = "Base URL of the vendor API (paths under it start with /v1); https:// unless allow_insecure_vendor_url is true."
   type        = string
 
   validation {
     condition     = can(regex("^https?://[^/]+", var.vendor_url)) && !endswith(var.vendor_url, "/")
     error_message = "vendor_url must be http(s)://host[/path] without a trailing slash."
   }
+
+  # The token travels in every request's Authorization header: never in clear text.
+  validation {
+    condition     = startswith(var.vendor_url, "https://") || var.allow_insecure_vendor_url
+    error_message = "vendor_url must start with https:// (allow_insecure_vendor_url = true admits http:// for a local simulator only)."
+  }
+}
+
+variable "allow_insecure_vendor_url" {
+  description = "Admit an http:// vendor_url (HARVEST_ALLOW_HTTP): only for a simulator on a trusted network, since the token would travel in clear text."
+  type        = bool
+  default     = false
+  nullable    = false
 }
 
 variable "vendor_token_parameter_name" {
@@ -81,6 +94,39 @@ variable "vendor_token_kms_key_arn" {
   validation {
     condition     = var.vendor_token_kms_key_arn == null || can(regex("^arn:aws[a-z-]*:kms:", var.vendor_token_kms_key_arn))
     error_message = "vendor_token_kms_key_arn must be a KMS key ARN."
+  }
+}
+
+variable "vendor_max_pages" {
+  description = "Pages one listing may have before its message is poison and dead-lettered (HARVEST_MAX_PAGES), so a cursor that never ends cannot hold a drain forever."
+  type        = number
+  default     = 1000
+
+  validation {
+    condition     = var.vendor_max_pages >= 1 && var.vendor_max_pages <= 1000000 && floor(var.vendor_max_pages) == var.vendor_max_pages
+    error_message = "vendor_max_pages must be a whole number from 1 to 1000000."
+  }
+}
+
+variable "vendor_max_retry_after" {
+  description = "Longest vendor Retry-After, in seconds, waited out inside a call; a longer one returns the message to its queue for that long (HARVEST_MAX_RETRY_AFTER)."
+  type        = number
+  default     = 60
+
+  validation {
+    condition     = var.vendor_max_retry_after > 0 && var.vendor_max_retry_after <= 900
+    error_message = "vendor_max_retry_after must be > 0 and <= 900 seconds (the longest Lambda timeout)."
+  }
+}
+
+variable "vendor_max_page_bytes" {
+  description = "Largest vendor page body, in bytes, a function reads; a larger one makes its message poison (HARVEST_MAX_PAGE_BYTES). It bounds the memory one page can take."
+  type        = number
+  default     = 8388608
+
+  validation {
+    condition     = var.vendor_max_page_bytes >= 1024 && var.vendor_max_page_bytes <= 1073741824 && floor(var.vendor_max_page_bytes) == var.vendor_max_page_bytes
+    error_message = "vendor_max_page_bytes must be a whole number of bytes from 1024 to 1073741824 (1 GiB)."
   }
 }
 
@@ -129,9 +175,9 @@ variable "enable_redrive_allow_policy" {
 }
 
 variable "queue_retention_seconds" {
-  description = "How long a stage queue keeps a message (DLQs always keep 14 days)."
+  description = "How long a stage queue keeps a message. Default 14 days, as long as the DLQs: a long vendor token outage leaves messages queued (drains stop on a 401 without receiving), and they must not expire silently before the token is fixed."
   type        = number
-  default     = 345600
+  default     = 1209600
 
   validation {
     condition     = var.queue_retention_seconds >= 3600 && var.queue_retention_seconds <= 1209600
@@ -173,9 +219,9 @@ variable "drain_reserved_concurrency" {
 }
 
 variable "drain_concurrency" {
-  description = "Vendor calls in flight inside one drain invocation (HARVEST_CONCURRENCY)."
+  description = "The most messages one drain invocation keeps in process (HARVEST_CONCURRENCY). It uses rate x mean vendor latency x 2 of them (Little's law), at least 10: 64 per invocation x reserved concurrency 2 carries 100 calls/s at up to 640 ms per call. Each holds at most one page (vendor_max_page_bytes) while it is parsed."
   type        = number
-  default     = 16
+  default     = 64
 
   validation {
     condition     = var.drain_concurrency >= 1 && var.drain_concurrency <= 256 && floor(var.drain_concurrency) == var.drain_concurrency
@@ -396,6 +442,17 @@ variable "oldest_message_alarm_seconds" {
   validation {
     condition     = var.oldest_message_alarm_seconds >= 300
     error_message = "oldest_message_alarm_seconds must be at least 300."
+  }
+}
+
+variable "run_settle_alarm_seconds" {
+  description = "Alarm when a run has not settled (every entity done, gone or dead) this many seconds after its kickoff; the drains publish the oldest unsettled run's age as Harvest/OldestUnsettledRunAge."
+  type        = number
+  default     = 21600
+
+  validation {
+    condition     = var.run_settle_alarm_seconds > 0
+    error_message = "run_settle_alarm_seconds must be > 0."
   }
 }
 

@@ -70,7 +70,7 @@ def initialized(tools: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 def locals_(initialized: Path) -> dict[str, Any]:
     """The stack's locals, evaluated with the example tfvars (which must validate)."""
     expression = (
-        "jsonencode({stages = local.stages, upstream = local.upstream, "
+        "jsonencode({stages = local.stages, stage_order = local.stage_order, "
         "drain_schedule = local.drain_schedule, visibility_timeout = local.visibility_timeout, "
         "drain_timeout = var.drain_timeout, sqs_max_receive_count = local.sqs_max_receive_count, "
         "max_receive_count = var.max_receive_count, "
@@ -176,14 +176,27 @@ def test_bad_variable_values_are_rejected(initialized: Path) -> None:
     assert result.stderr.count("Invalid value for variable") == len(bad)
 
 
+def test_vendor_url_must_be_https_unless_insecure_urls_are_allowed(initialized: Path) -> None:
+    plain = ["-var", "vendor_url=http://127.0.0.1:8000"]
+    refused = terraform(initialized, "console", "-no-color", *plain, stdin="var.vendor_url\n")
+    assert "Invalid value for variable" in refused.stderr
+    assert "must start with https://" in refused.stderr
+
+    allow = ["-var", "allow_insecure_vendor_url=true"]
+    allowed = terraform(
+        initialized, "console", "-no-color", *plain, *allow, stdin="var.vendor_url\n"
+    )
+    assert "Error" not in allowed.stderr, allowed.stderr
+    assert allowed.stdout.strip() == '"http://127.0.0.1:8000"'
+
+
 def test_stage_map_matches_pipeline_stages(locals_: dict[str, Any]) -> None:
     expected = {s.name: {"child": s.child, "depth": s.depth} for s in STAGES}
     assert locals_["stages"] == expected
 
 
-def test_upstream_of_each_stage_is_every_earlier_stage(locals_: dict[str, Any]) -> None:
-    names = [s.name for s in STAGES]
-    assert locals_["upstream"] == {n: names[: names.index(n)] for n in names}
+def test_stage_order_is_the_pipeline_order(locals_: dict[str, Any]) -> None:
+    assert locals_["stage_order"] == [s.name for s in STAGES]
 
 
 def test_visibility_timeout_exceeds_drain_timeout(locals_: dict[str, Any]) -> None:
@@ -209,6 +222,29 @@ def test_every_stage_queue_redrives_to_its_own_dlq(hcl: dict[str, Any]) -> None:
     assert stage["visibility_timeout_seconds"] == "${local.visibility_timeout}"
     assert dlq["message_retention_seconds"] == 14 * 24 * 3600
     assert stage["sqs_managed_sse_enabled"] is True and dlq["sqs_managed_sse_enabled"] is True
+
+
+def test_stage_queues_keep_messages_as_long_as_their_dlqs(hcl: dict[str, Any]) -> None:
+    # A long token outage leaves messages queued: they must not expire silently.
+    hcl2 = pytest.importorskip("hcl2", reason="python-hcl2 not installed (pip install python-hcl2)")
+    with (STACK / "variables.tf").open() as f:
+        variables = {k: v for b in _unquote(hcl2.load(f))["variable"] for k, v in b.items()}
+    queues = resources(hcl, "aws_sqs_queue")
+    assert queues["stage"]["message_retention_seconds"] == "${var.queue_retention_seconds}"
+    assert variables["queue_retention_seconds"]["default"] == 14 * 24 * 3600
+    assert queues["dlq"]["message_retention_seconds"] == 14 * 24 * 3600
+
+
+def test_an_unsettled_run_alarms_on_the_metric_the_drains_publish(hcl: dict[str, Any]) -> None:
+    alarm = resources(hcl, "aws_cloudwatch_metric_alarm")["run_not_settled"]
+    assert alarm["metric_name"] == "OldestUnsettledRunAge"
+    # The functions' Powertools namespace and service name, from the same locals.
+    assert alarm["namespace"] == "${local.metrics_namespace}"
+    assert alarm["dimensions"] == {"service": "${local.service_name}"}
+    assert (alarm["statistic"], alarm["period"]) == ("Maximum", 300)
+    assert alarm["threshold"] == "${var.run_settle_alarm_seconds}"
+    assert alarm["treat_missing_data"] == "notBreaching"
+    assert alarm["alarm_actions"] == ["${aws_sns_topic.alarms.arn}"]
 
 
 def test_every_dlq_allows_redrive_only_from_its_stage_queue(hcl: dict[str, Any]) -> None:

@@ -3,19 +3,24 @@
 The stack is copied to a temporary directory and pointed at moto by one generated
 `moto_override.tf` (Terraform's override files merge into the provider block), so the
 configuration under test is the one users apply, and the repository is never modified.
-The only differences are two variables: moto has no SQS redrive-allow policy
-(`enable_redrive_allow_policy = false`), and it evaluates S3 bucket policies without their
+The only differences are a few variables: moto has no SQS redrive-allow policy
+(`enable_redrive_allow_policy = false`), it evaluates S3 bucket policies without their
 conditions, so the TLS-only deny would block every request
-(`enable_tls_only_bucket_policy = false`).
+(`enable_tls_only_bucket_policy = false`), and the simulator serves plain HTTP
+(`allow_insecure_vendor_url = true`).
 
 moto stores Lambda functions but cannot run them, so the harvest at the end calls the
 handlers in this process with exactly the environment Terraform gave each function, the
-vendor played by the simulator, and AWS played by the same moto server.
+vendor played by the simulator, and AWS played by the same moto server, enforcing IAM:
+each handler runs with an STS session of its own function's role (moto_iam.py says how).
+Every AWS call is recorded, so a grant the code needs but lacks fails the harvest, and a
+grant that no exercised path uses fails its own test.
 """
 
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import logging
 import os
@@ -27,6 +32,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import redirect_stdout
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +40,9 @@ from typing import Any
 
 import boto3
 import pytest
+from aws_calls import CallRecorder
+from iam_model import Grant, grants
+from moto_iam import authorise_like_aws, enforced
 from terraform_support import WILDCARD_RESOURCE_SIDS, plugin_dir, terraform_env
 
 import pipeline.config
@@ -54,8 +63,11 @@ SIMULATED = SimulatorConfig(troops=2, warriors_per_troop=2, data_groups_per_warr
 
 # Everything the provider talks to, pointed at moto.
 ENDPOINTS = "cloudwatch dynamodb events iam kms lambda logs s3 sns sqs ssm sts".split()
-MAX_RECEIVE_COUNT = 3
+# Small, so that an entity the vendor keeps failing is dead-lettered within one invocation.
+MAX_RECEIVE_COUNT = 2
+RETRY_DELAY = 1
 DRAIN_TIMEOUT = 60
+FOURTEEN_DAYS = 14 * 24 * 3600
 
 
 def terraform(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -158,7 +170,10 @@ def moto_endpoint(tools: Path) -> Iterator[str]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:
-        yield f"http://127.0.0.1:{port}"
+        with pytest.MonkeyPatch.context() as mp:
+            # Enforcement stays off (moto's default) except around each handler call.
+            authorise_like_aws(mp)
+            yield f"http://127.0.0.1:{port}"
     finally:
         server.stop()
 
@@ -202,6 +217,7 @@ def deployment(
         "rate_calls": SIMULATED.rate_calls,
         "rate_period": SIMULATED.rate_period,
         "max_receive_count": MAX_RECEIVE_COUNT,
+        "retry_delay": RETRY_DELAY,
         "drain_timeout": DRAIN_TIMEOUT,
         "lambda_zip_path": str(lambda_zip),
         "log_retention_days": 1,
@@ -213,6 +229,8 @@ def deployment(
         # moto evaluates bucket policies without their conditions, so the TLS-only deny
         # would deny every request.
         "enable_tls_only_bucket_policy": False,
+        # The simulator serves plain HTTP on 127.0.0.1.
+        "allow_insecure_vendor_url": True,
     }
     (work / "test.tfvars.json").write_text(json.dumps(variables))
 
@@ -298,10 +316,17 @@ def test_stage_queues_redrive_one_receive_after_the_drain_dead_letters(
         assert int(redrive["maxReceiveCount"]) == MAX_RECEIVE_COUNT + 1
         assert int(attributes["VisibilityTimeout"]) == DRAIN_TIMEOUT + 60
         assert attributes["SqsManagedSseEnabled"] == "true"
-        dlq = sqs.get_queue_attributes(
-            QueueUrl=deployment.outputs["dlq_urls"][stage], AttributeNames=["All"]
-        )["Attributes"]
-        assert int(dlq["MessageRetentionPeriod"]) == 14 * 24 * 3600
+
+
+def test_stage_queues_keep_messages_as_long_as_their_dlqs(deployment: Deployment) -> None:
+    # A long token outage leaves messages queued: they must not expire before anyone looks.
+    sqs = deployment.client("sqs")
+    for stage in STAGE_NAMES:
+        for kind in ("queue_urls", "dlq_urls"):
+            attributes = sqs.get_queue_attributes(
+                QueueUrl=deployment.outputs[kind][stage], AttributeNames=["MessageRetentionPeriod"]
+            )["Attributes"]
+            assert int(attributes["MessageRetentionPeriod"]) == FOURTEEN_DAYS, (kind, stage)
 
 
 def test_function_environments_follow_the_config_contract(deployment: Deployment) -> None:
@@ -329,6 +354,11 @@ def test_function_environments_follow_the_config_contract(deployment: Deployment
         assert env["HARVEST_SINK"] == deployment.outputs["sink"]
         assert env["HARVEST_STATE_TABLE"] == deployment.outputs["state_table_name"]
         assert env["HARVEST_MAX_RECEIVE_COUNT"] == str(MAX_RECEIVE_COUNT)
+        assert env["HARVEST_RETRY_DELAY"] == str(RETRY_DELAY)
+        assert env["HARVEST_ALLOW_HTTP"] == "true"
+        assert env["HARVEST_MAX_PAGES"] == "1000"
+        assert env["HARVEST_MAX_RETRY_AFTER"] == "60"
+        assert env["HARVEST_MAX_PAGE_BYTES"] == str(8 * 1024 * 1024)
         assert float(env["HARVEST_VISIBILITY_TIMEOUT"]) == DRAIN_TIMEOUT + 60
         assert (
             env["HARVEST_VENDOR_TOKEN_PARAMETER"]
@@ -339,6 +369,42 @@ def test_function_environments_follow_the_config_contract(deployment: Deployment
         config = Config.from_env(env)
         assert config.stage == (stage or "")
         assert set(config.queues) == set(STAGE_NAMES)
+
+
+def test_a_run_not_settled_in_six_hours_alarms_the_topic(deployment: Deployment) -> None:
+    [alarm] = deployment.client("cloudwatch").describe_alarms(
+        AlarmNames=[f"{NAME_PREFIX}-run-not-settled"]
+    )["MetricAlarms"]
+    assert (alarm["Namespace"], alarm["MetricName"]) == ("Harvest", "OldestUnsettledRunAge")
+    assert alarm["Dimensions"] == [{"Name": "service", "Value": "harvest"}]
+    assert (alarm["Statistic"], alarm["Period"], alarm["EvaluationPeriods"]) == ("Maximum", 300, 1)
+    assert alarm["ComparisonOperator"] == "GreaterThanThreshold"
+    assert alarm["Threshold"] == 6 * 3600
+    assert alarm["TreatMissingData"] == "notBreaching"
+    assert alarm["AlarmActions"] == [deployment.outputs["alarm_topic_arn"]]
+
+
+def test_the_dashboard_sums_every_functions_vendor_calls_and_shows_the_run_age(
+    deployment: Deployment,
+) -> None:
+    body = deployment.client("cloudwatch").get_dashboard(
+        DashboardName=deployment.outputs["dashboard_name"]
+    )["DashboardBody"]
+    metrics = {
+        w["properties"]["title"]: w["properties"]["metrics"] for w in json.loads(body)["widgets"]
+    }
+    # The drains' metrics carry their stage as a dimension, the kickoff's only the service.
+    calls = metrics["Vendor calls per minute"]
+    series = {tuple(m[:-1]) for m in calls if m[0] == "Harvest"}
+    assert series == {
+        ("Harvest", "VendorCalls", "service", "harvest"),
+        *(("Harvest", "VendorCalls", "service", "harvest", "stage", s) for s in STAGE_NAMES),
+    }
+    [expression] = [m[0]["expression"] for m in calls if isinstance(m[0], dict)]
+    assert expression.startswith("SUM(")
+    assert all(m[-1]["id"] in expression for m in calls if m[0] == "Harvest")
+    age = metrics["Oldest unsettled run (seconds since kickoff)"]
+    assert [m[:-1] for m in age] == [["Harvest", "OldestUnsettledRunAge", "service", "harvest"]]
 
 
 def test_vendor_token_lives_only_in_a_secure_parameter(deployment: Deployment) -> None:
@@ -423,7 +489,7 @@ def test_only_the_last_stage_drain_feeds_no_queue(deployment: Deployment) -> Non
         assert sends == expected, stage
 
 
-# -- a harvest through the deployed resources ------------------------------------------------
+# -- a harvest through the deployed resources, each function with its own role -------------
 
 
 @dataclass
@@ -444,11 +510,125 @@ class FakeLambdaContext:
         return max(0, int((self.timeout - (time.monotonic() - self.started)) * 1000))
 
 
-@pytest.fixture
-def lambda_process(deployment: Deployment) -> Iterator[None]:
-    """This process, made to look like a Lambda sandbox whose AWS is the moto server."""
+@dataclass(frozen=True)
+class Published:
+    """One metric value a function printed in CloudWatch's embedded metric format."""
+
+    function: str
+    namespace: str
+    name: str
+    dimensions: tuple[tuple[str, str], ...]
+    unit: str
+
+
+def emf_metrics(function: str, printed: str) -> list[Published]:
+    """The metrics in the EMF lines of what `function` printed (Powertools Metrics)."""
+    found = []
+    for line in printed.splitlines():
+        if not line.startswith("{") or '"_aws"' not in line:
+            continue
+        blob = json.loads(line)
+        for directive in blob["_aws"]["CloudWatchMetrics"]:
+            for names in directive["Dimensions"]:
+                dimensions = tuple(sorted((n, str(blob[n])) for n in names))
+                for metric in directive["Metrics"]:
+                    found.append(
+                        Published(
+                            function,
+                            directive["Namespace"],
+                            metric["Name"],
+                            dimensions,
+                            metric.get("Unit", ""),
+                        )
+                    )
+    return found
+
+
+@dataclass
+class LambdaProcess:
+    """This process, made to look like each function's Lambda sandbox in turn."""
+
+    deployment: Deployment
+    sessions: dict[str, dict[str, str]]  # function name -> its role's STS credentials
+    recorder: CallRecorder
+    metrics: list[Published] = field(default_factory=list)
+
+    def session(self, function: str) -> boto3.session.Session:
+        """A boto3 session with `function`'s role credentials."""
+        credentials = self.sessions[function]
+        return boto3.session.Session(
+            aws_access_key_id=credentials["AccessKeyId"],
+            aws_secret_access_key=credentials["SecretAccessKey"],
+            aws_session_token=credentials["SessionToken"],
+            region_name=REGION,
+        )
+
+    def invoke(self, function: str, handler: Any, event: dict[str, Any]) -> Any:
+        """Call `handler` as Lambda would run `function`: its environment, its role, IAM enforced.
+
+        Like a fresh sandbox, it builds its clients anew (the Runtime and Powertools' SSM
+        provider are cached per process) and reads the token again. A call that moto
+        denies fails the test here, also where the drain would only log it and retry.
+        """
+        from aws_lambda_powertools.utilities import parameters
+
+        from pipeline import runtime
+
+        env = self.deployment.environment(function)
+        timeout = self.deployment.client("lambda").get_function_configuration(
+            FunctionName=function
+        )["Timeout"]
+        session = self.sessions[function]
+        denied_before = len(self.recorder.denials)
+        with pytest.MonkeyPatch.context() as mp:
+            for name in list(os.environ):
+                if name.startswith(("HARVEST_", "POWERTOOLS_")):
+                    mp.delenv(name)
+            for name, value in env.items():
+                mp.setenv(name, value)
+            mp.setenv("AWS_ACCESS_KEY_ID", session["AccessKeyId"])
+            mp.setenv("AWS_SECRET_ACCESS_KEY", session["SecretAccessKey"])
+            mp.setenv("AWS_SESSION_TOKEN", session["SessionToken"])
+            runtime.reset_cache()
+            parameters.clear_caches()  # type: ignore[no-untyped-call]
+            printed = io.StringIO()
+            try:
+                with (
+                    self.recorder.running(function),
+                    enforced(self.deployment.endpoint),
+                    redirect_stdout(printed),
+                ):
+                    result = handler(event, FakeLambdaContext(function, timeout))
+            finally:
+                runtime.reset_cache()
+                parameters.clear_caches()  # type: ignore[no-untyped-call]
+                sys.stdout.write(printed.getvalue())
+                self.metrics += emf_metrics(function, printed.getvalue())
+        denied = self.recorder.denials[denied_before:]
+        assert not denied, "IAM denied:\n" + "\n".join(map(str, denied))
+        return result
+
+
+@pytest.fixture(scope="module")
+def lambda_process(deployment: Deployment) -> Iterator[LambdaProcess]:
+    """The sandbox of every deployed function: its role's session, and a call recorder.
+
+    The sessions are taken before IAM is enforced: moto checks a trust policy only while
+    enforcing, and understands no Service principal (moto_iam.py). Here the test is the
+    Lambda service, the one principal the trust policies admit.
+    """
     from pipeline import runtime
 
+    sts, lam = deployment.client("sts"), deployment.client("lambda")
+    sessions = {
+        name: sts.assume_role(
+            RoleArn=lam.get_function_configuration(FunctionName=name)["Role"],
+            RoleSessionName=name,
+        )["Credentials"]
+        for name in deployment.function_names.values()
+    }
+    account = deployment.outputs["queue_arns"][STAGE_NAMES[0]].split(":")[4]
+    recorder = CallRecorder(region=REGION, account=account)
     with pytest.MonkeyPatch.context() as mp:
         for name in list(os.environ):
             if name.startswith(("HARVEST_", "POWERTOOLS_", "AWS_")):
@@ -456,28 +636,12 @@ def lambda_process(deployment: Deployment) -> Iterator[None]:
         mp.setenv("AWS_ENDPOINT_URL", deployment.endpoint)
         mp.setenv("AWS_DEFAULT_REGION", REGION)
         mp.setenv("AWS_REGION", REGION)
-        mp.setenv("AWS_ACCESS_KEY_ID", "test")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "test")
+        recorder.install(mp)
         runtime.reset_cache()
         try:
-            yield
+            yield LambdaProcess(deployment, sessions, recorder)
         finally:
             runtime.reset_cache()
-
-
-def invoke(deployment: Deployment, function: str, handler: Any, event: dict[str, Any]) -> Any:
-    """Call `handler` as Lambda would run `function`: with exactly its deployed environment."""
-    env = deployment.environment(function)
-    with pytest.MonkeyPatch.context() as mp:
-        for name in list(os.environ):
-            if name.startswith(("HARVEST_", "POWERTOOLS_")):
-                mp.delenv(name)
-        for name, value in env.items():
-            mp.setenv(name, value)
-        timeout = deployment.client("lambda").get_function_configuration(FunctionName=function)[
-            "Timeout"
-        ]
-        return handler(event, FakeLambdaContext(function, timeout))
 
 
 def queued(deployment: Deployment) -> dict[str, int]:
@@ -516,37 +680,250 @@ def harvested(deployment: Deployment, prefix: str) -> dict[tuple[str, str, str],
     return found
 
 
-def test_a_harvest_through_the_deployed_stack_matches_the_ground_truth(
-    deployment: Deployment, lambda_process: None
-) -> None:
-    from workers import drain, kickoff
+def manifest_of(deployment: Deployment, run_id: str) -> dict[str, Any]:
+    sink_prefix = deployment.outputs["sink"].split("/", 3)[3]
+    body = deployment.client("s3").get_object(
+        Bucket=deployment.outputs["bucket_name"], Key=f"{sink_prefix}/runs/{run_id}/manifest.json"
+    )["Body"]
+    manifest: dict[str, Any] = json.loads(body.read())
+    return manifest
 
-    # GIVEN the stack deployed to moto and the vendor simulator holding the token Terraform
-    # stored in SSM
-    # WHEN the kickoff runs for one day and the drains run until every queue is empty
-    report = invoke(
-        deployment, deployment.outputs["kickoff_function_name"], kickoff.handler, WINDOW
-    )
-    deadline = time.monotonic() + 120
+
+@dataclass
+class Harvest:
+    """What the harvest through the deployed stack saw, for the tests to judge."""
+
+    run_id: str
+    failing: dict[str, str]  # stage -> the entity the vendor failed until healed
+    settled_manifest: dict[str, Any]  # after the first drains: the failing ones dead
+    dry_runs: dict[str, dict[str, Any]]
+    replays: dict[str, dict[str, Any]]
+    final_manifest: dict[str, Any]
+    output: dict[tuple[str, str, str], list[Any]]
+
+
+# EventBridge starts every drain every minute, in no particular order. The troops drain
+# also runs between the warriors and data_groups drains here: with only data_groups work
+# left, it looks at every stage queue's depth before it may call a run's entities lost.
+DRAIN_ORDER = ("troops", "warriors", "troops", "data_groups")
+
+
+def drain_until_empty(lp: LambdaProcess, *, dlqs_too: bool, seconds: float = 150) -> dict[str, int]:
+    """Run the drains in DRAIN_ORDER until the stage queues (and DLQs) are empty."""
+    from workers import drain
+
+    deadline = time.monotonic() + seconds
     while True:
-        for stage in STAGE_NAMES:
-            function = deployment.outputs["drain_function_names"][stage]
-            invoke(deployment, function, drain.handler, {})
-        remaining = queued(deployment)
-        if not any(remaining.values()):
-            break
+        for stage in DRAIN_ORDER:
+            function = lp.deployment.outputs["drain_function_names"][stage]
+            lp.invoke(function, drain.handler, {})
+        remaining = queued(lp.deployment)
+        if not any(n for q, n in remaining.items() if dlqs_too or q.startswith("queue:")):
+            return remaining
         assert time.monotonic() < deadline, f"queues did not drain: {remaining}"
 
+
+@pytest.fixture(scope="module")
+def harvest(deployment: Deployment, lambda_process: LambdaProcess) -> Harvest:
+    """One day harvested by the deployed functions, one entity per stage failing until replayed.
+
+    Every function's code path runs: the kickoff, every drain (fanning out, writing,
+    retrying, dead-lettering, settling a run), the replay's dry run and the replay.
+    """
+    from workers import kickoff, replay
+
+    lp, sim = lambda_process, deployment.simulator
+    outputs = deployment.outputs
+    # GIVEN the vendor failing one troop, one warrior of another troop and one data group
+    # of yet another warrior, until it heals
+    paths = sorted(sim.ground_truth(START, END))
+    troops = sorted({p[0] for p in paths})
+    warriors = sorted({p[1] for p in paths if p[0] == troops[0]})
+    groups = sorted(p[2] for p in paths if p[:2] == (troops[0], warriors[0]))
+    failing = {"troops": troops[1], "warriors": warriors[1], "data_groups": groups[1]}
+    for entity in failing.values():
+        sim.fail_permanently(entity)
+
+    # WHEN the kickoff runs for one day and the drains run until the stage queues are empty
+    report = lp.invoke(outputs["kickoff_function_name"], kickoff.handler, WINDOW)
+    remaining = drain_until_empty(lp, dlqs_too=False)
+    assert {k: v for k, v in remaining.items() if k.startswith("dlq:")} == {
+        f"dlq:{stage}": 1 for stage in STAGE_NAMES
+    }
+    settled = manifest_of(deployment, report["run_id"])
+
+    # AND the operator counts each DLQ, the vendor heals, and the operator replays them
+    replay_function = outputs["replay_function_name"]
+    dry_runs = {
+        stage: lp.invoke(replay_function, replay.handler, {"stage": stage, "dry_run": True})
+        for stage in STAGE_NAMES
+    }
+    sim.heal()
+    replays = {
+        stage: lp.invoke(replay_function, replay.handler, {"stage": stage, "max": 100})
+        for stage in STAGE_NAMES
+    }
+    # AND the drains run until every queue, DLQs included, is empty
+    drain_until_empty(lp, dlqs_too=True)
+
+    sink_prefix = outputs["sink"].split("/", 3)[3]
+    return Harvest(
+        run_id=report["run_id"],
+        failing=failing,
+        settled_manifest=settled,
+        dry_runs=dry_runs,
+        replays=replays,
+        final_manifest=manifest_of(deployment, report["run_id"]),
+        output=harvested(deployment, f"{sink_prefix}/runs/{report['run_id']}/data/"),
+    )
+
+
+def test_a_harvest_through_the_deployed_stack_matches_the_ground_truth(
+    deployment: Deployment, harvest: Harvest
+) -> None:
     # THEN the sink holds exactly the simulator's ground truth, and a manifest says complete
-    run_id = report["run_id"]
-    sink_prefix = deployment.outputs["sink"].split("/", 3)[3]
     truth = deployment.simulator.ground_truth(START, END)
     assert len(truth) == 8
-    assert harvested(deployment, f"{sink_prefix}/runs/{run_id}/data/") == {
-        path: [dict(p) for p in points] for path, points in truth.items()
-    }
-    manifest = deployment.client("s3").get_object(
-        Bucket=deployment.outputs["bucket_name"],
-        Key=f"{sink_prefix}/runs/{run_id}/manifest.json",
+    assert harvest.output == {path: [dict(p) for p in points] for path, points in truth.items()}
+    assert harvest.final_manifest["status"] == "complete"
+
+
+def test_entities_the_vendor_keeps_failing_are_dead_lettered_counted_and_replayed(
+    harvest: Harvest,
+) -> None:
+    # THEN the run first settled incomplete, naming the three entities the vendor failed
+    assert harvest.settled_manifest["status"] == "incomplete"
+    dead = {d["stage"]: d["path"][-1] for d in harvest.settled_manifest["dead"]}
+    assert dead == harvest.failing
+    # AND each dry run counted its one dead letter, with the vendor's 503 as the reason,
+    # and moved nothing; each replay moved it back
+    for stage in STAGE_NAMES:
+        dry_run, replayed = harvest.dry_runs[stage], harvest.replays[stage]
+        assert (dry_run["seen"], dry_run["moved"]) == (1, 0), stage
+        [reason] = dry_run["reasons"]
+        assert "503" in reason, (stage, reason)
+        assert (replayed["seen"], replayed["moved"]) == (1, 1), stage
+
+
+def test_the_unsettled_run_alarm_watches_a_metric_every_drain_publishes(
+    deployment: Deployment, lambda_process: LambdaProcess, harvest: Harvest
+) -> None:
+    [alarm] = deployment.client("cloudwatch").describe_alarms(
+        AlarmNames=[f"{NAME_PREFIX}-run-not-settled"]
+    )["MetricAlarms"]
+    dimensions = tuple(sorted((d["Name"], d["Value"]) for d in alarm["Dimensions"]))
+    for stage, function in deployment.outputs["drain_function_names"].items():
+        published = {
+            m.unit
+            for m in lambda_process.metrics
+            if (m.function, m.namespace, m.name, m.dimensions)
+            == (function, alarm["Namespace"], alarm["MetricName"], dimensions)
+        }
+        assert published == {"Seconds"}, f"{stage}: {alarm['MetricName']} {published}"
+
+
+def test_iam_is_enforced_on_the_function_sessions(
+    deployment: Deployment, lambda_process: LambdaProcess
+) -> None:
+    """The sessions the harvest runs with are really held to their own role's policy."""
+    outputs, lp = deployment.outputs, lambda_process
+    table, bucket = outputs["state_table_name"], outputs["bucket_name"]
+    drains = outputs["drain_function_names"]
+
+    def attempt(function: str, service: Any, call: Any) -> str:
+        client = lp.session(function).client(service, endpoint_url=deployment.endpoint)
+        with enforced(deployment.endpoint):
+            try:
+                call(client)
+            except client.exceptions.ClientError as exc:
+                return str(exc.response["Error"].get("Code") or exc)
+        return "allowed"
+
+    def read_state(c: Any) -> None:
+        c.get_item(TableName=table, Key={"pk": {"S": "runs"}, "sk": {"S": "none"}})
+
+    # The state table, named by its ARN in the policy, is readable by a drain ...
+    assert attempt(drains["troops"], "dynamodb", read_state) == "allowed"
+    # ... and by nobody without a grant
+    assert attempt(outputs["replay_function_name"], "dynamodb", read_state) != "allowed"
+    # A queue the role names for another action only: the kickoff feeds troops, not warriors
+    send = {"MessageBody": "{}"}
+    assert (
+        attempt(
+            outputs["kickoff_function_name"],
+            "sqs",
+            lambda c: c.send_message(QueueUrl=outputs["queue_urls"]["warriors"], **send),
+        )
+        != "allowed"
     )
-    assert json.loads(manifest["Body"].read())["status"] == "complete"
+    # Writing outside the sink prefix is refused even to the drain that writes the data
+    assert (
+        attempt(
+            drains["data_groups"],
+            "s3",
+            lambda c: c.put_object(Bucket=bucket, Key="elsewhere/x", Body=b"x"),
+        )
+        != "allowed"
+    )
+
+
+# The Lambda runtime itself writes the function's logs and traces, not the handler code.
+RUNTIME_SERVICES = ("logs:", "xray:")
+
+_MANIFEST_ELSEWHERE = (
+    "a run settles in the drain that finishes its last entity, which then writes the "
+    "manifest after listing the run's files; in this harvest that is always the data_groups "
+    "drain. A troops or warriors drain does it when a troop or warrior finishes last "
+    "(found gone, dead-lettered last, a troop without warriors)."
+)
+_EMPTY_WINDOW = (
+    "the kickoff writes the manifest itself only for a window whose troop listing is "
+    "empty (the run settles at once); the simulator always lists troops."
+)
+
+# (function, statement Sid) -> why a grant the harvest cannot exercise stays.
+UNEXERCISED: dict[tuple[str, str], str] = {
+    ("kickoff", "WriteSink"): _EMPTY_WINDOW,
+    ("kickoff", "ListSink"): _EMPTY_WINDOW,
+    ("drain:troops", "WriteSink"): _MANIFEST_ELSEWHERE,
+    ("drain:troops", "ListSink"): _MANIFEST_ELSEWHERE,
+    ("drain:warriors", "WriteSink"): _MANIFEST_ELSEWHERE,
+    ("drain:warriors", "ListSink"): _MANIFEST_ELSEWHERE,
+}
+
+
+def role_grants(deployment: Deployment, function: str) -> list[Grant]:
+    """Every (action, resource) the inline policies of `function`'s role allow, read from IAM."""
+    iam, lam = deployment.client("iam"), deployment.client("lambda")
+    role = lam.get_function_configuration(FunctionName=function)["Role"].rsplit("/", 1)[-1]
+    return [
+        grant
+        for name in iam.list_role_policies(RoleName=role)["PolicyNames"]
+        for grant in grants(iam.get_role_policy(RoleName=role, PolicyName=name)["PolicyDocument"])
+    ]
+
+
+def test_every_call_a_function_makes_is_granted_and_every_grant_is_used(
+    deployment: Deployment, lambda_process: LambdaProcess, harvest: Harvest
+) -> None:
+    problems: list[str] = []
+    for key, function in deployment.function_names.items():
+        granted = role_grants(deployment, function)
+        used = lambda_process.recorder.calls[function]
+        assert used, f"{key} made no AWS call"
+        for call in sorted(used, key=lambda c: (c.action, c.resource)):
+            if not any(g.covers(call.action, call.resource) for g in granted):
+                problems.append(f"{key}: {call.operation} ({call.action}) on {call.resource}")
+        for grant in granted:
+            if grant.action.startswith(RUNTIME_SERVICES) or (key, grant.sid) in UNEXERCISED:
+                continue
+            if not any(grant.covers(c.action, c.resource) for c in used):
+                problems.append(f"{key}: {grant.sid} grants {grant.action} on {grant.resource}")
+    assert not problems, "not granted, or granted but unused:\n" + "\n".join(problems)
+
+
+def test_grants_the_harvest_cannot_exercise_are_still_granted(deployment: Deployment) -> None:
+    """An exception above that no longer matches a grant is stale: remove it."""
+    for (key, sid), reason in UNEXERCISED.items():
+        function = deployment.function_names[key]
+        assert any(g.sid == sid for g in role_grants(deployment, function)), (key, sid, reason)
