@@ -220,7 +220,12 @@ def parser() -> argparse.ArgumentParser:
     local.add_argument(
         "--tick", type=float, default=5.0, help="seconds between drain invocations (5; AWS: 60)"
     )
-    local.add_argument("--concurrency", type=int, default=16, help="calls in flight per drain")
+    local.add_argument(
+        "--concurrency",
+        type=int,
+        default=64,
+        help="most messages in process per drain invocation (rate x latency decides)",
+    )
     local.add_argument("--sim-troops", type=int, default=DEFAULT_TREE["troops"])
     local.add_argument("--sim-warriors", type=int, default=DEFAULT_TREE["warriors"])
     local.add_argument("--sim-data-groups", type=int, default=DEFAULT_TREE["data_groups"])

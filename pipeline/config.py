@@ -15,7 +15,8 @@ HARVEST_SINK               s3://bucket/prefix or a local directory
 HARVEST_STATE_TABLE        DynamoDB table of the run ledger and the rate budget (AWS)
 HARVEST_STATE_DIR          directory of the local queues, ledger and budget (local)
 HARVEST_MAX_RECEIVE_COUNT  receives before a message is dead-lettered (default 5)
-HARVEST_CONCURRENCY        vendor calls in flight per drain (default 16)
+HARVEST_CONCURRENCY        most messages in process per drain invocation (default 64); how many
+                           are used follows rate × vendor latency (Little's law)
 HARVEST_SAFETY_MARGIN      seconds of an invocation kept free at the end (default 30)
 HARVEST_VISIBILITY_TIMEOUT seconds a received message stays hidden (default 180)
 HARVEST_READ_TIMEOUT       seconds a vendor response may stall before a retry (default 10)
@@ -66,7 +67,7 @@ class Config:
     state_table: str = ""
     state_dir: str = ""
     max_receive_count: int = 5
-    concurrency: int = 16
+    concurrency: int = 64
     safety_margin: float = 30.0
     visibility_timeout: float = 180.0
     connect_timeout: float = 3.05
@@ -141,7 +142,7 @@ class Config:
                 state_table=get("STATE_TABLE"),
                 state_dir=get("STATE_DIR"),
                 max_receive_count=int(get("MAX_RECEIVE_COUNT", "5")),
-                concurrency=int(get("CONCURRENCY", "16")),
+                concurrency=int(get("CONCURRENCY", "64")),
                 safety_margin=float(get("SAFETY_MARGIN", "30")),
                 visibility_timeout=float(get("VISIBILITY_TIMEOUT", "180")),
                 read_timeout=float(get("READ_TIMEOUT", "10")),

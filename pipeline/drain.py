@@ -57,6 +57,11 @@ MAX_VISIBILITY_SECONDS = 43200.0
 # A bad id is stored (in the dead entity's path) cut to this many characters.
 MAX_STORED_ID_CHARS = 1000
 VANISHED = "no longer listed by its parent"
+# In-flight sizing (see Drain.in_flight_target): a message takes more than its vendor call
+# (ledger, queue and sink requests, the budget's wait), hence the headroom; before the first
+# call the latency is assumed to be this.
+HEADROOM = 2.0
+INITIAL_LATENCY = 0.1
 # Attribute names that a dead-lettered message carries (besides its own).
 ERROR_CLASS, ERROR_MESSAGE = "error_class", "error_message"
 DEAD_STAGE, DEAD_AT, DEAD_RECEIVES = "dead_stage", "dead_at", "dead_receive_count"
@@ -137,7 +142,8 @@ class Drain:
         sink: Sink,
         ledger: Ledger,
         stats: CallStats,
-        concurrency: int = 16,
+        concurrency: int = 64,
+        rate: float | None = None,
         max_receive_count: int = 5,
         retry_delay: float = 5.0,
         wait_seconds: float = 1.0,
@@ -154,7 +160,10 @@ class Drain:
         self.queue, self.dlq, self.child_queue = queue, dlq, child_queue
         self.upstream = upstream
         self.client, self.sink, self.ledger, self.stats = client, sink, ledger, stats
+        # The most messages in process at once (threads); how many are used follows from
+        # `rate` (vendor calls per second) and the vendor's latency: see in_flight_target.
         self.concurrency = concurrency
+        self.rate = rate
         self.max_receive_count = max_receive_count
         self.retry_delay = retry_delay
         self.wait_seconds = wait_seconds
@@ -185,14 +194,7 @@ class Drain:
         if self._idle(0.0):
             report.stopped = "idle"
             return report
-        flow = _Flow(
-            # Keep every thread busy with one more batch waiting, and no more: the rest stay
-            # visible to other invocations.
-            max_processing=self.concurrency + BATCH,
-            # Batches whose last message is slow (a stall) hold their finished messages
-            # until it ends; allow enough of them that the threads keep working meanwhile.
-            max_open_batches=2 * math.ceil(self.concurrency / BATCH) + 2,
-        )
+        flow = _Flow(*_flow_limits(self.in_flight_target()))
         # Set by a 401 here or, through the Runtime, in any drain sharing this process.
         stop = self.halt if self.halt is not None else Halt()
         empty_since = 0.0  # when the queue was first found empty, if it still is
@@ -202,6 +204,7 @@ class Drain:
                 if remaining() <= safety_margin:
                     report.stopped = "deadline"
                     break
+                flow.resize(*_flow_limits(self.in_flight_target()))
                 paused = self.client.paused_for()
                 if paused > self.client.max_retry_after or paused >= remaining() - safety_margin:
                     # The vendor asked for a longer wait than a message sits out inside a
@@ -247,6 +250,18 @@ class Drain:
         if stop.is_set():
             report.stopped, report.auth_error = "auth", stop.reason
         return report
+
+    def in_flight_target(self) -> int:
+        """Messages to keep in process: the budget's rate × the vendor's recent mean latency
+        × HEADROOM (Little's law), at least one batch, at most `concurrency`.
+
+        Without a rate (tests driving one drain by hand) it is `concurrency`.
+        """
+        if self.rate is None:
+            return self.concurrency
+        mean = self.client.latency.mean
+        want = math.ceil(self.rate * (INITIAL_LATENCY if mean is None else mean) * HEADROOM)
+        return min(self.concurrency, max(BATCH, want))
 
     def _idle(self, empty_since: float) -> bool:
         """Stop polling: nothing left here or upstream, or nothing here for `idle_grace` s.
@@ -568,6 +583,18 @@ class Halt(threading.Event):
         super().clear()
 
 
+def _flow_limits(target: int) -> tuple[int, int]:
+    """(most messages in process, most open batches) for `target` calls in flight."""
+    return (
+        # Keep every thread busy with one more batch waiting, and no more: the rest stay
+        # visible to other invocations.
+        target + BATCH,
+        # Batches whose last message is slow (a stall) hold their finished messages until
+        # it ends; allow enough of them that the threads keep working meanwhile.
+        2 * math.ceil(target / BATCH) + 2,
+    )
+
+
 class _Flow:
     """How much a drain has received and not finished: messages in process, open batches."""
 
@@ -577,6 +604,12 @@ class _Flow:
         self._open = 0
         self._max_processing = max_processing
         self._max_open = max_open_batches
+
+    def resize(self, max_processing: int, max_open_batches: int) -> None:
+        with self._cond:
+            self._max_processing, self._max_open = max_processing, max_open_batches
+            if self._has_room():
+                self._cond.notify()
 
     def _has_room(self) -> bool:
         return self._processing + BATCH <= self._max_processing and self._open < self._max_open

@@ -54,7 +54,7 @@ class LocalOptions:
     tick: float = 5.0
     invocation_timeout: float = 120.0
     reserved_concurrency: int = 2
-    concurrency: int = 16
+    concurrency: int = 64
     max_receive_count: int = 5
     retry_delay: float = 1.0
     read_timeout: float = 10.0

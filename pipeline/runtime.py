@@ -97,6 +97,7 @@ class Runtime:
             ledger=self.ledger,
             stats=self.stats,
             concurrency=self.config.concurrency,
+            rate=self.config.rate_calls / self.config.rate_period,
             max_receive_count=self.config.max_receive_count,
             retry_delay=self.config.retry_delay,
             wait_seconds=self.config.wait_seconds,

@@ -52,6 +52,7 @@ from pipeline.errors import (
     RateLimitedError,
     RetryableError,
 )
+from pipeline.latency import Latency
 from pipeline.stats import CallStats
 
 logger = Logger(service="harvest", child=True)
@@ -245,7 +246,9 @@ class VendorClient:
         self.base_url = base_url.rstrip("/")
         self._budget = budget
         self._stats = stats
-        self._timeout = (connect_timeout, read_timeout)
+        self._connect_timeout = connect_timeout
+        # The read timeout adapts to the vendor's recent latency, `read_timeout` at most.
+        self.latency = Latency(read_timeout)
         self._max_attempts = max_attempts
         self._max_pages = max_pages
         self._max_retry_after = max_retry_after
@@ -493,7 +496,7 @@ class VendorClient:
             response = self._adapter.send(
                 request,
                 stream=False,
-                timeout=self._timeout,
+                timeout=(self._connect_timeout, self.latency.read_timeout),
                 verify=self._verify,
                 cert=None,
                 proxies={},
@@ -501,12 +504,15 @@ class VendorClient:
             # Read the body now, as Session.send would: the connection goes back to the pool,
             # and a body cut short fails here, as a transport error.
             oversize = _read_body(response, self._max_page_bytes)
-        except TRANSIENT_EXCEPTIONS:
+        except TRANSIENT_EXCEPTIONS as exc:
             self._stats.add(calls=1, failures=1, latency_total=time.perf_counter() - started)
+            if isinstance(exc, requests.exceptions.ReadTimeout):
+                self.latency.timed_out()
             raise
         # The vendor counted the call no later than the fastest round trip seen before the
         # response came back: tell the budget, so that a late send is counted late.
         rtt = time.perf_counter() - started
+        self.latency.observe(rtt)
         self._min_rtt = min(self._min_rtt, rtt)
         self._budget.arrived(stamp, stamp + rtt - self._min_rtt)
         return response, started, oversize

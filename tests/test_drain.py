@@ -1032,3 +1032,24 @@ def test_drain_takes_nothing_while_the_vendor_asked_for_a_long_pause(
     assert (report.stopped, report.received) == ("paused", 0)
     assert vendor.calls == []
     assert pipeline.queues["data_groups"].depth() == Depth(visible=1, in_flight=0)
+
+
+@pytest.mark.parametrize(
+    ("rate", "latency", "ceiling", "target"),
+    [
+        (100.0, None, 64, 20),  # nothing seen yet: 100 ms assumed
+        (100.0, 0.4, 64, 64),  # 100/s at 400 ms needs 40 in flight (x2 headroom), capped
+        (100.0, 0.4, 200, 80),
+        (100.0, 0.02, 64, 10),  # at least one batch
+        (50.0, 0.2, 1, 1),  # the ceiling wins: the one-at-a-time baseline
+    ],
+)
+def test_in_flight_target_follows_rate_times_latency(
+    pipeline: Pipeline, rate: float, latency: float | None, ceiling: int, target: int
+) -> None:
+    drain = pipeline.drain("data_groups", concurrency=ceiling)
+    drain.rate = rate
+    for _ in range(0 if latency is None else 100):
+        pipeline.client.latency.observe(latency or 0.0)
+
+    assert drain.in_flight_target() == target

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from aws_lambda_powertools import Logger, Metrics, Tracer
-from aws_lambda_powertools.metrics import MetricUnit, single_metric
+from aws_lambda_powertools.metrics import EphemeralMetrics, MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from pipeline.config import Config
@@ -32,16 +32,15 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     if len(report.runs) == 1:
         logger.set_correlation_id(next(iter(report.runs)))
     publish(metrics, before, rt.stats.snapshot())
-    # Not a per-stage figure: published with the service dimension only, which the
-    # "run not settled in time" alarm watches.
-    with single_metric(
-        name="OldestUnsettledRunAge",
-        unit=MetricUnit.Seconds,
-        value=report.oldest_unsettled_seconds,
-        namespace="Harvest",
-        default_dimensions={"service": "harvest"},
-    ):
-        pass
+    # A run-level figure, which the "run not settled in time" alarm watches: its own metric
+    # set with the service dimension only (Metrics instances share one set, to which this
+    # handler adds the stage dimension), made per invocation so that it reads the
+    # environment (POWERTOOLS_METRICS_DISABLED) of this one.
+    run_metrics = EphemeralMetrics(namespace="Harvest", service="harvest")
+    run_metrics.add_metric(
+        name="OldestUnsettledRunAge", unit=MetricUnit.Seconds, value=report.oldest_unsettled_seconds
+    )
+    run_metrics.flush_metrics()
     logger.info("drain finished", extra={"report": report.to_dict()})
     if report.stopped == "auth":
         # Fail the invocation so the errors alarm fires; the messages stay queued.
