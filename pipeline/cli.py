@@ -71,6 +71,7 @@ def cmd_local(args: argparse.Namespace) -> int:
         rate_period=args.rate_period,
         tick=args.tick,
         concurrency=args.concurrency,
+        verbose=args.verbose,
         simulator=SimulatorConfig(
             troops=args.sim_troops,
             warriors_per_troop=args.sim_warriors,
@@ -107,6 +108,17 @@ def cmd_local(args: argparse.Namespace) -> int:
                 )
 
         result = run_local(options, show_plain)
+    if result.released_at_start or result.waited_at_start:
+        console.print(
+            f"resumed: {result.released_at_start} messages an earlier run held were released"
+            f" at once; waited {result.waited_at_start:.1f} s for its last calls' window"
+        )
+    if result.interrupted:
+        console.print(
+            "harvest: stopped; calls in flight finished and were recorded, the rest went back"
+            " to their queues; rerun the same command to resume"
+        )
+        return result.exit_code
     print_summary(Console(soft_wrap=True), result)
     return result.exit_code
 
@@ -202,6 +214,11 @@ def parser() -> argparse.ArgumentParser:
 
     local = sub.add_parser("local", help="harvest on this machine: embedded queues, local sink")
     local.add_argument("--vendor-url", help="a real vendor base URL (default: built-in simulator)")
+    local.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the handlers' logs here too (always in the log file)",
+    )
     local.add_argument(
         "--allow-http",
         action="store_true",

@@ -173,7 +173,8 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, window_from TEXT, window_to TEXT, started_at REAL,
     kicked_off INTEGER DEFAULT 0, completed_at REAL,
-    calls INTEGER DEFAULT 0, rate_limited INTEGER DEFAULT 0, retries INTEGER DEFAULT 0
+    calls INTEGER DEFAULT 0, rate_limited INTEGER DEFAULT 0, retries INTEGER DEFAULT 0,
+    quiet_since REAL, manifest_signature TEXT
 );
 CREATE TABLE IF NOT EXISTS entities (
     run_id TEXT, stage TEXT, key TEXT, path TEXT, state TEXT, error TEXT DEFAULT '',
@@ -218,7 +219,11 @@ class SqliteLedger:
         have = {row[1] for row in self._db.execute("PRAGMA table_info(runs)")}
         for column, kind in (("quiet_since", "REAL"), ("manifest_signature", "TEXT")):
             if column not in have:
-                self._db.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
+                try:
+                    self._db.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
+                except sqlite3.OperationalError as exc:
+                    if "duplicate column" not in str(exc):  # another process added it
+                        raise
 
     def _write(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
         with self._lock:

@@ -9,9 +9,11 @@ invocations running; each invocation gets a context whose remaining time counts 
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import resource
+import signal
 import threading
 import time
 import uuid
@@ -25,7 +27,7 @@ from typing import Any
 from aws_lambda_powertools.warnings import PowertoolsUserWarning
 
 from pipeline.config import Config
-from pipeline.errors import AuthError
+from pipeline.errors import AuthError, ConfigError
 from pipeline.ledger import RunStatus
 from pipeline.queues import Depth
 from pipeline.runtime import Runtime, reset_cache, runtime
@@ -36,6 +38,13 @@ from pipeline.window import Window
 
 STATE_DIR = ".harvest"
 LOG_FILE = "harvest.log"
+# Held (an OS file lock) by the one `harvest local` that owns a state directory.
+LOCK_FILE = "lock"
+# When this process last saw its vendor calls change (epoch seconds): a run that starts
+# after a crash or a stop waits until that instant plus the rate period, so the vendor's
+# window holds none of the previous process's calls (POLL_SECONDS of slack: the file is
+# written every poll).
+LAST_CALL_FILE = "last-call"
 RATE_SECONDS = 3.0  # the live display's calls/s is averaged over this long
 POLL_SECONDS = 0.5  # how often the scheduler looks at the ledger and the queues
 
@@ -60,6 +69,7 @@ class LocalOptions:
     read_timeout: float = 10.0
     safety_margin: float = 15.0
     deeper_first: bool = False
+    verbose: bool = False  # logs on standard error too, not only in the log file
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
     # The simulator runs in a child process by default, so that it does not share the GIL
     # with the pipeline it serves; in-process is cheaper to start for small test runs.
@@ -110,6 +120,9 @@ class LocalResult:
     peak_rss_mb: float = 0.0  # this process's peak RSS when the run settled, before the check
     peak_queued: int = 0  # most messages queued (all stages) at one look
     first_output_seconds: float = 0.0  # until the first data group was written
+    interrupted: bool = False  # stopped by SIGINT/SIGTERM: what it held is back in its queues
+    released_at_start: int = 0  # messages an earlier process left in flight, released
+    waited_at_start: float = 0.0  # seconds the budget waited for the earlier calls' window
 
     @property
     def utilization(self) -> float:
@@ -120,6 +133,8 @@ class LocalResult:
 
     @property
     def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
         if self.auth_error:
             return 3
         if self.status is None or not self.status.complete or self.dlq_depth:
@@ -132,7 +147,7 @@ class LocalResult:
 class LocalContext:
     """Enough of a Lambda context for the handlers and Powertools."""
 
-    def __init__(self, name: str, timeout: float) -> None:
+    def __init__(self, name: str, timeout: float, stop: threading.Event | None = None) -> None:
         self.function_name = f"harvest-local-{name}"
         self.function_version = "$LATEST"
         self.invoked_function_arn = (
@@ -143,8 +158,13 @@ class LocalContext:
         self.log_group_name = f"/local/{self.function_name}"
         self.log_stream_name = "local"
         self._deadline = time.monotonic() + timeout
+        # Set when the run is asked to stop: the invocation's time is up at once, so the
+        # drain takes no more batches and gives back what it has not started.
+        self._stop = stop
 
     def get_remaining_time_in_millis(self) -> int:
+        if self._stop is not None and self._stop.is_set():
+            return 0
         return max(0, int((self._deadline - time.monotonic()) * 1000))
 
 
@@ -183,7 +203,8 @@ def run_local(
         read_timeout=options.read_timeout,
         deeper_first=options.deeper_first,
     )
-    _redirect_logs(out / STATE_DIR / LOG_FILE)
+    lock = _own(out / STATE_DIR)
+    _redirect_logs(out / STATE_DIR / LOG_FILE, verbose=options.verbose)
     # The local "Lambdas" run concurrently in one process and so share the handlers'
     # Metrics object, which warns when two set the stage dimension (metrics are off here).
     warnings.filterwarnings("ignore", category=PowertoolsUserWarning)
@@ -191,13 +212,18 @@ def run_local(
     reset_cache()
     rt = runtime(config)
     run_id = options.window.run_id
+    # This process owns the state: what an earlier one left in flight goes back now, and
+    # the budget waits out the window of the earlier one's last calls.
+    released = rt.store.release_in_flight() if rt.store is not None else 0
+    waited = _wait_for_earlier_calls(rt, out / STATE_DIR / LAST_CALL_FILE, options.rate_period)
     started = time.monotonic()
     cpu_started = time.process_time()
     auth_error = ""
     stalled = False
+    scheduler = _Scheduler(rt, options, drain_worker.handler)
+    restore_signals = _stop_on_signals(scheduler)
     try:
         status = rt.ledger.status(run_id)
-        scheduler = _Scheduler(rt, options, drain_worker.handler)
         try:
             if status is None or not status.kicked_off:
                 kickoff_worker.handler(
@@ -239,12 +265,18 @@ def run_local(
             stalled=stalled,
             dlq_depth=sum(rt.dlqs[s].depth().total for s in STAGE_NAMES),
             queue_requests=queue_requests,
+            interrupted=scheduler.stopping.is_set(),
+            released_at_start=released,
+            waited_at_start=waited,
         )
     finally:
+        restore_signals()
+        scheduler.note_last_call(force=True)
         reset_cache()
         _restore_env(saved_env)
         if simulator is not None:
             simulator.stop()
+        lock.close()
 
 
 class _Scheduler:
@@ -263,10 +295,29 @@ class _Scheduler:
         self.settled_at = 0.0
         self.peak_queued = 0
         self.first_output = 0.0
+        # Set by SIGINT/SIGTERM: no more invocations; running ones give their messages back.
+        self.stopping = threading.Event()
+        self._last_call_path = Path(rt.config.state_dir) / LAST_CALL_FILE
+        self._calls_seen = -1.0
+
+    def request_stop(self) -> None:
+        self.stopping.set()
+        self.stop.set()
+        if self.rt.store is not None:
+            self.rt.store.hurry()  # end the drains' long polls now
+
+    def note_last_call(self, force: bool = False) -> None:
+        """Write when the vendor calls last changed (see LAST_CALL_FILE)."""
+        calls = self.rt.stats.snapshot()["calls"]
+        if calls != self._calls_seen or force:
+            if calls != self._calls_seen or calls:
+                self._last_call_path.write_text(f"{time.time():.3f}\n")
+            self._calls_seen = calls
 
     def _invoke(self, stage: str) -> None:
         try:
-            self.handler({"stage": stage}, LocalContext(stage, self.options.invocation_timeout))
+            context = LocalContext(stage, self.options.invocation_timeout, self.stopping)
+            self.handler({"stage": stage}, context)
         except AuthError as exc:
             self.auth_error = self.auth_error or str(exc)
             self.stop.set()
@@ -297,6 +348,7 @@ class _Scheduler:
         empty_since = 0.0  # when every stage queue was found empty while the run is unsettled
         while True:
             now = time.monotonic()
+            self.note_last_call()
             status = self.rt.ledger.status(run_id)
             depths = {s: self.rt.queues[s].depth() for s in STAGE_NAMES}
             self.polls += len(depths)
@@ -382,14 +434,83 @@ def _restore_env(saved: Mapping[str, str | None]) -> None:
             os.environ[k] = v
 
 
-def _redirect_logs(path: Path) -> None:
-    """Send the handlers' JSON logs to a file, so they do not scroll over the progress display."""
+def _redirect_logs(path: Path, verbose: bool = False) -> None:
+    """Send the handlers' JSON logs to a file, so they do not scroll over the progress
+    display; with `verbose`, to standard error as well."""
     path.parent.mkdir(parents=True, exist_ok=True)
     log = logging.getLogger("harvest")
     formatter = next((h.formatter for h in log.handlers if h.formatter), None)
     for handler in list(log.handlers):
         log.removeHandler(handler)
         handler.close()
-    file_handler = logging.FileHandler(path)
-    file_handler.setFormatter(formatter)
-    log.addHandler(file_handler)
+    handlers: list[logging.Handler] = [logging.FileHandler(path)]
+    if verbose:
+        handlers.append(logging.StreamHandler())
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        log.addHandler(handler)
+
+
+class StateLockedError(ConfigError):
+    """Another `harvest local` owns the state directory."""
+
+
+def _own(state_dir: Path) -> Any:
+    """Take the state directory's lock (held until the returned file is closed).
+
+    StateLockedError, changing nothing, when another process holds it. The OS drops the
+    lock when its holder dies, however it dies: a killed run never blocks the next.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(state_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held for the whole run
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise StateLockedError(
+            f"another `harvest local` ({holder}) is using {state_dir.parent}: wait for it"
+            " to finish or stop it (Ctrl-C), then run this again"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def _wait_for_earlier_calls(rt: Runtime, path: Path, period: float) -> float:
+    """Pause the budget until the window of an earlier process's last calls has passed."""
+    try:
+        last = float(path.read_text().strip())
+    except (OSError, ValueError):
+        return 0.0
+    wait = last + POLL_SECONDS + period - time.time()
+    if wait <= 0:
+        return 0.0
+    rt.budget.pause(min(wait, POLL_SECONDS + period))
+    return wait
+
+
+def _stop_on_signals(scheduler: _Scheduler) -> Callable[[], None]:
+    """SIGINT/SIGTERM stop the run gracefully; a second one forces (KeyboardInterrupt).
+
+    Returns what puts the previous handlers back. Only the main thread may set handlers;
+    elsewhere (a test driving run_local from a thread) nothing is installed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handle(signum: int, frame: Any) -> None:
+        if scheduler.stopping.is_set():
+            raise KeyboardInterrupt
+        scheduler.request_stop()
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    return restore

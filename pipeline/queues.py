@@ -334,6 +334,24 @@ class LocalQueueStore:
             raise
         return got
 
+    def release_in_flight(self) -> int:
+        """Make every received, undeleted message visible now; return how many.
+
+        For the owner of a local run at its start: whoever received them (a process that
+        was killed or interrupted) is gone, so they need not wait out their visibility.
+        """
+        now = self._clock()
+        with self._arrived:
+            self._db.execute("BEGIN IMMEDIATE")
+            cur = self._db.execute(
+                "UPDATE messages SET visible_at = ?, receipt = NULL"
+                " WHERE receipt IS NOT NULL AND visible_at > ?",
+                (now, now),
+            )
+            self._db.execute("COMMIT")
+            self._arrived.notify_all()
+            return cur.rowcount
+
     def _delete(self, receipts: Sequence[str]) -> None:
         with self._lock:
             self.requests += len(chunks(receipts))
