@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 
 from pipeline.config import Config
@@ -208,6 +209,73 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+STEPS = {"day": timedelta(days=1), "hour": timedelta(hours=1)}
+
+
+def windows(start: str, end: str, by: str) -> list[Window]:
+    """[start, end) cut into windows of one `by` each (the last one may be shorter);
+    `by` "whole" is the one window."""
+    whole = Window.parse(start, end)
+    if by == "whole":
+        return [whole]
+    step, cuts, at = STEPS[by], [], whole.start
+    while at < whole.end:
+        cuts.append(Window(at, min(at + step, whole.end)))
+        at += step
+    return cuts
+
+
+def cmd_kickoff(args: argparse.Namespace) -> int:
+    """Start one run per window (a backfill); a window already kicked off is left alone."""
+    from pipeline.runtime import build
+
+    planned = windows(args.start, args.end, args.by)
+    if args.aws:
+        config = _state_config(args)
+    else:
+        token = os.environ.get("HARVEST_VENDOR_TOKEN", "")
+        if not args.vendor_url or not token:
+            raise ConfigError("a local kickoff needs --vendor-url and HARVEST_VENDOR_TOKEN")
+        root = Path(args.out)
+        config = Config(
+            vendor_url=args.vendor_url,
+            allow_http=args.allow_http,
+            token=token,
+            backend="local",
+            sink=str(root),
+            state_dir=str(root / ".harvest"),
+        )
+    lock = None
+    if not args.aws:
+        from pipeline.local import own
+
+        lock = own(Path(args.out) / ".harvest")  # no `harvest local` may run meanwhile
+    rt = build(config)
+    started = skipped = 0
+    try:
+        for window in planned:
+            status = rt.ledger.status(window.run_id)
+            if status is not None and status.kicked_off:
+                print(f"{window.run_id}: already started, left alone")
+                skipped += 1
+            elif args.dry_run:
+                print(f"{window.run_id}: would start")
+            else:
+                report = rt.run_kickoff(window)
+                print(f"{window.run_id}: started, {report.troops} troops queued")
+                started += 1
+    finally:
+        rt.close()
+        if lock is not None:
+            lock.close()
+    verb = "would start" if args.dry_run else "started"
+    count = len(planned) - skipped if args.dry_run else started
+    print(f"{verb} {count} of {len(planned)} windows; {skipped} already started")
+    if not args.aws and started:
+        print(f"run `harvest local --out {args.out} --from T1 --to T2` for each window to drain it")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="harvest", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -275,6 +343,18 @@ def parser() -> argparse.ArgumentParser:
         where.add_argument(
             "--aws", action="store_true", help="the deployed pipeline (HARVEST_* environment)"
         )
+
+    kick = sub.add_parser(
+        "kickoff", help="start one run per window from --from to --to (a backfill)"
+    )
+    kick.add_argument("--from", dest="start", required=True, help="RFC 3339 start")
+    kick.add_argument("--to", dest="end", required=True, help="RFC 3339 end")
+    kick.add_argument("--by", choices=("day", "hour", "whole"), default="day", help="window length")
+    kick.add_argument("--dry-run", action="store_true", help="list the windows, start nothing")
+    kick.add_argument("--vendor-url", help="the vendor (local state only)")
+    kick.add_argument("--allow-http", action="store_true", help="allow a plain http:// vendor")
+    state_args(kick)
+    kick.set_defaults(func=cmd_kickoff)
 
     status = sub.add_parser("status", help="per-stage progress of a run")
     status.add_argument("run", nargs="?", help="run id (default: the latest)")

@@ -203,7 +203,7 @@ def run_local(
         read_timeout=options.read_timeout,
         deeper_first=options.deeper_first,
     )
-    lock = _own(out / STATE_DIR)
+    lock = own(out / STATE_DIR)
     _redirect_logs(out / STATE_DIR / LOG_FILE, verbose=options.verbose)
     # The local "Lambdas" run concurrently in one process and so share the handlers'
     # Metrics object, which warns when two set the stage dimension (metrics are off here).
@@ -455,7 +455,7 @@ class StateLockedError(ConfigError):
     """Another `harvest local` owns the state directory."""
 
 
-def _own(state_dir: Path) -> Any:
+def own(state_dir: Path) -> Any:
     """Take the state directory's lock (held until the returned file is closed).
 
     StateLockedError, changing nothing, when another process holds it. The OS drops the

@@ -20,7 +20,7 @@ from conftest import WINDOW
 
 from pipeline import cli
 from pipeline.ledger import SqliteLedger
-from pipeline.local import LOCK_FILE, STATE_DIR, _own
+from pipeline.local import LOCK_FILE, STATE_DIR, own
 from pipeline.queues import LocalQueueStore
 from pipeline.runtime import STATE_DB
 from pipeline.simulator import Simulator, SimulatorConfig
@@ -136,7 +136,7 @@ def test_second_harvest_on_the_same_directory_exits_2_and_changes_nothing(
 ) -> None:
     # GIVEN a directory whose state another `harvest local` holds
     out = tmp_path / "out"
-    holder = _own(out / STATE_DIR)
+    holder = own(out / STATE_DIR)
     try:
         # WHEN a second one starts on it
         code = cli.main(["local", "--out", str(out), "--sim-troops", "1", "--tick", "1"])

@@ -927,3 +927,41 @@ def test_grants_the_harvest_cannot_exercise_are_still_granted(deployment: Deploy
     for (key, sid), reason in UNEXERCISED.items():
         function = deployment.function_names[key]
         assert any(g.sid == sid for g in role_grants(deployment, function)), (key, sid, reason)
+
+
+def _widget_series(widget: dict[str, Any]) -> set[tuple[str, str, tuple[tuple[str, str], ...]]]:
+    """(namespace, metric, dimensions) of every metric row of a dashboard widget."""
+    series = set()
+    for row in widget.get("properties", {}).get("metrics", []):
+        fields = [f for f in row if not isinstance(f, dict)]
+        if len(fields) >= 2:
+            namespace, name, *pairs = fields
+            dimensions = tuple(sorted(zip(pairs[::2], pairs[1::2], strict=True)))
+            series.add((namespace, name, dimensions))
+    return series
+
+
+def test_every_harvest_metric_the_dashboard_and_alarms_read_is_one_the_handlers_publish(
+    deployment: Deployment, lambda_process: LambdaProcess, harvest: Harvest
+) -> None:
+    # GIVEN what the handlers printed in EMF during the harvest (CloudWatch treats another
+    # set of dimensions as another metric, so a widget asking for {service} alone shows
+    # nothing of a series published with {service, stage})
+    published = {(m.namespace, m.name, m.dimensions) for m in lambda_process.metrics}
+    cloudwatch = deployment.client("cloudwatch")
+
+    # WHEN every Harvest metric the dashboard's widgets and the alarms read is listed
+    body = json.loads(
+        cloudwatch.get_dashboard(DashboardName=deployment.outputs["dashboard_name"])[
+            "DashboardBody"
+        ]
+    )
+    read = {s for w in body["widgets"] for s in _widget_series(w) if s[0] == "Harvest"}
+    for alarm in cloudwatch.describe_alarms()["MetricAlarms"]:
+        if alarm.get("Namespace") == "Harvest":
+            dims = tuple(sorted((d["Name"], d["Value"]) for d in alarm["Dimensions"]))
+            read.add((alarm["Namespace"], alarm["MetricName"], dims))
+
+    # THEN each is a series some handler published, with exactly those dimensions
+    assert read, "the dashboard and alarms read no Harvest metric"
+    assert read <= published, sorted(read - published)
