@@ -1,4 +1,8 @@
-"""`python -m bench [--quick] [--repeat N] [--only NAME ...]`: one line per scenario.
+"""`python -m bench [--quick] [--repeat N] [--only NAME ...] [--aws]`: one line per scenario.
+
+With `--aws` the handlers run as Lambda runs them instead: a process per sandbox, the
+budget and ledger in DynamoDB (a moto server), EventBridge ticks, reserved concurrency;
+see `bench/aws.py` for how and for its columns (`make bench ARGS=--aws`). Without it:
 
 Each scenario runs `harvest local` (the real handlers, embedded queues, the simulator in
 its own process) in a fresh child process, so that CPU time and peak RSS are the
@@ -31,6 +35,8 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+
+from bench import aws
 
 
 @dataclass(frozen=True)
@@ -152,10 +158,13 @@ def main() -> int:
         help="run each scenario N times and print medians, with the CPU range (default 1)",
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    aws.add_arguments(parser)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(run_one(Scenario(**json.loads(args.child)))))
         return 0
+    if args.aws:
+        return aws.main(args, scratch_dir())
     print(f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, python {sys.version.split()[0]}")
     print(HEADER)
     failed = False

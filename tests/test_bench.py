@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from bench.__main__ import combine, scratch_dir
+from bench.aws import AwsScenario, Settings, line, run_one
 
 
 def run(cpu: float, exact: bool = True, wall: float = 10.0) -> dict[str, float]:
@@ -33,3 +34,22 @@ def test_scratch_dir_follows_bench_dir_and_falls_back_to_the_default_temp(
 
     monkeypatch.setenv("BENCH_DIR", str(tmp_path / "missing"))
     assert scratch_dir() is None
+
+
+@pytest.mark.integration
+def test_aws_mode_harvests_exactly_and_fills_every_column(tmp_path: Path) -> None:
+    pytest.importorskip("moto.server", reason="moto[server] not installed")
+    # GIVEN a tiny tree (10 vendor calls) and no injected AWS latency
+    scenario = AwsScenario("tiny", 1, 2, 3, rate_calls=1000, vendor_calls=1000, latency=0.0)
+    settings = Settings(ddb_ms=0.0, sqs_ms=0.0, s3_ms=0.0)
+
+    # WHEN it runs as in Lambda: a sandbox process per invocation, DynamoDB on a moto server
+    result = run_one(scenario, settings, str(tmp_path))
+
+    # THEN the output equals the ground truth, and the AWS columns were measured
+    assert result["exact"] and result["complete"]
+    assert (result["failed"], result["stalled"]) == (0, False)
+    assert result["calls"] == 10
+    assert result["ddb_per_call"] > 0 and result["gbs_per_1k"] > 0
+    assert result["cold"] >= 4  # the kickoff and each stage's drain started a sandbox
+    assert line(scenario.name, result).startswith("tiny ")

@@ -1,0 +1,800 @@
+"""`python -m bench --aws [--quick] [--only NAME ...] [--repeat N]`: the handlers as in Lambda.
+
+Every other figure of the bench comes from `harvest local`: one process, one `PacedBudget`.
+Here each stage is a Lambda function and every invocation runs in a sandbox process, with
+its own `pipeline.runtime` cache and so its own `DynamoBudget`; the budget and the ledger
+are in DynamoDB. `make bench` stays the local bench (the README's numbers); `make bench
+ARGS=--aws` runs this one: about as long as the local one (under 10 minutes on the 2-core
+development machine), on moto's server, which the dev extra installs. `--quick` takes a
+tenth of every scenario's data groups.
+
+What plays what:
+
+- **Lambda** (`Function`): a drain function per stage, with its reserved concurrency
+  (default 2, Terraform's), and a kickoff function. An invocation goes to an idle warm
+  sandbox of its function, else to a new one: a cold start, a fresh interpreter importing
+  the handler (`bench/aws_sandbox.py`). A sandbox serves one invocation at a time and is
+  reused, as Lambda reuses them. The handlers, `workers.kickoff.handler` and
+  `workers.drain.handler`, get what Lambda gives them: the event (`{}` from the schedule),
+  `HARVEST_*` in the environment (the stage in `HARVEST_STAGE`), and a context
+  (`pipeline.local.LocalContext`) whose remaining time counts down from the function's
+  timeout. A sandbox still busy a second past its timeout is killed, as Lambda kills it.
+- **EventBridge**: one tick per stage; time is compressed: `--tick` seconds (default 20)
+  stand for the schedule's minute, and the drain timeout (120 s), its safety margin (30 s),
+  the visibility timeout (timeout + 60 s) and the kickoff timeout (300 s) shrink with it,
+  so invocations overlap as in AWS (each ends 1.5 ticks after it starts at the latest; a
+  busy stage has one or two running). A tick that finds its function at its reserved
+  concurrency is dropped (throttled). The first tick comes as the kickoff returns: the
+  best phase (in AWS the first drains start 0-60 s after it). Not compressed: the drain's
+  20 s idle grace (fixed in the code), the 1 s long poll (Terraform's
+  `receive_wait_seconds`), the 5 s retry delay, the vendor's timeouts. Why not shorter
+  ticks: the safety margin must still cover a drain's last batch; a batch of warriors
+  records each of its children with one DynamoDB write, one after another (460 of them for
+  10 warriors of 46 data groups: 4-9 s here), and with `--tick 10` (a 5 s margin) drains
+  were killed at their timeout.
+- **DynamoDB**: moto servers of their own per run (`bench/aws_moto.py`: one request at a
+  time, as DynamoDB's writes are atomic; queries of the ledger's shape read one partition),
+  reached over HTTP by the botocore clients that `pipeline.runtime.build` makes for backend
+  "aws" (adaptive retries, its pool): the conditional writes are real. The budget's item
+  has a server to itself: one moto process answers on one core, and at 100 calls/s the
+  ledger's writes alone keep it busy; DynamoDB does not queue one item's requests behind
+  another's. A botocore hook in every sandbox tops each request's round trip up to
+  `--ddb-ms` (default 8 ms): moto's own time counts towards that latency, not on top of it.
+- **SQS**: the embedded SQLite queues (`pipeline.queues.LocalQueueStore`, one file shared
+  by all sandboxes: SQS's receive counts, visibility timeouts and redrive) behind a shim
+  that adds `--sqs-ms` (default 15 ms) to every request, counts requests as `SqsQueue`
+  makes them, and long-polls across processes. moto's SQS costs O(queue depth) per call
+  (800 ms for one batch send at depth 2,000) and cannot carry these runs. Unlike SQS's,
+  the embedded queues' depth is exact, not a count that lags by up to a minute.
+- **S3**: not moto's (its CPU would be the machine's): a local directory (in /dev/shm
+  where there is one) behind a shim adding `--s3-ms` (default 20 ms) per put, get and
+  1,000 keys listed.
+- **The vendor**: the simulator in its own process, as in the local bench; the output is
+  compared with its ground truth (`pipeline.verify.compare`).
+
+Columns (the local bench's, then AWS's):
+
+calls         vendor calls made (retries and 429s included), counted by the simulator
+wall s        kickoff invoked (its cold start included) to the run's manifest written
+ideal s       calls × W / L: the least time the vendor's limit allows
+util          ideal / wall
+util>out      the same from the first data group written to the end: the pace the budget
+              keeps once the fan-out (which waits on one ledger write per child) has fed
+              the last stage
+429s          rate-limited responses
+q req/ent     queue requests (send, receive, delete, visibility, depth) per ledger entity
+ddb req/call  DynamoDB requests of all invocations (budget, ledger, completion checks;
+              retries included), counted by the moto server, per vendor call
+ddb ms        mean DynamoDB round trip as the handlers saw it: --ddb-ms, or more when moto,
+              on the same two cores as everything else, answered later
+GB-s/1k       Lambda GB-seconds per 1,000 calls: Σ (cold start + duration) × memory / 1024
+              over every invocation, the kickoff and idle ticks included (Lambda bills the
+              init phase too); a killed invocation counts its whole timeout
+cpu ms/call   CPU of all sandboxes, cold starts included, per call: the pipeline and its
+              botocore clients, what the functions' CPU share (memory / 1769 MB of a vCPU)
+              has to cover
+rss MB        the largest peak resident memory of one sandbox (it must fit --memory)
+inv (cold)    invocations of all functions, and how many of them started a sandbox
+cpu own/host  the share of the machine's cores used by this bench's processes (sandboxes,
+              moto, the simulator, the harness), and by everything on the machine: near
+              1.00 the numbers measure the machine, not the design
+exact         output equals the simulator's ground truth
+1st out s     until the first data group was written
+
+A failed invocation, a stall or an incomplete run is named after the line.
+
+Limits: moto spends 2-3 ms of CPU per DynamoDB write (plus its HTTP server's), on one core,
+and botocore 1.5-2 ms per request in the sandbox; at about 2.4 requests per call the
+ledger's moto server saturates somewhere above 100 calls/s, and then `ddb ms` rises far
+above `--ddb-ms` and every figure of that line measures moto, not the design (the 200
+calls/s lines on the 2-core development machine). The numbers move between runs by about
+a tenth (the machine is shared). The killed invocations' queue requests are lost. X-Ray
+tracing is off (Terraform turns it on); the token comes from the environment, not SSM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import select
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+# Terraform's defaults (terraform/variables.tf, main.tf), in real seconds.
+SCHEDULE_SECONDS = 60.0  # the drains' rate(1 minute)
+DRAIN_TIMEOUT = 120.0
+SAFETY_MARGIN = 30.0
+VISIBILITY_EXTRA = 60.0  # visibility timeout = drain timeout + 60
+KICKOFF_TIMEOUT = 300.0
+RECEIVE_WAIT = 1.0  # receive_wait_seconds
+RETRY_DELAY = 5.0
+MEMORY_MB = 256
+TABLE = "harvest-state"
+REGION = "us-east-1"
+WINDOW = ("2026-11-22T00:00:00Z", "2026-11-23T00:00:00Z")
+POLL_SECONDS = 0.1  # how often the harness looks for the manifest
+KILL_GRACE = 1.0  # Lambda's timeout, give or take: then the sandbox is killed
+COLD_START_LIMIT = 30.0  # a sandbox that takes longer to import the handler has failed
+ROOT = Path(__file__).resolve().parents[1]  # where `python -m bench.…` finds the bench
+SANDBOX_MODULE = "bench.aws_sandbox"
+MOTO_MODULE = "bench.aws_moto"
+
+
+@dataclass(frozen=True)
+class AwsScenario:
+    name: str
+    troops: int
+    warriors: int
+    data_groups: int
+    rate_calls: int  # configured
+    vendor_calls: int  # the simulator's real limit
+    latency: float
+    # HARVEST_CONCURRENCY, the most messages an invocation keeps in process; None: the
+    # default (Terraform's drain_concurrency).
+    concurrency: int | None = None
+    reserved_concurrency: int = 2  # per drain function
+    rate_period: float = 1.0
+
+    def scaled(self, factor: float) -> AwsScenario:
+        return replace(self, data_groups=max(1, round(self.data_groups * factor)))
+
+
+# The local bench's scenarios (bench/__main__.py), the large ones at a tenth or a twentieth
+# of their data groups and the baseline at an eighth of its calls (deeper-first is left out:
+# the DynamoDB budget has no priority, so it does nothing in AWS), then the mixes
+# the local bench cannot show: busy and sparse stages in one budget, and vendors slow
+# enough that a drain's threads, not the budget, may set the pace.
+SCENARIOS = [
+    AwsScenario("1.5k@50/s 200ms", 4, 8, 46, 50, 50, 0.2),
+    AwsScenario("2.5k@200/s 20ms", 20, 25, 5, 200, 200, 0.02),
+    AwsScenario("vendor limit = half", 4, 8, 46, 100, 50, 0.02),
+    AwsScenario(
+        "baseline 1-at-a-time", 2, 8, 5, 50, 50, 0.2, concurrency=1, reserved_concurrency=1
+    ),
+    AwsScenario("1k@200/s 20ms", 10, 10, 10, 200, 200, 0.02),
+    # Upstream stages with almost nothing to do while data groups are busy.
+    AwsScenario("sparse up@100/s 20ms", 2, 2, 500, 100, 100, 0.02),
+    # Many small listings upstream interleaved with the data groups.
+    AwsScenario("wide up@100/s 20ms", 50, 4, 10, 100, 100, 0.02),
+    AwsScenario("2k@200/s 200ms", 10, 10, 20, 200, 200, 0.2),
+    AwsScenario("2k@100/s 400ms", 10, 10, 20, 100, 100, 0.4),
+]
+
+HEADER = (
+    f"{'scenario':<22} {'calls':>6} {'wall s':>7} {'ideal s':>7} {'util':>5} {'util>out':>8} "
+    f"{'429s':>5} {'q req/ent':>9} {'ddb req/call':>12} {'ddb ms':>6} {'GB-s/1k':>7} "
+    f"{'cpu ms/call':>11} {'rss MB':>6} {'inv (cold)':>10} {'cpu own/host':>12} {'exact':>5} "
+    f"{'1st out s':>9}"
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the harness plays AWS (the CLI's AWS-mode options)."""
+
+    tick: float = 20.0  # seconds that stand for the schedule's minute
+    memory_mb: int = MEMORY_MB
+    ddb_ms: float = 8.0
+    sqs_ms: float = 15.0
+    s3_ms: float = 20.0
+
+    @property
+    def compression(self) -> float:
+        return SCHEDULE_SECONDS / self.tick
+
+    @property
+    def drain_timeout(self) -> float:
+        return DRAIN_TIMEOUT / self.compression
+
+    @property
+    def safety_margin(self) -> float:
+        return SAFETY_MARGIN / self.compression
+
+    @property
+    def kickoff_timeout(self) -> float:
+        return KICKOFF_TIMEOUT / self.compression
+
+
+@dataclass
+class Invocation:
+    """One invocation as Lambda would report it, plus what its sandbox counted."""
+
+    function: str
+    cold: bool
+    init: float = 0.0  # seconds of cold start before it (0 if warm)
+    duration: float = 0.0
+    ddb: float = 0  # DynamoDB requests and their round trips, as the handler saw them
+    ddb_seconds: float = 0.0
+    queue: float = 0
+    rss_mb: float = 0.0
+    error: str = ""
+
+
+def _process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a live process, from /proc; 0 where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu() -> dict[int, float]:
+    """CPU seconds of each live child of this process (moto, the simulator, sandboxes)."""
+    me = str(os.getpid())
+    found = {}
+    for entry in os.scandir("/proc") if os.path.isdir("/proc") else []:
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[1] == me:
+                found[int(entry.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf(
+                    "SC_CLK_TCK"
+                )
+    return found
+
+
+def _host_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat; (0, 0) where absent."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:9]]
+    except OSError:
+        return 0, 0
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+class Sandbox:
+    """A sandbox process: started (the cold start) on creation, one invocation at a time."""
+
+    def __init__(self, handler: str, env: dict[str, str], log: Path) -> None:
+        started = time.monotonic()
+        with open(log, "ab") as err:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", SANDBOX_MODULE, handler],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env=env,
+                cwd=ROOT,
+                text=True,
+            )
+        self.final_cpu = 0.0  # once it is killed
+        if self._answer(COLD_START_LIMIT) is None:
+            self.kill()
+            raise RuntimeError(f"a sandbox of {handler} did not start: see {log}")
+        self.init = time.monotonic() - started
+
+    def _answer(self, timeout: float) -> dict[str, Any] | None:
+        out = self.process.stdout
+        assert out is not None
+        readable, _, _ = select.select([out], [], [], max(0.0, timeout))
+        line = out.readline() if readable else ""
+        answer: dict[str, Any] | None = json.loads(line) if line else None
+        return answer
+
+    def invoke(self, request: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+        """The sandbox's answer, or None if it timed out or died (it is killed then)."""
+        stdin = self.process.stdin
+        assert stdin is not None
+        try:
+            stdin.write(json.dumps(request) + "\n")
+            stdin.flush()
+        except BrokenPipeError:
+            answer = None
+        else:
+            answer = self._answer(timeout + KILL_GRACE)
+        if answer is None:
+            self.kill()
+        return answer
+
+    def cpu(self) -> float:
+        return self.final_cpu or _process_cpu(self.process.pid)
+
+    def kill(self) -> None:
+        self.final_cpu = self.cpu()
+        self.process.kill()
+        self.close()
+
+    def close(self) -> None:
+        for stream in (self.process.stdin, self.process.stdout):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class Function:
+    """A Lambda function: its handler, reserved concurrency, timeout and warm sandboxes."""
+
+    def __init__(
+        self,
+        name: str,
+        handler: str,
+        env: dict[str, str],
+        *,
+        reserved: int,
+        timeout: float,
+        logs: Path,
+        record: Callable[[Invocation], None],
+    ) -> None:
+        self.name = name
+        self.handler = handler
+        self.env = env
+        self.reserved = reserved
+        self.timeout = timeout
+        self.logs = logs
+        self.record = record
+        self.running = 0
+        self.throttled = 0  # ticks dropped: the function was at its reserved concurrency
+        self.sandboxes: list[Sandbox] = []  # every one started, killed ones included
+        self._idle: list[Sandbox] = []
+        self._lock = threading.Lock()
+
+    def invoke_async(self, event: dict[str, Any]) -> bool:
+        """Start an invocation in the background, as an EventBridge target; False if throttled."""
+        with self._lock:
+            if self.running >= self.reserved:
+                self.throttled += 1
+                return False
+            self.running += 1
+        threading.Thread(target=self._run, args=(event,), daemon=True).start()
+        return True
+
+    def invoke(self, event: dict[str, Any]) -> Invocation:
+        """One invocation, waited for."""
+        with self._lock:
+            self.running += 1
+        return self._run(event)
+
+    def _run(self, event: dict[str, Any]) -> Invocation:
+        try:
+            with self._lock:
+                # The most recently used first, as Lambda tends to.
+                sandbox = self._idle.pop() if self._idle else None
+                number = len(self.sandboxes) + 1
+            invocation = Invocation(self.name, cold=sandbox is None)
+            if sandbox is None:
+                sandbox = Sandbox(self.handler, self.env, self.logs / f"{self.name}-{number}.log")
+                with self._lock:
+                    self.sandboxes.append(sandbox)
+                invocation.init = sandbox.init
+            request = {"function": self.name, "event": event, "timeout": self.timeout}
+            answer = sandbox.invoke(request, self.timeout)
+            if answer is None:
+                invocation.duration = self.timeout  # billed to the timeout
+                invocation.error = "timed out: sandbox killed"
+            else:
+                invocation.duration = float(answer["duration"])
+                invocation.ddb = answer["ddb"]
+                invocation.ddb_seconds = answer["ddb_seconds"]
+                invocation.queue = answer["queue"]
+                invocation.rss_mb = float(answer["rss_mb"])
+                invocation.error = str(answer["error"])
+                with self._lock:
+                    self._idle.append(sandbox)
+            self.record(invocation)
+            return invocation
+        finally:
+            with self._lock:
+                self.running -= 1
+
+    def cpu(self) -> float:
+        """CPU seconds of every sandbox so far, cold starts included."""
+        with self._lock:
+            return sum(s.cpu() for s in self.sandboxes)
+
+    def close(self) -> None:
+        with self._lock:
+            sandboxes, self._idle = list(self.sandboxes), []
+        for sandbox in sandboxes:
+            sandbox.close()
+
+
+class MotoServer:
+    """A fresh moto server (`bench/aws_moto.py`) for one run."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", MOTO_MODULE],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=ROOT,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        self.url = self.process.stdout.readline().strip()
+        self.requests: dict[str, int] = {}  # answered, by action: known once stopped
+        if not self.url.startswith("http://"):
+            self.stop()
+            raise RuntimeError(f"the moto server did not start (said {self.url!r})")
+
+    def stop(self) -> None:
+        stdin, stdout = self.process.stdin, self.process.stdout
+        if stdin is None or stdout is None or stdin.closed:
+            return
+        stdin.close()
+        last = stdout.read().strip()
+        self.requests = json.loads(last) if last.startswith("{") else {}
+        stdout.close()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class _HarnessClient:
+    """The harness's own DynamoDB client; it counts its requests, which are not the pipeline's."""
+
+    def __init__(self, url: str) -> None:
+        import boto3
+
+        self.requests = 0
+        self.client = boto3.session.Session().client(
+            "dynamodb",
+            endpoint_url=url,
+            region_name=REGION,
+            aws_access_key_id="bench",  # moto takes any
+            aws_secret_access_key="bench",
+        )
+        self.client.meta.events.register("before-send.dynamodb", self._count)
+
+    def _count(self, **_: Any) -> None:
+        self.requests += 1
+
+    def create_state_table(self) -> None:
+        """The state table as Terraform makes it: hash key `pk`, range key `sk`, on demand."""
+        self.client.create_table(
+            TableName=TABLE,
+            AttributeDefinitions=[
+                {"AttributeName": "pk", "AttributeType": "S"},
+                {"AttributeName": "sk", "AttributeType": "S"},
+            ],
+            KeySchema=[
+                {"AttributeName": "pk", "KeyType": "HASH"},
+                {"AttributeName": "sk", "KeyType": "RANGE"},
+            ],
+            BillingMode="PAY_PER_REQUEST",
+        )
+
+
+@dataclass
+class _Record:
+    invocations: list[Invocation] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, invocation: Invocation) -> None:
+        with self.lock:
+            self.invocations.append(invocation)
+
+
+def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> dict[str, Any]:
+    """One harvest of `scenario` with every invocation in a sandbox process; its numbers."""
+    from bench.aws_sandbox import SETTINGS_ENV
+    from bench.aws_sandbox import Settings as SandboxSettings
+    from pipeline.config import Config, QueueUrls
+    from pipeline.ledger import DynamoLedger
+    from pipeline.queues import LocalQueueStore
+    from pipeline.simulator import SimulatorConfig, SimulatorProcess
+    from pipeline.sinks import DirectorySink, manifest_key
+    from pipeline.stages import STAGE_NAMES
+    from pipeline.verify import compare
+    from pipeline.window import Window
+
+    window = Window.parse(*WINDOW)
+    run_id = window.run_id
+    simulator_config = SimulatorConfig(
+        troops=scenario.troops,
+        warriors_per_troop=scenario.warriors,
+        data_groups_per_warrior=scenario.data_groups,
+        rate_calls=scenario.vendor_calls,
+        rate_period=scenario.rate_period,
+        latency=scenario.latency,
+    )
+    record = _Record()
+    with ExitStack() as stack:
+        work = Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="harvest-aws-", dir=scratch))
+        )
+        moto = MotoServer()  # the ledger's
+        stack.callback(moto.stop)
+        moto_budget = MotoServer()  # the budget's item (see bench/aws_sandbox.py)
+        stack.callback(moto_budget.stop)
+        simulator = stack.enter_context(SimulatorProcess(simulator_config))
+        harness = _HarnessClient(moto.url)
+        harness.create_state_table()
+        harness_budget = _HarnessClient(moto_budget.url)
+        harness_budget.create_state_table()
+        sink_dir, logs = work / "out", work / "logs"
+        logs.mkdir()
+        store = LocalQueueStore(work / "queues.sqlite")
+        stack.callback(store.close)
+        config = Config(
+            vendor_url=simulator.url,
+            allow_http=True,  # the simulator, on loopback
+            backend="aws",
+            rate_calls=scenario.rate_calls,
+            rate_period=scenario.rate_period,
+            # Checked by the AWS build, never called: the sandboxes swap the queues.
+            queues={
+                s: QueueUrls(f"{moto.url}/000000000000/{s}", f"{moto.url}/000000000000/{s}-dlq")
+                for s in STAGE_NAMES
+            },
+            sink="s3://harvest-bench/out",  # swapped for sink_dir likewise
+            state_table=TABLE,
+            safety_margin=settings.safety_margin,
+            visibility_timeout=settings.drain_timeout + VISIBILITY_EXTRA / settings.compression,
+            retry_delay=RETRY_DELAY,
+            wait_seconds=RECEIVE_WAIT,
+        )
+        if scenario.concurrency is not None:
+            config = config.with_(concurrency=scenario.concurrency)
+        sandbox_settings = SandboxSettings(
+            queue_db=str(work / "queues.sqlite"),
+            sink_dir=str(sink_dir),
+            ddb_latency=settings.ddb_ms / 1000,
+            sqs_latency=settings.sqs_ms / 1000,
+            s3_latency=settings.s3_ms / 1000,
+            memory_mb=settings.memory_mb,
+            budget_endpoint=moto_budget.url,
+        )
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("HARVEST_", "AWS_", "POWERTOOLS_"))
+        }
+        env.update(config.to_env())
+        env.update(
+            {
+                "HARVEST_VENDOR_TOKEN": simulator_config.token,
+                "AWS_ENDPOINT_URL": moto.url,  # every AWS client: nothing can reach real AWS
+                "AWS_DEFAULT_REGION": REGION,
+                "AWS_REGION": REGION,
+                "AWS_ACCESS_KEY_ID": "bench",  # moto takes any
+                "AWS_SECRET_ACCESS_KEY": "bench",
+                "AWS_EC2_METADATA_DISABLED": "true",
+                "POWERTOOLS_SERVICE_NAME": "harvest",
+                "POWERTOOLS_METRICS_NAMESPACE": "Harvest",
+                "POWERTOOLS_TRACE_DISABLED": "true",
+                SETTINGS_ENV: json.dumps(asdict(sandbox_settings)),
+            }
+        )
+        kickoff = Function(
+            "kickoff",
+            "workers.kickoff.handler",
+            env,
+            reserved=1,
+            timeout=settings.kickoff_timeout,
+            logs=logs,
+            record=record.add,
+        )
+        drains = {
+            s: Function(
+                f"drain-{s}",
+                "workers.drain.handler",
+                {**env, "HARVEST_STAGE": s},
+                reserved=scenario.reserved_concurrency,
+                timeout=settings.drain_timeout,
+                logs=logs,
+                record=record.add,
+            )
+            for s in STAGE_NAMES
+        }
+        functions = [kickoff, *drains.values()]
+        for function in functions:
+            stack.callback(function.close)
+
+        manifest = sink_dir / manifest_key(run_id)
+        data_dir = manifest.parent / "data"
+        expected = simulator.expected_calls(window.start, window.end)
+        stalled_after = max(120.0, 20 * expected * scenario.rate_period / scenario.vendor_calls)
+        host_started, cpu_started = _host_ticks(), _children_cpu()
+        self_started = resource.getrusage(resource.RUSAGE_SELF)
+        started = time.monotonic()
+        kicked = kickoff.invoke({"from": window.from_text, "to": window.to_text})
+        if kicked.error:
+            raise RuntimeError(f"kickoff failed: {kicked.error}")
+        next_tick, settled_at, first_output, stalled = time.monotonic(), 0.0, 0.0, False
+        calls_before_output = 0
+        while True:
+            now = time.monotonic()
+            settled = manifest.exists()
+            if settled and not settled_at:
+                settled_at = now
+            if not first_output and data_dir.is_dir() and any(os.scandir(data_dir)):
+                first_output = now - started
+                calls_before_output = int(simulator.stats()["requests"])
+            # A settled run needs no more invocations unless redeliveries are still queued.
+            busy = not settled or any(store.queue(s).depth().total for s in STAGE_NAMES)
+            if now >= next_tick and busy:
+                for function in drains.values():
+                    function.invoke_async({})
+                next_tick += settings.tick
+            if not busy and not any(f.running for f in drains.values()):
+                break
+            if now - started > stalled_after:
+                stalled = True
+                break
+            time.sleep(POLL_SECONDS)
+        host_ended, cpu_ended = _host_ticks(), _children_cpu()
+        self_ended = resource.getrusage(resource.RUSAGE_SELF)
+        wall = (settled_at or time.monotonic()) - started
+        sandbox_cpu = sum(f.cpu() for f in functions)
+        vendor = simulator.stats()
+        status = DynamoLedger(harness.client, TABLE).status(run_id)
+        comparison = None
+        if status is not None and status.settled:
+            comparison = compare(
+                DirectorySink(sink_dir), run_id, simulator.ground_truth(window.start, window.end)
+            )
+        dead_letters = sum(store.queue(f"{s}-dlq").depth().total for s in STAGE_NAMES)
+        killed_cpu = sum(s.final_cpu for f in functions for s in f.sandboxes)
+    ddb_requests = (
+        sum(moto.requests.values())
+        + sum(moto_budget.requests.values())
+        - harness.requests
+        - harness_budget.requests
+    )
+
+    invocations = record.invocations
+    calls = float(vendor["requests"])
+    entities = sum(c.enqueued for c in status.stages.values()) if status else 0
+    ideal = calls * scenario.rate_period / scenario.vendor_calls
+    # From the first data group written on: the pace once the fan-out has fed the last stage.
+    ideal_after = (calls - calls_before_output) * scenario.rate_period / scenario.vendor_calls
+    wall_after = wall - first_output
+    gb_seconds = sum(i.init + i.duration for i in invocations) * settings.memory_mb / 1024
+    own_cpu = (
+        sum(cpu - cpu_started.get(pid, 0.0) for pid, cpu in cpu_ended.items())
+        + killed_cpu
+        + (self_ended.ru_utime + self_ended.ru_stime)
+        - (self_started.ru_utime + self_started.ru_stime)
+    )
+    host_busy, host_total = (b - a for a, b in zip(host_started, host_ended, strict=True))
+    cores = os.cpu_count() or 1
+    ddb_seen = sum(i.ddb for i in invocations)
+    return {
+        "calls": calls,
+        "wall": wall,
+        "ideal": ideal,
+        "util": ideal / wall if wall else 0.0,
+        "util_after_output": ideal_after / wall_after if first_output and wall_after > 0 else 0.0,
+        "rate_limited": float(vendor["rate_limited"]),
+        "queue_per_entity": sum(i.queue for i in invocations) / max(1, entities),
+        "ddb_per_call": ddb_requests / max(1.0, calls),
+        "ddb_ms": 1000 * sum(i.ddb_seconds for i in invocations) / max(1, ddb_seen),
+        "gbs_per_1k": 1000 * gb_seconds / max(1.0, calls),
+        "cpu_ms_per_call": 1000 * sandbox_cpu / max(1.0, calls),
+        "rss_mb": max((i.rss_mb for i in invocations), default=0.0),
+        "invocations": len(invocations),
+        "cold": sum(i.cold for i in invocations),
+        "own_cpu": own_cpu / max(1e-9, (time.monotonic() - started) * cores),
+        "host_cpu": host_busy / host_total if host_total else 0.0,
+        "exact": bool(comparison and comparison.exact),
+        "complete": bool(status and status.complete and not dead_letters),
+        "first_output": first_output,
+        "stalled": stalled,
+        "throttled": sum(f.throttled for f in drains.values()),
+        "failed": sum(bool(i.error) for i in invocations),
+        "errors": sorted({f"{i.function}: {i.error[:160]}" for i in invocations if i.error}),
+    }
+
+
+def line(name: str, r: dict[str, Any]) -> str:
+    inv = f"{r['invocations']:.0f} ({r['cold']:.0f})"
+    cpu = f"{r['own_cpu']:.2f}/{r['host_cpu']:.2f}"
+    return (
+        f"{name:<22} {r['calls']:>6.0f} {r['wall']:>7.1f} {r['ideal']:>7.1f} {r['util']:>5.2f} "
+        f"{r['util_after_output']:>8.2f} {r['rate_limited']:>5.0f} {r['queue_per_entity']:>9.3f} "
+        f"{r['ddb_per_call']:>12.2f} {r['ddb_ms']:>6.1f} {r['gbs_per_1k']:>7.1f} "
+        f"{r['cpu_ms_per_call']:>11.2f} {r['rss_mb']:>6.0f} {inv:>10} {cpu:>12} "
+        f"{'yes' if r['exact'] else 'NO':>5} {r['first_output']:>9.1f}"
+    )
+
+
+def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One line from repeated runs: medians; exact and complete only if every run was."""
+    result: dict[str, Any] = {
+        key: statistics.median(float(r[key]) for r in runs)
+        for key, value in runs[0].items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    }
+    for key in ("exact", "complete"):
+        result[key] = all(r[key] for r in runs)
+    result["stalled"] = any(r["stalled"] for r in runs)
+    result["errors"] = sorted({e for r in runs for e in r["errors"]})
+    return result
+
+
+def notes(r: dict[str, Any]) -> str:
+    """What the line's numbers do not say: failed invocations, a stall, a run left incomplete."""
+    said = []
+    if r["failed"]:
+        said.append(f"{r['failed']:.0f} failed invocations ({'; '.join(r['errors'])})")
+    if r["stalled"]:
+        said.append("STALLED")
+    elif not r["complete"]:
+        said.append("incomplete")
+    return "  " + ", ".join(said) if said else ""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("AWS mode (--aws)")
+    group.add_argument("--aws", action="store_true", help="run the AWS-mode bench (bench/aws.py)")
+    defaults = Settings()
+    group.add_argument(
+        "--tick",
+        type=float,
+        default=defaults.tick,
+        help="seconds that stand for the drains' one-minute schedule; the timeouts shrink"
+        f" with it (default {defaults.tick:g})",
+    )
+    group.add_argument(
+        "--memory", type=int, default=defaults.memory_mb, help="function memory, MB (256)"
+    )
+    group.add_argument(
+        "--ddb-ms", type=float, default=defaults.ddb_ms, help="least DynamoDB round trip (8)"
+    )
+    group.add_argument(
+        "--sqs-ms", type=float, default=defaults.sqs_ms, help="added per queue request (15)"
+    )
+    group.add_argument(
+        "--s3-ms", type=float, default=defaults.s3_ms, help="added per sink request (20)"
+    )
+
+
+def main(args: argparse.Namespace, scratch: str | None) -> int:
+    settings = Settings(
+        tick=args.tick,
+        memory_mb=args.memory,
+        ddb_ms=args.ddb_ms,
+        sqs_ms=args.sqs_ms,
+        s3_ms=args.s3_ms,
+    )
+    print(
+        f"# AWS mode, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, python {sys.version.split()[0]}:"
+        f" tick {settings.tick:g} s for 60 s, drain timeout {settings.drain_timeout:g} s,"
+        f" margin {settings.safety_margin:g} s, {settings.memory_mb} MB;"
+        f" DynamoDB >= {settings.ddb_ms:g} ms, SQS +{settings.sqs_ms:g} ms,"
+        f" S3 +{settings.s3_ms:g} ms"
+    )
+    print(HEADER, flush=True)
+    failed = False
+    for scenario in SCENARIOS:
+        if args.only and not any(scenario.name.startswith(o) for o in args.only):
+            continue
+        if args.quick:
+            scenario = scenario.scaled(0.1)
+        try:
+            result = combine([run_one(scenario, settings, scratch) for _ in range(args.repeat)])
+        except Exception as exc:  # report it, go on with the next scenario
+            print(f"{scenario.name:<22} FAILED: {type(exc).__name__}: {exc}", flush=True)
+            failed = True
+            continue
+        print(line(scenario.name, result) + notes(result), flush=True)
+        failed |= not result["exact"] or result["stalled"]
+    return 1 if failed else 0

@@ -1,0 +1,155 @@
+"""The AWS-mode bench's DynamoDB: a moto server in its own process (`python -m bench.aws_moto`).
+
+Prints its URL, then serves until stdin closes (as `pipeline.simulator`'s child does), then
+prints how many DynamoDB requests it answered, by action, as one JSON line. Counted here,
+requests of an invocation that Lambda (the harness) killed at its timeout count too.
+
+Two changes make it behave as DynamoDB does:
+
+- **One request at a time.** moto checks a ConditionExpression and applies the write with no
+  lock, so on a threaded server two racing conditional writes can both succeed (measured
+  here: 8 threads making 800 read-then-conditional-increment writes of one counter got 800
+  successes and a counter of 798), and it inserts a new item before setting its attributes,
+  so a concurrent read can see an item without them (the ledger's status then failed with
+  KeyError 'state'). DynamoDB does neither, and the budget's reservations are exactly such
+  writes.
+- **A Query reads one partition.** moto sorts every item of the table and serialises each
+  result through its generic model (about 0.13 ms of CPU per item returned): the ledger's
+  status, which every drain invocation reads at its end, took 0.1-0.6 s of CPU per read at
+  these sizes, in bursts at every tick, and one at a time everything else would wait behind
+  it. So a Query of the ledger's shape (a table with a range key, `pk = :pk`, at most a
+  projection of top-level attributes, no filter, no index, no paging key, under 1 MB) is
+  answered here from its partition, as moto would answer it (checked item for item against
+  moto's own); any other Query goes to moto.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+import sys
+import threading
+from collections import Counter
+from typing import Any
+
+# What a Query may hold to be answered from its partition.
+FAST_QUERY_KEYS = {
+    "TableName",
+    "KeyConditionExpression",
+    "ExpressionAttributeValues",
+    "ExpressionAttributeNames",
+    "ProjectionExpression",
+    "ConsistentRead",
+}
+KEY_CONDITION = re.compile(r"\s*(#?\w+)\s*=\s*(:\w+)\s*")
+ATTRIBUTE = re.compile(r"#?\w+")
+PLAIN_TYPES = {"S", "N", "B", "BOOL", "NULL", "SS", "NS", "BS"}
+PAGE_BYTES = 1024 * 1024  # DynamoDB's page; a larger answer goes to moto's own paging
+
+
+def serialise() -> None:
+    """Answer one DynamoDB request at a time."""
+    from moto.dynamodb.responses import DynamoHandler
+
+    lock = threading.Lock()
+    call_action = DynamoHandler.call_action
+
+    @functools.wraps(call_action)
+    def one_at_a_time(self: Any) -> Any:
+        with lock:
+            return call_action(self)
+
+    DynamoHandler.call_action = one_at_a_time  # type: ignore[method-assign]
+
+
+def fast_partition_queries() -> None:
+    from moto.dynamodb.models.dynamo_type import DynamoType
+    from moto.dynamodb.responses import DynamoHandler
+
+    moto_query = DynamoHandler.query
+
+    def answer(self: Any) -> str | None:
+        """The Query's JSON answer, or None if it is not of the shape answered here."""
+        body = self.body
+        if not set(body) <= FAST_QUERY_KEYS:
+            return None
+        names = body.get("ExpressionAttributeNames") or {}
+        values = body.get("ExpressionAttributeValues") or {}
+        match = KEY_CONDITION.fullmatch(body.get("KeyConditionExpression") or "")
+        table = self.dynamodb_backend.tables.get(body["TableName"])
+        if match is None or table is None or not table.range_key_attr:
+            return None
+        key_name = names.get(match[1], match[1])
+        if key_name != table.hash_key_attr or match[2] not in values:
+            return None
+        projection = None
+        if "ProjectionExpression" in body:
+            parts = [p.strip() for p in body["ProjectionExpression"].split(",")]
+            if not all(ATTRIBUTE.fullmatch(p) for p in parts):
+                return None  # nested paths: moto's
+            projection = [names.get(p, p) for p in parts]
+        partition = table.items.get(DynamoType(values[match[2]]), {})
+        items = []
+        for item in sorted(list(partition.values()), key=lambda i: i.range_key):
+            attrs = (
+                item.attrs
+                if projection is None
+                else {n: item.attrs[n] for n in projection if n in item.attrs}
+            )
+            if any(a.type not in PLAIN_TYPES for a in attrs.values()):
+                return None
+            items.append({n: a.to_json() for n, a in attrs.items()})
+        text = json.dumps({"Count": len(items), "ScannedCount": len(items), "Items": items})
+        return text if len(text) <= PAGE_BYTES else None
+
+    @functools.wraps(moto_query)
+    def query(self: Any) -> Any:
+        return answer(self) or moto_query(self)
+
+    DynamoHandler.query = query  # type: ignore[method-assign]
+
+
+def count_requests() -> Counter[str]:
+    """DynamoDB requests answered, by action, from now on."""
+    from moto.dynamodb.responses import DynamoHandler
+
+    counts: Counter[str] = Counter()
+    lock = threading.Lock()
+    call_action = DynamoHandler.call_action
+
+    @functools.wraps(call_action)
+    def counted(self: Any) -> Any:
+        with lock:
+            counts[str(self._get_action())] += 1
+        return call_action(self)
+
+    DynamoHandler.call_action = counted  # type: ignore[method-assign]
+    return counts
+
+
+def main() -> None:
+    from moto.moto_server.werkzeug_app import MotoRequestHandler
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
+    # http.server writes a response's headers and body in two sends; with Nagle's algorithm
+    # the second waits for the client's delayed ACK of the first (tens of milliseconds).
+    MotoRequestHandler.disable_nagle_algorithm = True
+    serialise()
+    fast_partition_queries()
+    counts = count_requests()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    print(f"http://{host}:{port}", flush=True)
+    try:
+        sys.stdin.read()  # returns when the harness closes the pipe or goes away
+    finally:
+        server.stop()
+        print(json.dumps(dict(counts)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
