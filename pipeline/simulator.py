@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import dataclasses
 import functools
 import hashlib
 import json
 import math
+import random
 import re
 import socket
 import subprocess
@@ -77,6 +79,10 @@ class SimulatorConfig:
     rate_calls: int = 100  # L
     rate_period: float = 1.0  # W
     latency: float = 0.0  # seconds added to every response
+    # Seconds, at most, that a request's arrival stamp in the rate limit's sliding log lags
+    # the moment the server takes it (uniform, from the seed): the network and a loaded
+    # host's jitter, as a strict vendor sees it. 0 stamps every request on arrival, in order.
+    arrival_jitter: float = 0.0
     error_rate: float = 0.0  # share of requests answering 5xx for max_failures_per_path attempts
     stall_rate: float = 0.0  # share of requests stalling stall_seconds on the first attempt
     stall_seconds: float = 5.0
@@ -293,12 +299,21 @@ class _Tree:
 
 
 class _SlidingLog:
-    """Per-token sliding-log rate limit: at most `calls` accepted requests in any `period`."""
+    """Per-token sliding-log rate limit: at most `calls` accepted requests in any `period`.
 
-    def __init__(self, calls: int, period: float, stats: SimulatorStats) -> None:
+    With `jitter`, each request is stamped up to that much later than it is taken, so stamps
+    no longer come in order: a request is accepted only if no rolling `period` around its
+    stamp would then hold more than `calls` stamps, however the later ones fall.
+    """
+
+    def __init__(
+        self, calls: int, period: float, stats: SimulatorStats, jitter: float = 0.0, seed: int = 0
+    ) -> None:
         self._calls = calls
         self._period = period
         self._stats = stats
+        self._jitter = jitter
+        self._random = random.Random(seed)
         self._logs: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
 
@@ -332,12 +347,35 @@ class _SlidingLog:
             now = time.monotonic()
             log = self._logs.setdefault(token, deque())
             self._trim(log, now)
-            accepted = len(log) < self._calls
-            if accepted:
-                log.append(now)
-                self._stats.observe_window(len(log))
+            if self._jitter > 0:
+                accepted = self._admit(log, now + self._random.uniform(0.0, self._jitter))
+            else:
+                accepted = len(log) < self._calls
+                if accepted:
+                    log.append(now)
+                    self._stats.observe_window(len(log))
             remaining = max(0, self._calls - len(log))
             return accepted, self._calls, remaining, self._reset_after(log, now)
+
+    def _admit(self, log: deque[float], stamp: float) -> bool:
+        """Log `stamp` unless some rolling window holding it would then hold over `calls`.
+
+        The log is sorted; stamps after `stamp` are at most `jitter` later than now. Windows
+        are half-open, (t - period, t], as `_trim` ages them out.
+        """
+        stamps = list(log)
+        at = bisect.bisect_right(stamps, stamp)
+        stamps.insert(at, stamp)
+        busiest = 0
+        for first in range(max(0, at - self._calls), at + 1):
+            held = bisect.bisect_left(stamps, stamps[first] + self._period) - first
+            busiest = max(busiest, held)
+        if busiest > self._calls:
+            return False
+        log.clear()
+        log.extend(stamps)
+        self._stats.observe_window(busiest)
+        return True
 
 
 def _rate_headers(limit: int, remaining: int, reset: float) -> tuple[tuple[str, str], ...]:
@@ -428,7 +466,13 @@ class Simulator:
         self._host = host
         self._port = port
         self._tree = _Tree(self.config)
-        self._limiter = _SlidingLog(self.config.rate_calls, self.config.rate_period, self.stats)
+        self._limiter = _SlidingLog(
+            self.config.rate_calls,
+            self.config.rate_period,
+            self.stats,
+            self.config.arrival_jitter,
+            self.config.seed,
+        )
         self._cursor_key = _digest(self.config.seed, "cursor-key")
         self._attempts: dict[str, int] = {}
         self._attempts_lock = threading.Lock()

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import boto3
 import pytest
@@ -563,6 +563,57 @@ def test_dynamo_budget_waits_out_a_shared_pause_within_max_pause(
     b.acquire(max_pause=60.0)
 
     assert clock() >= 1_700_000_030.0
+
+
+def test_dynamo_budget_leaves_a_busy_invocation_the_slots_a_sparse_one_does_not_use(
+    dynamodb: DynamoDBClient, table: str
+) -> None:
+    # GIVEN an upstream invocation with one call to make
+    clock = FakeClock(1_700_000_000.0)
+    sparse, busy = two_invocations(dynamodb, table, clock, 20, 1.0)
+    sparse.acquire()
+    called = clock()
+
+    # WHEN a busy invocation then calls flat out for a second
+    times = acquire_times(busy, clock, 20)
+
+    # THEN its calls follow at once, at the even spacing: the sparse one claimed one slot,
+    # not a quarter second of them
+    assert times[0] - called < 2 * 1.025 / 20
+    assert busiest_window([called, *times], 1.0) <= 20
+
+
+def test_dynamo_budget_asks_only_update_item_of_its_item_in_the_state_table(
+    dynamodb: DynamoDBClient, table: str
+) -> None:
+    # GIVEN the requests two invocations make, watched on the client
+    seen: list[tuple[str, object]] = []
+
+    def watch(params: dict[str, object], model: Any, **_: object) -> None:
+        seen.append((model.name, params.get("Key")))
+
+    event = "before-parameter-build.dynamodb.*"
+    dynamodb.meta.events.register(event, watch)
+    clock = FakeClock(1_700_000_000.0)
+    a, b = two_invocations(dynamodb, table, clock, 20, 1.0)
+
+    # WHEN they call, draw a 429, learn a lower limit and hear that nothing remains
+    try:
+        for _ in range(10):
+            a.acquire()
+            b.acquire()
+        a.pause(1.0)
+        b.observe(10, 0, 0.5)
+        a.acquire()
+        b.acquire()
+    finally:
+        dynamodb.meta.events.unregister(event, watch)
+
+    # THEN every request was an UpdateItem of the one schedule item: what the IAM policy grants
+    key = {"pk": {"S": "budget#vendor"}, "sk": {"S": "schedule"}}
+    assert seen
+    assert {name for name, _ in seen} == {"UpdateItem"}
+    assert all(k == key for _, k in seen)
 
 
 # -- why not the `ratelimit` package -------------------------------------------------------

@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import quote
 
@@ -266,6 +267,46 @@ def test_rate_limit_ignores_rejected_requests_when_counting(session: requests.Se
         assert statuses[-1] == 200
         assert 429 in statuses
         assert sim.stats.max_in_window <= 2
+
+
+def paced_statuses(
+    session: requests.Session, monkeypatch: pytest.MonkeyPatch, config: SimulatorConfig
+) -> tuple[list[int], int]:
+    """Statuses of 60 calls sent just slower than L per W, on a clock the test drives (the
+    rate limit's only), and the most calls the vendor then counted in one window."""
+    now = [1000.0]
+    monkeypatch.setattr("pipeline.simulator.time", SimpleNamespace(monotonic=lambda: now[0]))
+    spacing = config.rate_period / config.rate_calls * 1.001
+    with Simulator(config) as sim:
+        statuses = []
+        for k in range(60):
+            now[0] = 1000.0 + k * spacing
+            statuses.append(session.get(f"{sim.url}/v1/troops", timeout=5).status_code)
+        return statuses, sim.stats.max_in_window
+
+
+def test_rate_limit_accepts_calls_paced_at_the_limit_when_arrivals_do_not_jitter(
+    session: requests.Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    statuses, busiest = paced_statuses(session, monkeypatch, replace(ROOMY, rate_calls=10))
+
+    assert set(statuses) == {200}
+    assert busiest == 10
+
+
+def test_rate_limit_rejects_calls_paced_at_the_limit_when_arrivals_jitter(
+    session: requests.Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN a vendor whose arrival stamps lag by up to 20 ms
+    config = replace(ROOMY, rate_calls=10, arrival_jitter=0.02)
+
+    # WHEN a client sends calls just slower than 10 per second
+    statuses, busiest = paced_statuses(session, monkeypatch, config)
+
+    # THEN some arrive crowded into a window and draw 429s, and no window holds 11
+    assert 429 in statuses
+    assert statuses.count(200) > 40
+    assert busiest == 10
 
 
 def test_faults_heal_when_max_failures_per_path_reached(session: requests.Session) -> None:
