@@ -48,7 +48,7 @@ class Scenario:
     rate_calls: int  # configured
     vendor_calls: int  # the simulator's real limit
     latency: float
-    concurrency: int = 16
+    concurrency: int = 64  # HARVEST_CONCURRENCY's default: a ceiling, rate × latency decides
     reserved_concurrency: int = 2
     rate_period: float = 1.0
     deeper_first: bool = False

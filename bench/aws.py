@@ -132,6 +132,22 @@ SANDBOX_MODULE = "bench.aws_sandbox"
 MOTO_MODULE = "bench.aws_moto"
 
 
+def create_state_table(client: Any, name: str) -> None:
+    """The state table as Terraform makes it: hash key `pk`, range key `sk`, on demand."""
+    client.create_table(
+        TableName=name,
+        AttributeDefinitions=[
+            {"AttributeName": "pk", "AttributeType": "S"},
+            {"AttributeName": "sk", "AttributeType": "S"},
+        ],
+        KeySchema=[
+            {"AttributeName": "pk", "KeyType": "HASH"},
+            {"AttributeName": "sk", "KeyType": "RANGE"},
+        ],
+        BillingMode="PAY_PER_REQUEST",
+    )
+
+
 @dataclass(frozen=True)
 class AwsScenario:
     name: str
@@ -467,19 +483,7 @@ class _HarnessClient:
         self.requests += 1
 
     def create_state_table(self) -> None:
-        """The state table as Terraform makes it: hash key `pk`, range key `sk`, on demand."""
-        self.client.create_table(
-            TableName=TABLE,
-            AttributeDefinitions=[
-                {"AttributeName": "pk", "AttributeType": "S"},
-                {"AttributeName": "sk", "AttributeType": "S"},
-            ],
-            KeySchema=[
-                {"AttributeName": "pk", "KeyType": "HASH"},
-                {"AttributeName": "sk", "KeyType": "RANGE"},
-            ],
-            BillingMode="PAY_PER_REQUEST",
-        )
+        create_state_table(self.client, TABLE)
 
 
 @dataclass

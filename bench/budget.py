@@ -158,24 +158,15 @@ def measure(row: Row, starts: list[float], requests: int, began: float, seconds:
 def run_dynamo(row: Row, endpoint: str, budget_class: Any, seconds: float) -> Result:
     import boto3
 
+    from bench.aws import create_state_table
+
     counter = DynamoCounter()
     session = boto3.session.Session(
         aws_access_key_id="bench", aws_secret_access_key="bench", region_name=REGION
     )
     admin = session.client("dynamodb", endpoint_url=endpoint)
     name = f"{TABLE}-{time.monotonic_ns()}"
-    admin.create_table(
-        TableName=name,
-        AttributeDefinitions=[
-            {"AttributeName": "pk", "AttributeType": "S"},
-            {"AttributeName": "sk", "AttributeType": "S"},
-        ],
-        KeySchema=[
-            {"AttributeName": "pk", "KeyType": "HASH"},
-            {"AttributeName": "sk", "KeyType": "RANGE"},
-        ],
-        BillingMode="PAY_PER_REQUEST",
-    )
+    create_state_table(admin, name)
     from botocore.config import Config
 
     budgets = []

@@ -78,13 +78,17 @@ def manifest(status: RunStatus, ledger: Ledger, sink: Sink) -> dict[str, Any]:
     }
 
 
-def check_completion(ledger: Ledger, sink: Sink, run_id: str) -> RunStatus | None:
+def check_completion(
+    ledger: Ledger, sink: Sink, run_id: str, status: RunStatus | None = None
+) -> RunStatus | None:
     """Write the manifest if the run has settled; log completion the first time it completes.
 
     A run settled with dead entities gets a manifest each time its counts change (a replay
-    finishing some), not at every check.
+    finishing some), not at every check. `status`: the run's, if the caller just read it
+    (a status read of a large run in DynamoDB is a query over every entity).
     """
-    status = ledger.status(run_id)
+    if status is None:
+        status = ledger.status(run_id)
     if status is None or not status.settled:
         return status
     if status.complete:
@@ -164,7 +168,7 @@ def settle_runs(
             lost += swept
             if swept:
                 status = ledger.status(run_id)
-        status = check_completion(ledger, sink, run_id)
+        status = check_completion(ledger, sink, run_id, status)
         if status is not None and not status.settled:
             unsettled += 1
             oldest = max(oldest, now - status.started_at)

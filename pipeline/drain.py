@@ -31,13 +31,14 @@ from typing import Any, TypeVar
 from aws_lambda_powertools import Logger
 from tenacity import Retrying, stop_after_attempt, wait_random_exponential
 
-from pipeline.envelope import Envelope, checked_id
+from pipeline.envelope import Envelope, listed
 from pipeline.errors import (
     AuthError,
     GoneError,
     MessageError,
     PoisonError,
     RetryableError,
+    quoted,
 )
 from pipeline.ledger import DEAD, DONE, GONE, Ledger
 from pipeline.queues import BATCH, Message, Outgoing, Queue
@@ -54,8 +55,6 @@ RETRY, STOP, RELEASE, SKIP = "retry", "stop", "release", "skip"
 MAX_ERROR_CHARS = 1000
 # SQS keeps a message hidden at most 12 hours.
 MAX_VISIBILITY_SECONDS = 43200.0
-# A bad id is stored (in the dead entity's path) cut to this many characters.
-MAX_STORED_ID_CHARS = 1000
 VANISHED = "no longer listed by its parent"
 # In-flight sizing (see Drain.in_flight_target): a message takes more than its vendor call
 # (ledger, queue and sink requests, the budget's wait), hence the headroom; before the first
@@ -232,7 +231,9 @@ class Drain:
                 report.received += len(messages)
                 flow.opened(len(messages))
                 batch = _Batch(messages)
-                finished = self._finished_already(messages)
+                # Parsed once here: the skip check needs the keys, process() the rest.
+                parsed = {m.id: _parsed(m) for m in messages}
+                finished = self._finished_already(parsed)
                 for message in messages:
                     pool.submit(
                         self._work,
@@ -243,6 +244,7 @@ class Drain:
                         remaining,
                         safety_margin,
                         flow,
+                        parsed[message.id],
                         message.id in finished,
                     )
         finally:
@@ -284,6 +286,7 @@ class Drain:
         remaining: Callable[[], float],
         safety_margin: float,
         flow: _Flow,
+        parsed: Envelope | None = None,
         skip: bool = False,
     ) -> None:
         try:
@@ -292,7 +295,7 @@ class Drain:
             elif remaining() <= safety_margin / 2:
                 outcome = self._release(message, RELEASE, "the invocation ran out of time")
             else:
-                outcome = self.process(message, skip=skip)
+                outcome = self.process(message, skip=skip, parsed=parsed)
                 if outcome.kind == STOP:
                     stop.stop(outcome.error)
                     if self._last_receive(message):
@@ -315,13 +318,16 @@ class Drain:
 
     # -- one message ----------------------------------------------------------------------
 
-    def process(self, message: Message, *, skip: bool = False) -> Outcome:
+    def process(
+        self, message: Message, *, skip: bool = False, parsed: Envelope | None = None
+    ) -> Outcome:
         """Process one message and say what becomes of it; never raises.
 
         `skip`: the ledger holds the entity as done or gone already; delete it uncalled.
+        `parsed`: the message's envelope, if the caller parsed it already.
         """
         try:
-            envelope = Envelope.from_json(message.body)
+            envelope = parsed or Envelope.from_json(message.body)
             if envelope.stage != self.stage.name:
                 raise MessageError(f"a {envelope.stage} message on the {self.stage.name} queue")
         except MessageError as exc:
@@ -363,23 +369,17 @@ class Drain:
         """Give an unprocessed message back; at its last receive, dead-letter it instead."""
         if not self._last_receive(message):
             return Outcome(message, None, kind)
-        try:
-            envelope: Envelope | None = Envelope.from_json(message.body)
-        except MessageError:
-            envelope = None
+        envelope = _parsed(message)
         error = f"released unprocessed at its last receive ({message.receive_count}): {why}"
         return Outcome(message, envelope, DEAD, error=error, error_class="Released")
 
-    def _finished_already(self, messages: Sequence[Message]) -> set[str]:
+    def _finished_already(self, parsed: Mapping[str, Envelope | None]) -> set[str]:
         """Ids of the messages whose entity the ledger holds as done or gone (one read)."""
         by_run: dict[str, dict[str, str]] = {}
-        for m in messages:
-            try:
-                e = Envelope.from_json(m.body)
-            except MessageError:
-                continue  # dead-lettered by process()
-            if e.stage == self.stage.name:
-                by_run.setdefault(e.run_id, {})[e.key] = m.id
+        for message_id, e in parsed.items():
+            # Unparsable or another stage's: dead-lettered by process().
+            if e is not None and e.stage == self.stage.name:
+                by_run.setdefault(e.run_id, {})[e.key] = message_id
         found: set[str] = set()
         try:
             for run_id, keys in by_run.items():
@@ -392,39 +392,21 @@ class Drain:
     def _fan_out(self, message: Message, envelope: Envelope) -> Outcome:
         child_stage = self.stage.child
         assert child_stage is not None
-        children: dict[str, Envelope] = {}
-        rejected: dict[str, tuple[tuple[str, ...], str]] = {}
-        for item in self.client.items(self.stage.path, envelope.entity_id, priority=self.priority):
-            child_id = item.get("id")
-            if not isinstance(child_id, str) or not child_id:
-                raise PoisonError(
-                    f"{self.stage.name} listing returned an item without an id: {ascii(item)[:300]}"
-                )
-            child = envelope.child(child_stage, child_id)
-            try:
-                checked_id(child_id)
-            except MessageError as exc:
-                rejected[child.key] = (
-                    (*envelope.path, child_id[:MAX_STORED_ID_CHARS]),
-                    f"{self.stage.name} listing returned an invalid {child_stage} id: {exc}",
-                )
-                continue
-            # A listing that repeats an id must not make the entity twice.
-            children.setdefault(child.key, child)
+        found = listed(
+            self.client.items(self.stage.path, envelope.entity_id, priority=self.priority),
+            lambda child_id: envelope.child(child_stage, child_id),
+            self.stage.name,
+        )
         vanished: list[str] = []
         if message.receive_count > 1:
             # An earlier attempt may have recorded children this listing no longer names.
             earlier = self._store(
                 self.ledger.children, envelope.run_id, self.stage.name, envelope.key
             )
-            vanished = sorted(earlier - children.keys() - rejected.keys())
+            named = {c.key for c in found.children} | {k for k, _, _ in found.rejected}
+            vanished = sorted(earlier - named)
         return Outcome(
-            message,
-            envelope,
-            DONE,
-            list(children.values()),
-            rejected=[(k, path, why) for k, (path, why) in rejected.items()],
-            vanished=vanished,
+            message, envelope, DONE, found.children, rejected=found.rejected, vanished=vanished
         )
 
     def _harvest(self, envelope: Envelope) -> None:
@@ -659,13 +641,15 @@ _TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:Z|[+-]\d\d:\d\
 def _checked_ts(ts: object, item: Mapping[str, Any], start: datetime, end: datetime) -> str:
     """`ts` if it is an RFC 3339 instant in [start, end); PoisonError naming the point if not."""
     if type(ts) is not str or _TS.fullmatch(ts) is None:
-        raise PoisonError(f"data point whose ts is not an RFC 3339 instant: {_shown(item)}")
+        raise PoisonError(f"data point whose ts is not an RFC 3339 instant: {quoted(item, 300)}")
     try:
         at = datetime.fromisoformat(ts)
     except ValueError:
-        raise PoisonError(f"data point whose ts is not a real instant: {_shown(item)}") from None
+        raise PoisonError(
+            f"data point whose ts is not a real instant: {quoted(item, 300)}"
+        ) from None
     if not start <= at < end:
-        raise PoisonError(f"data point outside the window: {_shown(item)}")
+        raise PoisonError(f"data point outside the window: {quoted(item, 300)}")
     return ts
 
 
@@ -677,12 +661,15 @@ def _checked_value(value: object) -> int | float:
         raise PoisonError(f"data point whose value is not finite: {value!r}")
     if type(value) is int:
         return value
-    raise PoisonError(f"data point whose value is not a number: {_shown(value)}")
+    raise PoisonError(f"data point whose value is not a number: {quoted(value, 300)}")
 
 
-def _shown(value: object) -> str:
-    text = ascii(value)
-    return text if len(text) <= 300 else text[:300] + "..."
+def _parsed(message: Message) -> Envelope | None:
+    """The message's envelope, or None if it has none (process() says why)."""
+    try:
+        return Envelope.from_json(message.body)
+    except MessageError:
+        return None
 
 
 def _failed(message: Message, envelope: Envelope | None, kind: str, exc: BaseException) -> Outcome:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from pipeline.errors import MessageError
+from pipeline.errors import MessageError, PoisonError, quoted
 from pipeline.stages import STAGE_NAMES, stage
 from pipeline.window import Window
 
@@ -18,6 +19,8 @@ VERSION = 1
 # 256 KiB: anything bigger is not ours.
 MAX_BODY_BYTES = 16 * 1024
 MAX_ID_CHARS = 128
+# A bad id is stored (in the dead entity's path) cut to this many characters.
+MAX_STORED_ID_CHARS = 1000
 
 
 @dataclass(frozen=True)
@@ -111,17 +114,47 @@ def checked_id(value: object) -> str:
     and a message's path, so an id a parent accepts is one its child's envelope accepts.
     """
     if not isinstance(value, str):
-        raise MessageError(f"id is not a string: {_shown(value)}")
+        raise MessageError(f"id is not a string: {quoted(value)}")
     if not 1 <= len(value) <= MAX_ID_CHARS:
-        raise MessageError(f"id of {len(value)} characters (1-{MAX_ID_CHARS}): {_shown(value)}")
+        raise MessageError(f"id of {len(value)} characters (1-{MAX_ID_CHARS}): {quoted(value)}")
     if _CONTROL.search(value) is not None:
-        raise MessageError(f"id holds a control character: {_shown(value)}")
+        raise MessageError(f"id holds a control character: {quoted(value)}")
     if _SURROGATE.search(value) is not None:
-        raise MessageError(f"id is not valid Unicode (a lone surrogate): {_shown(value)}")
+        raise MessageError(f"id is not valid Unicode (a lone surrogate): {quoted(value)}")
     return value
 
 
-def _shown(value: object) -> str:
-    """A bad id as an error message quotes it: ASCII, at most 200 characters."""
-    text = ascii(value)
-    return text if len(text) <= 200 else text[:200] + "..."
+@dataclass(frozen=True)
+class Listed:
+    """A listing's items, sorted by whether an envelope accepts their ids."""
+
+    # Accepted, once each (a listing that repeats an id must not make the entity twice).
+    children: list[Envelope]
+    # (key, path to store, reason) of each whose id no envelope accepts: recorded dead.
+    rejected: list[tuple[str, tuple[str, ...], str]]
+
+
+def listed(items: Iterable[object], make: Callable[[str], Envelope], listing: str) -> Listed:
+    """The entities a listing names, `make` building each one's envelope from its id.
+
+    PoisonError (the whole listing is malformed) for an item without a string id.
+    """
+    children: dict[str, Envelope] = {}
+    rejected: dict[str, tuple[tuple[str, ...], str]] = {}
+    for item in items:
+        child_id = item.get("id") if isinstance(item, dict) else None
+        if not isinstance(child_id, str) or not child_id:
+            raise PoisonError(
+                f"{listing} listing returned an item without an id: {quoted(item, 300)}"
+            )
+        child = make(child_id)
+        try:
+            checked_id(child_id)
+        except MessageError as exc:
+            rejected[child.key] = (
+                (*child.path[:-1], child_id[:MAX_STORED_ID_CHARS]),
+                f"{listing} listing returned an invalid {child.stage} id: {exc}",
+            )
+            continue
+        children.setdefault(child.key, child)
+    return Listed(list(children.values()), [(k, p, why) for k, (p, why) in rejected.items()])

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 
+def quoted(value: object, limit: int = 200) -> str:
+    """`value` as an error message quotes untrusted input: ASCII (no control characters or
+    lone surrogates reach a log, a queue attribute or the ledger), cut to `limit`."""
+    text = ascii(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class HarvestError(Exception):
     """Base class of every error this package raises on purpose."""
 

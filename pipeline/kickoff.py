@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 from aws_lambda_powertools import Logger
 
-from pipeline.envelope import Envelope, checked_id
-from pipeline.errors import MessageError, PoisonError
+from pipeline.envelope import Envelope, listed
 from pipeline.ledger import DEAD, Ledger
 from pipeline.queues import Outgoing, Queue
 from pipeline.stages import FIRST_STAGE, ROOT_PATH
@@ -29,34 +28,21 @@ def kickoff(window: Window, *, client: VendorClient, queue: Queue, ledger: Ledge
     """Start (or restart) the run of `window`; rerunning it is harmless, entities count once."""
     run_id = window.run_id
     ledger.start_run(run_id, window.from_text, window.to_text)
-    troops: list[Envelope] = []
-    # Troops whose id no envelope accepts: recorded dead with the reason, never sent.
-    rejected: dict[str, tuple[tuple[str, ...], str]] = {}
-    for item in client.items(ROOT_PATH):
-        troop_id = item.get("id") if isinstance(item, dict) else None
-        if not isinstance(troop_id, str) or not troop_id:
-            raise PoisonError(f"troop listing returned an item without an id: {ascii(item)[:300]}")
-        troop = Envelope(run_id, FIRST_STAGE, (troop_id,), window)
-        try:
-            checked_id(troop_id)
-        except MessageError as exc:
-            rejected[troop.key] = (
-                (troop_id[:1000],),
-                f"troop listing returned an invalid id: {exc}",
-            )
-            continue
-        troops.append(troop)
-    troops = list({t.key: t for t in troops}.values())
+    found = listed(
+        client.items(ROOT_PATH),
+        lambda troop_id: Envelope(run_id, FIRST_STAGE, (troop_id,), window),
+        "troop",
+    )
+    troops = found.children
     ledger.enqueued(
         run_id,
         FIRST_STAGE,
-        [(t.key, t.path) for t in troops] + [(k, path) for k, (path, _) in rejected.items()],
+        [(t.key, t.path) for t in troops] + [(k, path) for k, path, _ in found.rejected],
     )
-    if rejected:
-        ledger.finish_many(
-            run_id, FIRST_STAGE, [(k, DEAD, why) for k, (_, why) in rejected.items()]
-        )
-        logger.warning("troops rejected", extra={"run_id": run_id, "rejected": len(rejected)})
+    if found.rejected:
+        # Troops whose id no envelope accepts: recorded dead with the reason, never sent.
+        ledger.finish_many(run_id, FIRST_STAGE, [(k, DEAD, why) for k, _, why in found.rejected])
+        logger.warning("troops rejected", extra={"run_id": run_id, "rejected": len(found.rejected)})
     # A second kickoff of the window (by hand, or a schedule delivered twice) resends only
     # the troops not yet listed: a finished troop's subtree is not harvested again.
     finished = ledger.finished(run_id, FIRST_STAGE, [t.key for t in troops])

@@ -271,7 +271,7 @@ def run_local(
         )
     finally:
         restore_signals()
-        scheduler.note_last_call(force=True)
+        scheduler.note_last_call()
         reset_cache()
         _restore_env(saved_env)
         if simulator is not None:
@@ -298,7 +298,7 @@ class _Scheduler:
         # Set by SIGINT/SIGTERM: no more invocations; running ones give their messages back.
         self.stopping = threading.Event()
         self._last_call_path = Path(rt.config.state_dir) / LAST_CALL_FILE
-        self._calls_seen = -1.0
+        self._calls_seen = rt.stats.snapshot()["calls"]
 
     def request_stop(self) -> None:
         self.stopping.set()
@@ -306,12 +306,12 @@ class _Scheduler:
         if self.rt.store is not None:
             self.rt.store.hurry()  # end the drains' long polls now
 
-    def note_last_call(self, force: bool = False) -> None:
-        """Write when the vendor calls last changed (see LAST_CALL_FILE)."""
+    def note_last_call(self) -> None:
+        """Write the time when the vendor call count has changed since the last look (see
+        LAST_CALL_FILE): at most POLL_SECONDS after the calls it stands for."""
         calls = self.rt.stats.snapshot()["calls"]
-        if calls != self._calls_seen or force:
-            if calls != self._calls_seen or calls:
-                self._last_call_path.write_text(f"{time.time():.3f}\n")
+        if calls != self._calls_seen:
+            self._last_call_path.write_text(f"{time.time():.3f}\n")
             self._calls_seen = calls
 
     def _invoke(self, stage: str) -> None:

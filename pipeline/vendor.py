@@ -51,6 +51,7 @@ from pipeline.errors import (
     PoisonError,
     RateLimitedError,
     RetryableError,
+    quoted,
 )
 from pipeline.latency import Latency
 from pipeline.stats import CallStats
@@ -361,7 +362,7 @@ class VendorClient:
             if cursor in seen:
                 raise PoisonError(
                     f"GET {vendor_path(path_template, entity_id)}: the vendor returned cursor"
-                    f" {_shorten(repr(cursor))} twice in one listing (page {pages}):"
+                    f" {quoted(cursor, 120)} twice in one listing (page {pages}):"
                     " following it would loop"
                 )
             if pages >= self._max_pages:
@@ -390,7 +391,7 @@ class VendorClient:
         except UnicodeEncodeError as exc:
             # JSON can carry a lone surrogate ("\ud800") in a cursor; no URL can.
             raise PoisonError(
-                f"GET {path}: a cursor or parameter is not valid Unicode: {_shorten(repr(query))}"
+                f"GET {path}: a cursor or parameter is not valid Unicode: {quoted(query, 120)}"
             ) from exc
         try:
             page: Page = self._retrying(self._attempt, url, path, priority)
@@ -624,7 +625,7 @@ def _parse_page(response: requests.Response, path: str) -> Page | None:
         items = body["items"]
         cursor = body["next_cursor"]
     except KeyError as missing:
-        keys = _shorten(repr(sorted(map(str, body))))
+        keys = quoted(sorted(map(str, body)), 120)
         raise PoisonError(f"GET {path}: page without {missing.args[0]} (keys: {keys})") from None
     if not isinstance(items, list) or not all(map(isinstance, items, repeat(dict))):
         return None
@@ -666,11 +667,6 @@ def _vendor_message(response: requests.Response) -> str:
     # wherever it is written next (logs, SQS attributes, the ledger): escape it.
     text = str(message)[:200].encode("utf-8", "backslashreplace").decode("utf-8")
     return f": {text}"
-
-
-def _shorten(text: str, limit: int = 120) -> str:
-    """`text`, cut to `limit` characters with an ellipsis (vendor strings in messages)."""
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _header_int(response: requests.Response, name: str) -> int | None:
