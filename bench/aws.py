@@ -205,6 +205,7 @@ class Settings:
     ddb_ms: float = 8.0
     sqs_ms: float = 15.0
     s3_ms: float = 20.0
+    timeline: bool = False  # print calls per second and queue depths, one line a second
 
     @property
     def compression(self) -> float:
@@ -624,8 +625,13 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
             raise RuntimeError(f"kickoff failed: {kicked.error}")
         next_tick, settled_at, first_output, stalled = time.monotonic(), 0.0, 0.0, False
         calls_before_output = 0
+        timeline: list[dict[str, Any]] = []
+        next_sample = started
         while True:
             now = time.monotonic()
+            if settings.timeline and now >= next_sample:
+                timeline.append(_sample(now - started, simulator, store, drains))
+                next_sample += 1.0
             settled = manifest.exists()
             if settled and not settled_at:
                 settled_at = now
@@ -705,7 +711,28 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
         "throttled": sum(f.throttled for f in drains.values()),
         "failed": sum(bool(i.error) for i in invocations),
         "errors": sorted({f"{i.function}: {i.error[:160]}" for i in invocations if i.error}),
+        "timeline": timeline,
     }
+
+
+def _sample(t: float, simulator: Any, store: Any, drains: dict[str, Function]) -> dict[str, Any]:
+    """One point of `--timeline`: vendor calls so far, each stage's depth and invocations."""
+    stages = {}
+    for name, function in drains.items():
+        depth = store.queue(name).depth()
+        stages[name] = (depth.visible, depth.in_flight, function.running)
+    return {"t": round(t, 2), "calls": int(simulator.stats()["requests"]), "stages": stages}
+
+
+def print_timeline(timeline: list[dict[str, Any]]) -> None:
+    """Calls per second and, per stage, visible/in flight/running invocations, one line a second."""
+    previous = 0
+    for point in timeline:
+        stages = "  ".join(
+            f"{name[:4]} {v:>4}/{f:<4} {r}" for name, (v, f, r) in point["stages"].items()
+        )
+        print(f"  {point['t']:6.1f}s {point['calls'] - previous:>4}/s  {stages}")
+        previous = point["calls"]
 
 
 def line(name: str, r: dict[str, Any]) -> str:
@@ -731,6 +758,7 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
         result[key] = all(r[key] for r in runs)
     result["stalled"] = any(r["stalled"] for r in runs)
     result["errors"] = sorted({e for r in runs for e in r["errors"]})
+    result["timeline"] = runs[0]["timeline"]
     return result
 
 
@@ -769,6 +797,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--s3-ms", type=float, default=defaults.s3_ms, help="added per sink request (20)"
     )
+    group.add_argument(
+        "--timeline",
+        action="store_true",
+        help="after each line, calls per second and each stage's queue, one line a second",
+    )
 
 
 def main(args: argparse.Namespace, scratch: str | None) -> int:
@@ -778,6 +811,7 @@ def main(args: argparse.Namespace, scratch: str | None) -> int:
         ddb_ms=args.ddb_ms,
         sqs_ms=args.sqs_ms,
         s3_ms=args.s3_ms,
+        timeline=args.timeline,
     )
     print(
         f"# AWS mode, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, python {sys.version.split()[0]}:"
@@ -800,5 +834,7 @@ def main(args: argparse.Namespace, scratch: str | None) -> int:
             failed = True
             continue
         print(line(scenario.name, result) + notes(result), flush=True)
+        if settings.timeline and args.repeat == 1:
+            print_timeline(result["timeline"])
         failed |= not result["exact"] or result["stalled"]
     return 1 if failed else 0

@@ -233,7 +233,7 @@ class Drain:
                 batch = _Batch(messages)
                 # Parsed once here: the skip check needs the keys, process() the rest.
                 parsed = {m.id: _parsed(m) for m in messages}
-                finished = self._finished_already(parsed)
+                finished = self._finished_already(messages, parsed)
                 for message in messages:
                     pool.submit(
                         self._work,
@@ -373,21 +373,47 @@ class Drain:
         error = f"released unprocessed at its last receive ({message.receive_count}): {why}"
         return Outcome(message, envelope, DEAD, error=error, error_class="Released")
 
-    def _finished_already(self, parsed: Mapping[str, Envelope | None]) -> set[str]:
-        """Ids of the messages whose entity the ledger holds as done or gone (one read)."""
+    def _finished_already(
+        self, messages: Sequence[Message], parsed: Mapping[str, Envelope | None]
+    ) -> set[str]:
+        """Ids of the messages, redelivered or replayed, whose entity the ledger holds as
+        done or gone.
+
+        Only those are looked up (one read per batch that has any): a parent sends only
+        children not finished yet (`_unfinished`), and so does a repeated kickoff, so a first
+        delivery of a message without attributes is new work, but for SQS's rare duplicate,
+        which costs one repeated, idempotent harvest. A replayed message carries its
+        dead-letter attributes.
+        """
         by_run: dict[str, dict[str, str]] = {}
-        for message_id, e in parsed.items():
+        for m in messages:
+            e = parsed[m.id]
+            again = m.receive_count > 1 or bool(m.attributes)
             # Unparsable or another stage's: dead-lettered by process().
-            if e is not None and e.stage == self.stage.name:
-                by_run.setdefault(e.run_id, {})[e.key] = message_id
-        found: set[str] = set()
+            if again and e is not None and e.stage == self.stage.name:
+                by_run.setdefault(e.run_id, {})[e.key] = m.id
+        return {
+            keys[k]
+            for run_id, keys in by_run.items()
+            for k in self._finished(run_id, self.stage.name, list(keys))
+        }
+
+    def _finished(self, run_id: str, stage: str, keys: Sequence[str]) -> set[str]:
+        """`ledger.finished`, or nothing where the ledger cannot say (only an optimisation:
+        the work is done again, idempotently)."""
         try:
-            for run_id, keys in by_run.items():
-                done = self.ledger.finished(run_id, self.stage.name, list(keys))
-                found.update(keys[k] for k in done)
-        except Exception:  # only an optimisation: process them all
-            logger.warning("could not read which messages are done already", exc_info=True)
-        return found
+            return self.ledger.finished(run_id, stage, keys)
+        except Exception:
+            logger.warning("could not read which entities are done already", exc_info=True)
+            return set()
+
+    def _unfinished(self, stage: str, children: Sequence[Envelope]) -> list[Envelope]:
+        """The children the ledger does not hold as done or gone: a relisting (a parent
+        redelivered, a kickoff repeated) sends no finished subtree again."""
+        done: set[tuple[str, str]] = set()
+        for run_id, group in _group(children, lambda c: c.run_id).items():
+            done.update((run_id, k) for k in self._finished(run_id, stage, [c.key for c in group]))
+        return [c for c in children if (c.run_id, c.key) not in done]
 
     def _fan_out(self, message: Message, envelope: Envelope) -> Outcome:
         child_stage = self.stage.child
@@ -462,8 +488,9 @@ class Drain:
                     entities,
                     (self.stage.name, o.envelope.key),
                 )
-            if children:
-                store(self.child_queue.send, [Outgoing(c.to_json()) for c in children])
+            unfinished = self._unfinished(child_stage, children) if children else []
+            if unfinished:
+                store(self.child_queue.send, [Outgoing(c.to_json()) for c in unfinished])
             for o in done:
                 if o.envelope is not None and o.rejected:
                     entries = [(key, DEAD, why) for key, _, why in o.rejected]

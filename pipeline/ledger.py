@@ -9,6 +9,7 @@ state table in AWS.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import threading
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from pipeline.stages import STAGE_NAMES
+from pipeline.stages import stage as stage_of
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
@@ -33,9 +35,11 @@ STAT_FIELDS = ("calls", "rate_limited", "retries")
 Finished = tuple[str, str, str]
 # (entity key, path) of one entity.
 Entity = tuple[str, tuple[str, ...]]
-# The children a parent listed are remembered (to notice one that vanishes from a later
-# listing) up to this many: a DynamoDB item holds 400 KB, a key takes 33 bytes of it.
-MAX_RECORDED_CHILDREN = 8000
+# A listing is stored in items of at most this many bytes (DynamoDB's limit is 400 KB).
+LISTING_CHUNK_BYTES = 300_000
+# BatchWriteItem's limit, and how often its unprocessed items are sent again.
+PUT_BATCH = 25
+UNPROCESSED_ATTEMPTS = 8
 
 
 def path_json(path: Sequence[str]) -> str:
@@ -259,7 +263,7 @@ class SqliteLedger:
                 " VALUES (?, ?, ?, ?, ?)",
                 [(run_id, stage, k, path_json(p), QUEUED) for k, p in entities],
             )
-            if parent is not None and len(entities) <= MAX_RECORDED_CHILDREN:
+            if parent is not None:
                 self._db.executemany(
                     "INSERT OR IGNORE INTO children VALUES (?, ?, ?, ?)",
                     [(run_id, parent[0], parent[1], k) for k, _ in entities],
@@ -439,16 +443,57 @@ def _run_pk(run_id: str) -> str:
 
 
 def _entity_pk(run_id: str, stage: str) -> str:
+    """Where a stage's entity states live: one item per entity that has one."""
     return f"run#{run_id}#{stage}"
 
 
+def _listed_pk(run_id: str, stage: str) -> str:
+    """Where a stage's listings live: the entities one parent (or the kickoff) enqueued."""
+    return f"run#{run_id}#{stage}#listed"
+
+
+def _listing_id(parent: tuple[str, str] | None, keys: Iterable[str]) -> str:
+    """A listing's sort key: its parent, then a digest of what it named. The same listing
+    recorded twice is one item; a relisting that names other entities is another."""
+    digest = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:16]
+    return f"{parent[1] if parent else '-'}#{digest}"
+
+
+def _listing_chunks(entities: Sequence[Entity]) -> list[list[tuple[str, str]]]:
+    """(key, stored path) pairs in chunks that each fit a DynamoDB item (400 KB)."""
+    chunks: list[list[tuple[str, str]]] = [[]]
+    size = 0
+    for key, path in entities:
+        pair = (key, path_json(path))
+        cost = len(key) + len(pair[1]) + 8
+        if size + cost > LISTING_CHUNK_BYTES and chunks[-1]:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(pair)
+        size += cost
+    return chunks
+
+
 class DynamoLedger:
-    """The ledger as items of the state table: one per run, one per (run, stage, entity)."""
+    """The ledger as items of the state table, written in batches.
+
+    - one item per run (`run#R`, `meta`) and one in the run list (`runs`, R);
+    - **listings**: what a parent enqueued, as one item per listing (`run#R#stage#listed`,
+      parent key and a digest of the keys; split when it would pass 400 KB), holding the
+      entities' keys and paths. One request records a warrior's thousand data groups, where
+      an item per entity took a thousand conditional writes;
+    - **states**: one item per entity that has finished or failed (`run#R#stage`, key):
+      done, gone or dead and the last error. Done and gone are final, so they are put in
+      batches of 25 (BatchWriteItem has no conditions); dead never overwrites them, so it
+      is a conditional write of its own (rare).
+
+    An entity counts as enqueued once whether it was listed once or many times, and as
+    queued until it has a state. A state without a listing (an entity finished by a message
+    no listing recorded) still counts, so counts stay exact under any delivery order.
+    """
 
     RUNS_PK = "runs"
-    # Per-entity writes go out this many at a time: a conditional UpdateItem per child
-    # cannot be batched (BatchWriteItem has no conditions), and one after another a
-    # warrior with 1,000 data groups held its batch for 1,000 round trips (bench --aws).
+    # Writes of one call go out this many at a time (chunks of a batch, conditional writes).
     PARALLEL_WRITES = 16
 
     def __init__(self, client: DynamoDBClient, table: str) -> None:
@@ -456,14 +501,26 @@ class DynamoLedger:
         self.table = table
         self._writers = ThreadPoolExecutor(self.PARALLEL_WRITES, thread_name_prefix="ledger")
 
-    def _each(self, write: Callable[[T], object], items: Sequence[T]) -> None:
+    def _each(self, write: Callable[[T], object], items: Sequence[T]) -> list[Any]:
         """`write` every item, PARALLEL_WRITES at a time; the first error is raised."""
         if len(items) <= 1:
-            for item in items:
-                write(item)
-            return
-        for _ in self._writers.map(write, items):
-            pass
+            return [write(item) for item in items]
+        return list(self._writers.map(write, items))
+
+    def _put_all(self, items: Sequence[dict[str, Any]]) -> None:
+        """Put `items` with BatchWriteItem, 25 a request, until none is left unprocessed."""
+
+        def put(chunk: Sequence[dict[str, Any]]) -> None:
+            request: dict[str, Any] = {self.table: [{"PutRequest": {"Item": i}} for i in chunk]}
+            for attempt in range(UNPROCESSED_ATTEMPTS):
+                left = self._ddb.batch_write_item(RequestItems=request).get("UnprocessedItems")
+                if not left:
+                    return
+                request = dict(left)
+                time.sleep(min(1.0, 0.05 * 2**attempt))  # throttled: back off, as AWS asks
+            raise RuntimeError(f"DynamoDB left {len(request[self.table])} writes unprocessed")
+
+        self._each(put, [items[i : i + PUT_BATCH] for i in range(0, len(items), PUT_BATCH)])
 
     def start_run(self, run_id: str, window_from: str, window_to: str) -> None:
         now = str(time.time())
@@ -501,113 +558,132 @@ class DynamoLedger:
         entities: Sequence[Entity],
         parent: tuple[str, str] | None = None,
     ) -> None:
-        def record(entity: Entity) -> None:
-            key, path = entity
-            self._ddb.update_item(
-                TableName=self.table,
-                Key={"pk": {"S": _entity_pk(run_id, stage)}, "sk": {"S": key}},
-                UpdateExpression="SET #s = if_not_exists(#s, :q), #p = if_not_exists(#p, :p)",
-                ExpressionAttributeNames={"#s": "state", "#p": "path"},
-                ExpressionAttributeValues={
-                    ":q": {"S": QUEUED},
-                    ":p": {"S": path_json(path)},
-                },
-            )
-
-        self._each(record, entities)
-        if parent is not None and entities and len(entities) <= MAX_RECORDED_CHILDREN:
-            # On the parent's own item: read back only when the parent is redelivered.
-            self._ddb.update_item(
-                TableName=self.table,
-                Key={"pk": {"S": _entity_pk(run_id, parent[0])}, "sk": {"S": parent[1]}},
-                UpdateExpression="ADD children :c",
-                ExpressionAttributeValues={":c": {"SS": sorted({k for k, _ in entities})}},
-            )
-
-    def children(self, run_id: str, parent_stage: str, parent_key: str) -> set[str]:
-        item = self._ddb.get_item(
-            TableName=self.table,
-            Key={"pk": {"S": _entity_pk(run_id, parent_stage)}, "sk": {"S": parent_key}},
-            ProjectionExpression="children",
-            ConsistentRead=True,
-        ).get("Item", {})
-        return set(item.get("children", {}).get("SS", []))
-
-    def finish_pending(self, run_id: str, stage: str, entries: Sequence[Finished]) -> int:
-        changed = 0
-        for key, state, error in entries:
-            try:
-                self._ddb.update_item(
-                    TableName=self.table,
-                    Key={"pk": {"S": _entity_pk(run_id, stage)}, "sk": {"S": key}},
-                    UpdateExpression="SET #s = :s, #e = :e",
-                    ConditionExpression="#s = :q",
-                    ExpressionAttributeNames={"#s": "state", "#e": "error"},
-                    ExpressionAttributeValues={
-                        ":s": {"S": state},
-                        ":e": {"S": storable(error)},
-                        ":q": {"S": QUEUED},
-                    },
-                )
-                changed += 1
-            except self._ddb.exceptions.ConditionalCheckFailedException:
-                pass  # finished meanwhile
-        return changed
-
-    def pending(self, run_id: str, stage: str) -> list[Entity]:
-        return sorted(
-            (e["sk"]["S"], tuple(json.loads(e.get("path", {}).get("S", "[]"))))
-            for e in self._query(_entity_pk(run_id, stage), "sk, #s, #p")
-            if e["state"]["S"] == QUEUED
+        if not entities:
+            return
+        listing = _listing_id(parent, (k for k, _ in entities))
+        pk = {"S": _listed_pk(run_id, stage)}
+        self._put_all(
+            [
+                {
+                    "pk": pk,
+                    "sk": {"S": f"{listing}#{n}"},
+                    "entities": {"S": json.dumps(chunk)},
+                }
+                for n, chunk in enumerate(_listing_chunks(entities))
+            ]
         )
 
-    def finish(self, run_id: str, stage: str, key: str, state: str, error: str = "") -> None:
-        kwargs: dict[str, Any] = {}
-        if state == DEAD:
-            kwargs["ConditionExpression"] = "NOT #s IN (:d, :g)"
-            kwargs["ExpressionAttributeValues"] = {":d": {"S": DONE}, ":g": {"S": GONE}}
-        values = {
-            ":s": {"S": state},
-            ":e": {"S": storable(error)},
-            **kwargs.pop("ExpressionAttributeValues", {}),
+    def _listings(self, run_id: str, stage: str, parent_key: str = "") -> dict[str, str]:
+        """Every entity a stage's listings named (or one parent's): key -> stored path."""
+        condition = "pk = :pk"
+        values: dict[str, Any] = {":pk": {"S": _listed_pk(run_id, stage)}}
+        if parent_key:
+            condition += " AND begins_with(sk, :parent)"
+            values[":parent"] = {"S": f"{parent_key}#"}
+        found: dict[str, str] = {}
+        pages = self._ddb.get_paginator("query").paginate(
+            TableName=self.table,
+            KeyConditionExpression=condition,
+            ExpressionAttributeValues=values,
+            ProjectionExpression="entities",
+            ConsistentRead=True,
+        )
+        for page in pages:
+            for item in page.get("Items", []):
+                found.update(json.loads(item["entities"]["S"]))
+        return found
+
+    def _states(self, run_id: str, stage: str) -> dict[str, dict[str, Any]]:
+        """Every state item of a stage (those holding only an error included): key -> item."""
+        return {
+            item["sk"]["S"]: item for item in self._query(_entity_pk(run_id, stage), "sk, #s, #e")
         }
+
+    def children(self, run_id: str, parent_stage: str, parent_key: str) -> set[str]:
+        child = stage_of(parent_stage).child
+        if child is None:
+            return set()
+        return set(self._listings(run_id, child, parent_key))
+
+    def _conditional_state(
+        self, run_id: str, stage: str, key: str, state: str, error: str, condition: str
+    ) -> bool:
+        """Set an entity's state where `condition` holds; whether it did."""
         try:
             self._ddb.update_item(
                 TableName=self.table,
                 Key={"pk": {"S": _entity_pk(run_id, stage)}, "sk": {"S": key}},
                 UpdateExpression="SET #s = :s, #e = :e",
+                ConditionExpression=condition,
                 ExpressionAttributeNames={"#s": "state", "#e": "error"},
-                ExpressionAttributeValues=values,
-                **kwargs,
+                ExpressionAttributeValues={
+                    ":s": {"S": state},
+                    ":e": {"S": storable(error)},
+                    **({":d": {"S": DONE}, ":g": {"S": GONE}} if ":d" in condition else {}),
+                },
             )
         except self._ddb.exceptions.ConditionalCheckFailedException:
-            pass  # already done or gone: a late duplicate must not mark it dead
+            return False
+        return True
+
+    def finish_pending(self, run_id: str, stage: str, entries: Sequence[Finished]) -> int:
+        changed = self._each(
+            lambda e: self._conditional_state(
+                run_id, stage, e[0], e[1], e[2], "attribute_not_exists(#s)"
+            ),
+            entries,
+        )
+        return sum(changed)
+
+    def pending(self, run_id: str, stage: str) -> list[Entity]:
+        states = self._states(run_id, stage)
+        return sorted(
+            (key, tuple(json.loads(path)))
+            for key, path in self._listings(run_id, stage).items()
+            if "state" not in states.get(key, {})
+        )
+
+    def finish(self, run_id: str, stage: str, key: str, state: str, error: str = "") -> None:
+        self.finish_many(run_id, stage, [(key, state, error)])
 
     def finish_many(self, run_id: str, stage: str, entries: Sequence[Finished]) -> None:
-        # BatchWriteItem cannot carry the condition that keeps dead from overwriting done.
-        self._each(lambda e: self.finish(run_id, stage, *e), entries)
+        # Done and gone are final whatever came before: put in batches. The last entry of a
+        # key wins, as one after another would (a batch may not name a key twice).
+        final = {k: (s, e) for k, s, e in entries if s != DEAD}
+        pk = {"S": _entity_pk(run_id, stage)}
+        self._put_all(
+            [
+                {"pk": pk, "sk": {"S": k}, "state": {"S": s}, "error": {"S": storable(e)}}
+                for k, (s, e) in final.items()
+            ]
+        )
+        # Dead never overwrites done or gone (a late duplicate's failure).
+        dead = [(k, s, e) for k, s, e in entries if s == DEAD and k not in final]
+        self._each(
+            lambda e: self._conditional_state(
+                run_id, stage, e[0], DEAD, e[2], "NOT #s IN (:d, :g)"
+            ),
+            dead,
+        )
 
     def record_error(self, run_id: str, stage: str, key: str, error: str) -> None:
-        try:
-            self._ddb.update_item(
-                TableName=self.table,
-                Key={"pk": {"S": _entity_pk(run_id, stage)}, "sk": {"S": key}},
-                UpdateExpression="SET #e = :e",
-                # An item without a state would break status(); unknown entities are skipped.
-                ConditionExpression="attribute_exists(#s)",
-                ExpressionAttributeNames={"#e": "error", "#s": "state"},
-                ExpressionAttributeValues={":e": {"S": storable(error)}},
-            )
-        except self._ddb.exceptions.ConditionalCheckFailedException:
-            pass
+        # An item holding only an error has no state and counts nowhere.
+        self._ddb.update_item(
+            TableName=self.table,
+            Key={"pk": {"S": _entity_pk(run_id, stage)}, "sk": {"S": key}},
+            UpdateExpression="SET #e = :e",
+            ExpressionAttributeNames={"#e": "error"},
+            ExpressionAttributeValues={":e": {"S": storable(error)}},
+        )
 
     def finished(self, run_id: str, stage: str, keys: Sequence[str]) -> set[str]:
         found: set[str] = set()
         pk = _entity_pk(run_id, stage)
-        for i in range(0, len(keys), 100):  # BatchGetItem's limit
+        unique = sorted(set(keys))  # BatchGetItem refuses a key named twice
+        for i in range(0, len(unique), 100):  # BatchGetItem's limit
             request: dict[str, Any] = {
                 self.table: {
-                    "Keys": [{"pk": {"S": pk}, "sk": {"S": k}} for k in keys[i : i + 100]],
+                    "Keys": [{"pk": {"S": pk}, "sk": {"S": k}} for k in unique[i : i + 100]],
                     "ProjectionExpression": "sk, #s",
                     "ExpressionAttributeNames": {"#s": "state"},
                     "ConsistentRead": True,
@@ -642,8 +718,14 @@ class DynamoLedger:
             return None
         rows: list[tuple[str, str, int]] = []
         for stage in STAGE_NAMES:
-            for entity in self._query(_entity_pk(run_id, stage), "#s"):
-                rows.append((stage, entity["state"]["S"], 1))
+            states = {
+                key: item["state"]["S"]
+                for key, item in self._states(run_id, stage).items()
+                if "state" in item
+            }
+            queued = len(self._listings(run_id, stage).keys() - states.keys())
+            rows.append((stage, QUEUED, queued))
+            rows.extend((stage, state, 1) for state in states.values())
         return RunStatus(
             run_id=run_id,
             window_from=item.get("window_from", {}).get("S", ""),
@@ -676,10 +758,16 @@ class DynamoLedger:
     def dead(self, run_id: str) -> list[DeadEntity]:
         found = []
         for stage in STAGE_NAMES:
-            for e in self._query(_entity_pk(run_id, stage), "#s, #p, #e"):
-                if e["state"]["S"] == DEAD:
-                    path = tuple(json.loads(e.get("path", {}).get("S", "[]")))
-                    found.append(DeadEntity(stage, path, e.get("error", {}).get("S", "")))
+            dead = {
+                key: item.get("error", {}).get("S", "")
+                for key, item in self._states(run_id, stage).items()
+                if item.get("state", {}).get("S") == DEAD
+            }
+            if dead:
+                paths = self._listings(run_id, stage)
+                for key, error in dead.items():
+                    path = tuple(json.loads(paths.get(key, "[]")))
+                    found.append(DeadEntity(stage, path, error))
         return found
 
     def last_error(self, run_id: str, stage: str, key: str) -> str:

@@ -47,14 +47,16 @@ data "aws_iam_policy_document" "xray" {
 
 # The state table holds the run ledger and the shared rate budget; the functions that call
 # the vendor (kickoff and drains) use both: GetItem/UpdateItem for the budget and the
-# ledger's items, BatchGetItem to skip what is done, Query for a run's status. Nothing
-# puts, deletes or batch-writes items (every write is a conditional UpdateItem).
+# ledger's run items and conditional states, BatchWriteItem for listings and final states
+# (25 a request), BatchGetItem to skip what is done, Query for a run's status. Nothing
+# deletes items.
 data "aws_iam_policy_document" "state_table" {
   statement {
     sid = "StateTable"
     actions = [
       "dynamodb:GetItem",
       "dynamodb:BatchGetItem",
+      "dynamodb:BatchWriteItem",
       "dynamodb:UpdateItem",
       "dynamodb:Query",
     ]

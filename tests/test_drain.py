@@ -34,7 +34,7 @@ from pipeline.drain import (
     monotonic_deadline,
 )
 from pipeline.envelope import MAX_BODY_BYTES, Envelope
-from pipeline.ledger import DEAD, SqliteLedger
+from pipeline.ledger import DEAD, DONE, SqliteLedger
 from pipeline.local import LocalContext
 from pipeline.queues import (
     Depth,
@@ -350,6 +350,35 @@ def test_troop_stays_queued_when_sending_its_children_keeps_failing(pipeline: Pi
     assert pipeline.queues["troops"].depth().total == 0
     assert pipeline.counts("troops") == (1, 1, 0, 0)
     assert pipeline.counts("warriors") == (2, 0, 0, 0)
+
+
+def test_first_delivery_duplicate_relists_but_sends_only_unfinished_children(
+    pipeline: Pipeline, vendor: FakeVendor
+) -> None:
+    # GIVEN a troop done and one of its two warriors done, then an SQS duplicate of the
+    # troop's message (a first delivery, no attributes: not looked up, to save a read per
+    # batch)
+    pipeline.enqueue(troop())
+    pipeline.run("troops")
+    [first, _] = peek(pipeline.queues["warriors"])
+    warrior_key = Envelope.from_json(first.body).key
+    pipeline.ledger.finish(RUN, "warriors", warrior_key, DONE)
+    pipeline.queues["troops"].send([Outgoing(troop().to_json())])
+    calls = len(vendor.calls)
+
+    # WHEN the troops stage drains again
+    report = pipeline.run("troops")
+
+    # THEN it is listed again (one call), its finished warrior is not sent again, and the
+    # counts are unchanged
+    assert len(vendor.calls) == calls + 1
+    assert report.done == 1
+    queued = [Envelope.from_json(m.body).key for m in peek(pipeline.queues["warriors"])]
+    # the first two messages, and the unfinished warrior's once more
+    assert len(queued) == 3
+    assert queued.count(warrior_key) == 1
+    assert pipeline.counts("troops") == (1, 1, 0, 0)
+    assert pipeline.counts("warriors") == (2, 1, 0, 0)
 
 
 # -- output -------------------------------------------------------------------------------
@@ -914,13 +943,13 @@ def test_points_with_offsets_and_fractions_inside_the_window_are_kept_as_sent(
 def test_message_of_an_entity_already_done_is_deleted_without_a_vendor_call(
     pipeline: Pipeline, vendor: FakeVendor
 ) -> None:
-    # GIVEN a troop harvested to done, then a duplicate of its message (an SQS duplicate,
-    # a stale DLQ copy, a second kickoff)
+    # GIVEN a troop harvested to done, then a stale DLQ copy of its message replayed
     pipeline.enqueue(troop())
     pipeline.run("troops")
     peek(pipeline.queues["warriors"])
     calls = len(vendor.calls)
-    pipeline.queues["troops"].send([Outgoing(troop().to_json())])
+    stale = {DEAD_STAGE: "troops", DEAD_RECEIVES: "5"}
+    pipeline.queues["troops"].send([Outgoing(troop().to_json(), stale)])
 
     # WHEN the troops stage drains again
     report = pipeline.run("troops")

@@ -310,14 +310,26 @@ def test_last_error_is_empty_when_none_recorded(ledger: Ledger) -> None:
     assert ledger.last_error(RUN, "troops", "unknown") == ""
 
 
-def test_record_error_is_ignored_when_entity_is_unknown(ledger: Ledger) -> None:
+def test_record_error_of_an_unknown_entity_counts_nowhere(ledger: Ledger) -> None:
     started(ledger)
     ledger.enqueued(RUN, "troops", [("k1", TROOP)])
 
     ledger.record_error(RUN, "troops", "never-enqueued", "RetryableError: 503")
 
     assert counts(ledger, "troops") == StageCounts(enqueued=1)
-    assert ledger.last_error(RUN, "troops", "never-enqueued") == ""
+    assert ledger.pending(RUN, "troops") == [("k1", TROOP)]
+    assert ledger.dead(RUN) == []
+
+
+def test_record_error_leaves_a_finished_entity_as_it_was(ledger: Ledger) -> None:
+    started(ledger)
+    ledger.enqueued(RUN, "troops", [("k1", TROOP)])
+    ledger.finish(RUN, "troops", "k1", DONE)
+
+    ledger.record_error(RUN, "troops", "k1", "RetryableError: 503 from a late duplicate")
+
+    assert counts(ledger, "troops") == StageCounts(enqueued=1, done=1)
+    assert ledger.finished(RUN, "troops", ["k1"]) == {"k1"}
 
 
 def test_add_stats_accumulates_when_called_repeatedly(ledger: Ledger) -> None:
@@ -428,6 +440,34 @@ def test_children_are_remembered_under_their_parent(ledger: Ledger) -> None:
 
     assert ledger.children(RUN, "troops", "t") == {"w1", "w2"}
     assert ledger.children(RUN, "troops", "nobody") == set()
+
+
+def test_a_relisting_that_names_other_children_adds_to_them(ledger: Ledger) -> None:
+    # GIVEN a parent listed twice (redelivered), the second time naming one child more
+    started(ledger)
+    first = [("w1", WARRIOR), ("w2", (*TROOP, "w2"))]
+    ledger.enqueued(RUN, "warriors", first, ("troops", "t"))
+    ledger.enqueued(RUN, "warriors", [*first, ("w3", (*TROOP, "w3"))], ("troops", "t"))
+
+    # THEN every child either listing named counts once
+    assert ledger.children(RUN, "troops", "t") == {"w1", "w2", "w3"}
+    assert counts(ledger, "warriors") == StageCounts(enqueued=3)
+
+
+def test_a_listing_larger_than_one_item_is_recorded_whole(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN a listing that does not fit one stored item (made small here)
+    monkeypatch.setattr(ledger_module, "LISTING_CHUNK_BYTES", 1_000)
+    started(ledger)
+    children = [(f"k{i:04d}", (*TROOP, f"w{i}")) for i in range(300)]
+
+    ledger.enqueued(RUN, "warriors", children, ("troops", "t"))
+    ledger.finish(RUN, "warriors", "k0007", DONE)
+
+    assert counts(ledger, "warriors") == StageCounts(enqueued=300, done=1)
+    assert len(ledger.pending(RUN, "warriors")) == 299
+    assert ledger.children(RUN, "troops", "t") == {k for k, _ in children}
 
 
 def test_finish_pending_changes_only_queued_entities(ledger: Ledger) -> None:
