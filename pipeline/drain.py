@@ -40,7 +40,8 @@ from pipeline.errors import (
     RetryableError,
     quoted,
 )
-from pipeline.ledger import DEAD, DONE, GONE, Ledger
+from pipeline.latency import Latency
+from pipeline.ledger import DEAD, DONE, GONE, Finished, Ledger
 from pipeline.queues import BATCH, Message, Outgoing, Queue
 from pipeline.sinks import Sink, write_records
 from pipeline.stages import Stage
@@ -61,6 +62,10 @@ VANISHED = "no longer listed by its parent"
 # call the latency is assumed to be this.
 HEADROOM = 2.0
 INITIAL_LATENCY = 0.1
+# Finished messages are recorded and deleted together (Drain._flush): once this many wait
+# (one BatchWriteItem holds 25), or the first has waited this long.
+FLUSH_ENTRIES = 25
+FLUSH_SECONDS = 1.0
 # Attribute names that a dead-lettered message carries (besides its own).
 ERROR_CLASS, ERROR_MESSAGE = "error_class", "error_message"
 DEAD_STAGE, DEAD_AT, DEAD_RECEIVES = "dead_stage", "dead_at", "dead_receive_count"
@@ -121,6 +126,15 @@ class _Batch:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+@dataclass
+class _Settling:
+    """Finished messages waiting for one ledger write and their deletes (`Drain._flush`)."""
+
+    entries: list[tuple[str, Finished]] = field(default_factory=list)  # (run id, state)
+    receipts: list[str] = field(default_factory=list)
+    since: float = 0.0  # when the first of them came
+
+
 def describe(exc: BaseException) -> tuple[str, str]:
     """(class name, message) of an error, the message cut to a size a queue attribute holds."""
     return type(exc).__name__, str(exc)[:MAX_ERROR_CHARS]
@@ -170,6 +184,9 @@ class Drain:
         self.halt = halt
         # Deeper stages first: their calls go ahead of upstream ones in a shared budget.
         self.priority = stage.depth if deeper_first else 0
+        self._settling = _Settling()
+        self._settling_lock = threading.Lock()
+        self._held = Latency(math.inf)  # seconds a message holds its thread (in_flight_target)
         # Ledger, queue and sink steps: a throttle or a 5xx is retried here, in place
         # (botocore has retried it a few times already), before it costs a receive.
         self._store = Retrying(
@@ -204,6 +221,7 @@ class Drain:
                     report.stopped = "deadline"
                     break
                 flow.resize(*_flow_limits(self.in_flight_target()))
+                self._flush(older_than=FLUSH_SECONDS)
                 paused = self.client.paused_for()
                 if paused > self.client.max_retry_after or paused >= remaining() - safety_margin:
                     # The vendor asked for a longer wait than a message sits out inside a
@@ -249,20 +267,24 @@ class Drain:
                     )
         finally:
             pool.shutdown(wait=True)
+            self._flush()
         if stop.is_set():
             report.stopped, report.auth_error = "auth", stop.reason
         return report
 
     def in_flight_target(self) -> int:
-        """Messages to keep in process: the budget's rate × the vendor's recent mean latency
-        × HEADROOM (Little's law), at least one batch, at most `concurrency`.
+        """Messages to keep in process: the budget's rate × the time a message recently held
+        its thread (at least the vendor's mean latency) × HEADROOM (Little's law), at least
+        one batch, at most `concurrency`.
 
         Without a rate (tests driving one drain by hand) it is `concurrency`.
         """
         if self.rate is None:
             return self.concurrency
-        mean = self.client.latency.mean
-        want = math.ceil(self.rate * (INITIAL_LATENCY if mean is None else mean) * HEADROOM)
+        # How long a message holds its thread, waits for the budget aside (they would feed
+        # back: more threads, longer waits): the call, the sink, the batch's records.
+        held = max(self.client.latency.mean or 0.0, self._held.mean or 0.0) or INITIAL_LATENCY
+        want = math.ceil(self.rate * held * HEADROOM)
         return min(self.concurrency, max(BATCH, want))
 
     def _idle(self, empty_since: float) -> bool:
@@ -289,6 +311,7 @@ class Drain:
         parsed: Envelope | None = None,
         skip: bool = False,
     ) -> None:
+        started, waited = time.perf_counter(), self.client.budget_waited()
         try:
             if stop.is_set():
                 outcome = self._release(message, STOP, "the vendor rejected the token")
@@ -315,6 +338,7 @@ class Drain:
                 logger.exception("finishing a batch failed; its messages will be redelivered")
             finally:
                 flow.closed()
+        self._held.observe(time.perf_counter() - started - (self.client.budget_waited() - waited))
 
     # -- one message ----------------------------------------------------------------------
 
@@ -504,15 +528,15 @@ class Drain:
                     store(self.ledger.finish_pending, o.envelope.run_id, child_stage, entries)
         if dead:
             store(self.dlq.send, [self._dead_letter(o) for o in dead])
-        finished = [o for o in (*done, *gone, *dead) if o.envelope is not None]
-        for run_id, group in _group(finished, _run_of).items():
-            store(
-                self.ledger.finish_many,
-                run_id,
-                self.stage.name,
-                [(_key_of(o), o.kind, o.error) for o in group],
-            )
-        store(self.queue.delete, [o.message.receipt for o in (*done, *gone, *dead, *skipped)])
+        # Recorded and deleted with other batches' (`_flush`): one ledger write for 25.
+        self._settle(
+            [
+                (_run_of(o), (_key_of(o), o.kind, o.error))
+                for o in (*done, *gone, *dead)
+                if o.envelope is not None
+            ],
+            [o.message.receipt for o in (*done, *gone, *dead, *skipped)],
+        )
 
         retry = by_kind.get(RETRY, [])
         for o in retry:
@@ -554,6 +578,33 @@ class Drain:
             messages_failed=len(retry),
             messages_skipped=len(skipped),
         )
+
+    def _settle(self, entries: Sequence[tuple[str, Finished]], receipts: Sequence[str]) -> None:
+        """Queue finished messages' ledger states and deletes; flush when FLUSH_ENTRIES wait."""
+        with self._settling_lock:
+            if not self._settling.receipts:
+                self._settling.since = time.monotonic()
+            self._settling.entries.extend(entries)
+            self._settling.receipts.extend(receipts)
+            due = len(self._settling.receipts) >= FLUSH_ENTRIES
+        if due:
+            self._flush()
+
+    def _flush(self, older_than: float = 0.0) -> None:
+        """Record the waiting states (per run, batched by the ledger), then delete their
+        messages: a message is never deleted before its outcome is recorded. If the store
+        stays down, the messages come back and are done again, idempotently."""
+        with self._settling_lock:
+            waiting = self._settling
+            if not waiting.receipts or time.monotonic() - waiting.since < older_than:
+                return
+            self._settling = _Settling()
+        try:
+            for run_id, group in _group(waiting.entries, lambda e: e[0]).items():
+                self._store(self.ledger.finish_many, run_id, self.stage.name, [e for _, e in group])
+            self._store(self.queue.delete, waiting.receipts)
+        except Exception:
+            logger.exception("recording finished messages failed; they will be redelivered")
 
     def _retry_delay(self, o: Outcome) -> float:
         """Exponential backoff by receive count: base, 2 × base, 4 × base, … at most 15 min;

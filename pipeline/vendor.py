@@ -263,6 +263,7 @@ class VendorClient:
         # token and the TLS settings here are all the transport there is.
         self._session.trust_env = False
         self._min_rtt = math.inf
+        self._waits = threading.local()  # seconds this thread has waited for the budget
         if self._owns_session:
             # One pool per host, big enough that every drain thread keeps its connection;
             # retries are ours (below), not urllib3's.
@@ -307,6 +308,10 @@ class VendorClient:
         """Close the Session's connections, if this client created the Session."""
         if self._owns_session:
             self._session.close()
+
+    def budget_waited(self) -> float:
+        """Seconds the calling thread has spent waiting for budget slots, all told."""
+        return float(getattr(self._waits, "total", 0.0))
 
     def paused_for(self) -> float:
         """Seconds the vendor asked every call to wait, still to go (0 if none).
@@ -489,8 +494,12 @@ class VendorClient:
         request.url = url
         # Every header is a str: requests' defaults and the two set in __init__.
         request.headers = CaseInsensitiveDict(cast(Mapping[str, str], self._session.headers))
-        stamp = self._budget.acquire(priority, self._max_retry_after)
-        started = time.perf_counter()
+        asked = time.perf_counter()
+        try:
+            stamp = self._budget.acquire(priority, self._max_retry_after)
+        finally:
+            started = time.perf_counter()
+            self._waits.total = self.budget_waited() + (started - asked)
         try:
             # Straight to the adapter, not through Session.send: no redirects, cookies, hooks
             # or proxies to resolve, and a fifth less CPU per call (bench/README).

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ import responses
 from conftest import TOKEN, WINDOW, local_config
 from moto import mock_aws
 
+import pipeline.drain as drain_module
 from pipeline.budget import PacedBudget
 from pipeline.config import Config
 from pipeline.drain import (
@@ -29,6 +31,7 @@ from pipeline.drain import (
     DEAD_STAGE,
     ERROR_CLASS,
     ERROR_MESSAGE,
+    FLUSH_ENTRIES,
     Drain,
     DrainReport,
     monotonic_deadline,
@@ -37,6 +40,7 @@ from pipeline.envelope import MAX_BODY_BYTES, Envelope
 from pipeline.ledger import DEAD, DONE, SqliteLedger
 from pipeline.local import LocalContext
 from pipeline.queues import (
+    BATCH,
     Depth,
     LocalQueue,
     LocalQueueStore,
@@ -1082,3 +1086,77 @@ def test_in_flight_target_follows_rate_times_latency(
         pipeline.client.latency.observe(latency or 0.0)
 
     assert drain.in_flight_target() == target
+
+
+def test_finished_messages_of_several_batches_are_recorded_in_one_write_each_25(
+    pipeline: Pipeline, vendor: FakeVendor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN 30 data groups (three receive batches), and a ledger that counts its writes
+    ids = [f"d{i}" for i in range(30)]
+    for d in ids:
+        vendor.points[d] = [POINTS[0]]
+    writes: list[int] = []
+    real = pipeline.ledger.finish_many
+
+    def counted(run_id: str, stage: str, entries: Sequence[Any]) -> None:
+        writes.append(len(entries))
+        real(run_id, stage, entries)
+
+    monkeypatch.setattr(pipeline.ledger, "finish_many", counted)
+    monkeypatch.setattr(drain_module, "FLUSH_SECONDS", 3600.0)  # however slow this host
+    pipeline.enqueue(*(group(d) for d in ids))
+
+    # WHEN the data_groups stage drains
+    report = pipeline.run("data_groups")
+
+    # THEN all are done, recorded and deleted, in writes of up to 25 rather than one per batch
+    assert report.done == 30
+    assert pipeline.counts("data_groups") == (30, 30, 0, 0)
+    assert pipeline.queues["data_groups"].depth().total == 0
+    assert sum(writes) == 30
+    assert len(writes) == 1
+    assert max(writes) <= FLUSH_ENTRIES + BATCH
+
+
+def test_a_message_whose_outcome_cannot_be_recorded_is_not_deleted(
+    pipeline: Pipeline, vendor: FakeVendor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN a ledger that refuses every finish
+    vendor.points["d1"] = [POINTS[0]]
+    monkeypatch.setattr(pipeline.ledger, "finish_many", Flaky(pipeline.ledger.finish_many, 99))
+    pipeline.enqueue(group("d1"))
+
+    # WHEN the data_groups stage drains
+    pipeline.run("data_groups", seconds=2.0)
+
+    # THEN its message stays (in flight: it comes back), and nothing counts it done
+    assert pipeline.queues["data_groups"].depth().total == 1
+    assert pipeline.counts("data_groups") == (1, 0, 0, 0)
+
+
+def test_in_flight_target_counts_the_time_a_message_holds_its_thread_after_its_call(
+    pipeline: Pipeline, vendor: FakeVendor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN a vendor answering in 20 ms but a sink taking 80 ms a write, at 200 calls/s
+    ids = [f"d{i}" for i in range(20)]
+    for d in ids:
+        vendor.points[d] = [POINTS[0]]
+    real_put = pipeline.sink.put
+
+    def slow_put(key: str, blob: bytes, content_type: str) -> str:
+        time.sleep(0.08)
+        return real_put(key, blob, content_type)
+
+    monkeypatch.setattr(pipeline.sink, "put", slow_put)
+    drain = pipeline.drain("data_groups", concurrency=64)
+    drain.rate = 200.0
+    for _ in range(100):
+        pipeline.client.latency.observe(0.02)
+    assert drain.in_flight_target() == 10  # from the call alone: 200 x 0.02 x 2 = 8
+
+    # WHEN it has drained some messages
+    pipeline.enqueue(*(group(d) for d in ids))
+    drain.run(monotonic_deadline(10.0), 0.0)
+
+    # THEN it keeps enough in flight for call and write: 200 x >= 0.08 x 2 >= 32
+    assert drain.in_flight_target() >= 32
