@@ -444,7 +444,7 @@ class _Scheduler:
                 while len(recent) > 2 and now - recent[0][0] > RATE_SECONDS:
                     recent.popleft()
                 rate = (recent[-1][1] - recent[0][1]) / max(1e-6, recent[-1][0] - recent[0][0])
-                # Nothing moved for a second or more: say what the run waits for.
+                # No call over the last few seconds (one at least): say what the run waits for.
                 idle = recent[-1][1] == recent[0][1] and now - recent[0][0] >= 1.0
                 waits = self.waits(depths) if idle and not settled else ()
                 on_progress(self._progress(status, depths, started, rate, waits))

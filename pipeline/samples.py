@@ -10,9 +10,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+
+from aws_lambda_powertools import Logger
+
+logger = Logger(service="harvest", child=True)
 
 SAMPLES_FILE = "samples.jsonl"
 SAMPLE_SECONDS = 1.0
@@ -37,7 +41,7 @@ class Sample:
     limit: float  # calls per second allowed
     paused_for: float = 0.0  # seconds left of the budget's pause
     pause_why: str = ""
-    stalled: tuple[tuple[str, float], ...] = field(default=())  # (call, seconds in flight)
+    stalled: tuple[tuple[str, float], ...] = ()  # (call, seconds in flight)
 
     def queued(self, stage: str) -> int:
         return self.visible.get(stage, 0) + self.in_flight.get(stage, 0)
@@ -97,13 +101,24 @@ class SampleLog:
         self._file: IO[str] = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held open
         if torn:
             self._file.write("\n")
+        self._failed = False
 
     def append(self, sample: Sample) -> None:
-        self._file.write(sample.to_json() + "\n")
-        self._file.flush()
+        if self._failed:
+            return
+        try:
+            self._file.write(sample.to_json() + "\n")
+            self._file.flush()
+        except OSError as exc:
+            # The samples only draw the run: a full disk must not stop it.
+            self._failed = True
+            logger.warning("samples not written; the run goes on", extra={"error": str(exc)})
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:
+            pass  # what could not be written was reported when it was not
 
 
 def _parse(lines: list[str]) -> list[Sample]:

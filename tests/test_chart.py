@@ -199,3 +199,14 @@ def test_local_run_samples_itself_and_writes_its_chart_beside_the_manifest(
     assert code == 0
     assert f"chart: {result.chart}" in capsys.readouterr().out.replace("\n", "")
     assert result.chart.exists()
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_samples_that_cannot_be_written_do_not_stop_the_run() -> None:
+    # GIVEN a samples file on a full disk
+    log = SampleLog(Path("/dev/full"))
+
+    # WHEN samples are appended THEN nothing is raised
+    log.append(SAMPLES[0])
+    log.append(SAMPLES[1])
+    log.close()
