@@ -8,11 +8,16 @@ import sys
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.config import Config
 from pipeline.errors import ConfigError, HarvestError
 from pipeline.stages import STAGE_NAMES
 from pipeline.window import Window
+
+if TYPE_CHECKING:
+    from pipeline.runtime import Runtime
+    from pipeline.waits import Wait
 
 DEFAULT_OUT = "harvest-out"
 # The default simulated tree: 10 troops × 10 warriors × 10 data groups = 1,111 calls.
@@ -55,7 +60,7 @@ def cmd_local(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
 
-    from pipeline.display import print_summary, progress_table
+    from pipeline.display import print_summary, progress_table, waits_lines
     from pipeline.local import LocalOptions, Progress, run_local
     from pipeline.simulator import SimulatorConfig
 
@@ -107,6 +112,8 @@ def cmd_local(args: argparse.Namespace) -> int:
                     f"{p.elapsed:6.1f} s: {done} done, {queued} queued, {p.calls} calls"
                     f" ({p.calls_per_second:.0f}/s of {p.limit_per_second:g}/s)"
                 )
+                if p.waits:
+                    console.print(waits_lines(p.waits), markup=False, highlight=False)
 
         result = run_local(options, show_plain)
     if result.released_at_start or result.waited_at_start:
@@ -155,9 +162,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from pipeline.display import status_view
+    from pipeline.display import status_view, waits_lines
     from pipeline.runtime import build
 
+    if args.chart and args.aws:
+        raise ConfigError("--chart draws a local run's samples: give --out, not --aws")
     rt = build(_state_config(args))
     runs = rt.ledger.runs()
     run_id = args.run or (runs[0] if runs else None)
@@ -168,7 +177,50 @@ def cmd_status(args: argparse.Namespace) -> int:
     console.print(status_view(status))
     for dead in rt.ledger.dead(status.run_id):
         console.print(f"  dead: {dead.stage} {' / '.join(dead.path)}: {dead.error}")
+    waits = _waits(args, rt)
+    if waits:
+        console.print(waits_lines(waits), markup=False, highlight=False)
+    if args.chart:
+        from pipeline.chart import write_chart
+        from pipeline.local import STATE_DIR
+        from pipeline.samples import SAMPLES_FILE
+
+        out = Path(args.out)
+        chart = write_chart(out / STATE_DIR / SAMPLES_FILE, out, status.run_id)
+        if chart is None:
+            raise ConfigError(f"no samples of run {status.run_id} in {out} to draw")
+        console.print(f"chart: {chart}", markup=False, highlight=False)
     return 0 if status.complete else 1
+
+
+def _waits(args: argparse.Namespace, rt: Runtime) -> list[Wait]:
+    """What the run waits for: all the state shows locally; what SQS says with --aws."""
+    import time
+
+    from pipeline import waits
+
+    if args.aws:
+        return waits.sqs_waits(rt.queues, rt.dlqs, "--aws")
+    from pipeline.local import STATE_DIR, owner_alive
+    from pipeline.samples import SAMPLES_FILE, tail
+
+    assert rt.store is not None  # a local runtime
+    state = Path(args.out) / STATE_DIR
+    now = time.time()
+    live = waits.live_run(tail(state / SAMPLES_FILE), now, owner_alive(state))
+    if live.running:
+        print(f"a `harvest local` is running on {args.out}: {live.calls_per_second:.0f} calls/s")
+    if live.moving:
+        return []
+    return list(live.waits) + waits.local_waits(
+        rt.store,
+        rt.ledger,
+        {s: q.depth().total for s, q in rt.queues.items()},
+        {s: q.depth().total for s, q in rt.dlqs.items()},
+        now=now,
+        running=live.running,
+        where=f"--out {args.out}",
+    )
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
@@ -356,8 +408,13 @@ def parser() -> argparse.ArgumentParser:
     state_args(kick)
     kick.set_defaults(func=cmd_kickoff)
 
-    status = sub.add_parser("status", help="per-stage progress of a run")
+    status = sub.add_parser("status", help="per-stage progress of a run, and what it waits for")
     status.add_argument("run", nargs="?", help="run id (default: the latest)")
+    status.add_argument(
+        "--chart",
+        action="store_true",
+        help="write the run's chart (HTML, beside its manifest) from a local run's samples",
+    )
     state_args(status)
     status.set_defaults(func=cmd_status)
 

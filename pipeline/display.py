@@ -1,4 +1,5 @@
-"""What the CLI shows people: the live harvest table, run status bars, DLQ listings, summaries."""
+"""What the CLI shows people: the live harvest table, run status bars, waits, DLQ listings,
+summaries."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
@@ -13,6 +15,7 @@ from pipeline.ledger import RunStatus
 from pipeline.local import LocalResult, Progress
 from pipeline.replay import DeadLetter
 from pipeline.stages import STAGE_NAMES
+from pipeline.waits import Wait
 
 
 def progress_table(p: Progress) -> Table:
@@ -38,6 +41,7 @@ def progress_table(p: Progress) -> Table:
     table.caption = (
         f"{p.calls} calls, {p.calls_per_second:6.1f}/s of {p.limit_per_second:g}/s "
         f"({share:4.0%} of the limit), {p.rate_limited} × 429, {p.retries} retries"
+        + "".join(f"\nwaiting: {escape(w.text)}" for w in p.waits)
     )
     table.caption_justify = "left"
     return table
@@ -66,6 +70,11 @@ def status_view(status: RunStatus) -> Group:
         f"{stats.get('retries', 0)} retries; kicked off: {'yes' if status.kicked_off else 'no'}"
     )
     return Group(table)
+
+
+def waits_lines(waits: Sequence[Wait]) -> str:
+    """What a run waits for, a line each (plain text: print it without markup)."""
+    return "\n".join(f"  waiting: {w.text}" for w in waits)
 
 
 def dlq_view(stage: str, letters: Sequence[DeadLetter]) -> Table:
@@ -97,6 +106,8 @@ def print_summary(console: Console, r: LocalResult) -> None:
     lines.append(f"  output: {r.out / 'runs' / r.run_id / 'data'}")
     if r.manifest.exists():
         lines.append(f"  manifest: {r.manifest}")
+    if r.chart is not None:
+        lines.append(f"  chart: {r.chart}")
     if r.comparison is not None:
         lines.append(f"  check: {r.comparison.describe()}")
     if r.dlq_depth:

@@ -26,14 +26,17 @@ from typing import Any
 
 from aws_lambda_powertools.warnings import PowertoolsUserWarning
 
+from pipeline.chart import write_chart
 from pipeline.config import Config
 from pipeline.errors import AuthError, ConfigError
 from pipeline.ledger import RunStatus
 from pipeline.queues import Depth
 from pipeline.runtime import Runtime, reset_cache, runtime
+from pipeline.samples import SAMPLE_SECONDS, SAMPLES_FILE, Sample, SampleLog
 from pipeline.simulator import Simulator, SimulatorConfig, SimulatorProcess
 from pipeline.stages import STAGE_NAMES
 from pipeline.verify import Comparison, compare
+from pipeline.waits import Wait, local_waits, pause_wait, stalled_wait, tick_wait
 from pipeline.window import Window
 
 STATE_DIR = ".harvest"
@@ -98,6 +101,7 @@ class Progress:
     rate_limited: int
     retries: int
     drains_running: int
+    waits: tuple[Wait, ...] = ()  # what it waits for, when no call has been made for a while
 
 
 @dataclass
@@ -123,6 +127,7 @@ class LocalResult:
     interrupted: bool = False  # stopped by SIGINT/SIGTERM: what it held is back in its queues
     released_at_start: int = 0  # messages an earlier process left in flight, released
     waited_at_start: float = 0.0  # seconds the budget waited for the earlier calls' window
+    chart: Path | None = None  # the picture of the run (pipeline.chart), beside the manifest
 
     @property
     def utilization(self) -> float:
@@ -220,7 +225,9 @@ def run_local(
     cpu_started = time.process_time()
     auth_error = ""
     stalled = False
-    scheduler = _Scheduler(rt, options, drain_worker.handler)
+    samples = SampleLog(out / STATE_DIR / SAMPLES_FILE)
+    scheduler = _Scheduler(rt, options, drain_worker.handler, samples)
+    scheduler.resumed_until = time.monotonic() + waited
     restore_signals = _stop_on_signals(scheduler)
     try:
         status = rt.ledger.status(run_id)
@@ -234,6 +241,7 @@ def run_local(
             auth_error = str(exc)
         else:
             auth_error, stalled = scheduler.run(run_id, started, on_progress)
+        scheduler.sample(run_id)  # the last point of the chart: how the run ended
         cpu_seconds = time.process_time() - cpu_started
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         wall_seconds = (scheduler.settled_at or time.monotonic()) - started
@@ -246,6 +254,7 @@ def run_local(
                 rt.sink, run_id, simulator.ground_truth(options.window.start, options.window.end)
             )
         stats = rt.stats.snapshot()
+        chart = write_chart(samples.path, out, run_id)
         return LocalResult(
             run_id=run_id,
             status=status,
@@ -268,8 +277,10 @@ def run_local(
             interrupted=scheduler.stopping.is_set(),
             released_at_start=released,
             waited_at_start=waited,
+            chart=chart,
         )
     finally:
+        samples.close()
         restore_signals()
         scheduler.note_last_call()
         reset_cache()
@@ -283,9 +294,18 @@ class _Scheduler:
     """EventBridge and Lambda, played by threads."""
 
     def __init__(
-        self, rt: Runtime, options: LocalOptions, handler: Callable[[dict[str, Any], Any], Any]
+        self,
+        rt: Runtime,
+        options: LocalOptions,
+        handler: Callable[[dict[str, Any], Any], Any],
+        samples: SampleLog,
     ) -> None:
         self.rt = rt
+        self.samples = samples
+        self.started_at = time.time()  # the samples of this process share it
+        self.sampled_at = 0.0
+        self.resumed_until = 0.0  # the budget waits out an earlier run's last calls till then
+        self.next_tick = 0.0
         self.options = options
         self.handler = handler
         self.running: dict[str, list[threading.Thread]] = {s: [] for s in STAGE_NAMES}
@@ -337,13 +357,67 @@ class _Scheduler:
         self.polls += 1
         return self.rt.dlqs[stage].depth().total
 
+    def _pause_why(self) -> str:
+        if time.monotonic() < self.resumed_until:
+            return "the rate window of an earlier run's last calls"
+        return "the vendor asked to wait (Retry-After or X-RateLimit-Reset)"
+
+    def sample(self, run_id: str, depths: Mapping[str, Depth] | None = None) -> None:
+        """Append one sample of the run to the state directory's time series."""
+        if depths is None:
+            depths = {s: self.rt.queues[s].depth() for s in STAGE_NAMES}
+            self.polls += len(depths)
+        stats = self.rt.stats.snapshot()
+        paused_for = self.rt.budget.paused_for()
+        self.samples.append(
+            Sample(
+                run_id=run_id,
+                at=time.time(),
+                started=self.started_at,
+                visible={s: d.visible for s, d in depths.items()},
+                in_flight={s: d.in_flight for s, d in depths.items()},
+                dead={s: self._dlq_depth(s) for s in STAGE_NAMES},
+                calls=int(stats["calls"]),
+                rate_limited=int(stats["rate_limited"]),
+                limit=self.options.rate_calls / self.options.rate_period,
+                paused_for=paused_for,
+                pause_why=self._pause_why() if paused_for else "",
+                stalled=tuple(self.rt.client.in_flight.longer_than()),
+            )
+        )
+
+    def waits(self, depths: Mapping[str, Depth]) -> tuple[Wait, ...]:
+        """What the run waits for (the live view asks when no call was made for a while)."""
+        now = time.time()
+        found = [
+            pause_wait(self.rt.budget.paused_for(), self._pause_why(), now),
+            stalled_wait(self.rt.client.in_flight.longer_than()),
+            tick_wait(
+                sum(d.visible for d in depths.values()),
+                self.drains_running(),
+                self.next_tick - time.monotonic(),
+            ),
+        ]
+        waits = [w for w in found if w is not None]
+        if self.rt.store is not None:
+            waits += local_waits(
+                self.rt.store,
+                self.rt.ledger,
+                {s: d.total for s, d in depths.items()},
+                {s: self._dlq_depth(s) for s in STAGE_NAMES},
+                now=now,
+                running=True,
+                where=f"--out {self.rt.config.sink}",
+            )
+        return tuple(waits)
+
     def drains_running(self) -> int:
         return sum(t.is_alive() for threads in self.running.values() for t in threads)
 
     def run(
         self, run_id: str, started: float, on_progress: Callable[[Progress], None] | None
     ) -> tuple[str, bool]:
-        next_tick = time.monotonic()
+        self.next_tick = time.monotonic()
         recent: deque[tuple[float, float]] = deque()
         empty_since = 0.0  # when every stage queue was found empty while the run is unsettled
         while True:
@@ -358,16 +432,22 @@ class _Scheduler:
             if not self.first_output and status and status.stages[STAGE_NAMES[-1]].done:
                 self.first_output = now - started
             # A settled run needs no more invocations unless redeliveries are still queued.
-            if now >= next_tick and not self.stop.is_set() and (busy or not settled):
+            if now >= self.next_tick and not self.stop.is_set() and (busy or not settled):
                 self._tick()
-                next_tick = now + self.options.tick
+                self.next_tick = now + self.options.tick
+            if now - self.sampled_at >= SAMPLE_SECONDS:
+                self.sampled_at = now
+                self.sample(run_id, depths)
             if on_progress is not None:
                 # Calls per second over the last few seconds, not the last quarter second.
                 recent.append((now, self.rt.stats.snapshot()["calls"]))
                 while len(recent) > 2 and now - recent[0][0] > RATE_SECONDS:
                     recent.popleft()
                 rate = (recent[-1][1] - recent[0][1]) / max(1e-6, recent[-1][0] - recent[0][0])
-                on_progress(self._progress(status, depths, started, rate))
+                # No call over the last few seconds (one at least): say what the run waits for.
+                idle = recent[-1][1] == recent[0][1] and now - recent[0][0] >= 1.0
+                waits = self.waits(depths) if idle and not settled else ()
+                on_progress(self._progress(status, depths, started, rate, waits))
             if settled and not busy:
                 # Done: the drains only wait out their long polls now; cut those short.
                 self.settled_at = self.settled_at or time.monotonic()
@@ -387,7 +467,12 @@ class _Scheduler:
             time.sleep(POLL_SECONDS)
 
     def _progress(
-        self, status: RunStatus | None, depths: Mapping[str, Depth], started: float, rate: float
+        self,
+        status: RunStatus | None,
+        depths: Mapping[str, Depth],
+        started: float,
+        rate: float,
+        waits: tuple[Wait, ...] = (),
     ) -> Progress:
         stats = self.rt.stats.snapshot()
         stages = {}
@@ -410,6 +495,7 @@ class _Scheduler:
             rate_limited=int(stats["rate_limited"]),
             retries=int(stats["retries"]),
             drains_running=self.drains_running(),
+            waits=waits,
         )
 
 
@@ -478,6 +564,21 @@ def own(state_dir: Path) -> Any:
     handle.write(f"pid {os.getpid()}\n")
     handle.flush()
     return handle
+
+
+def owner_alive(state_dir: Path) -> bool:
+    """Whether the process that last took the state directory's lock is still alive."""
+    try:
+        pid = int((state_dir / LOCK_FILE).read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
 
 
 def _wait_for_earlier_calls(rt: Runtime, path: Path, period: float) -> float:

@@ -60,6 +60,18 @@ class Depth:
         return self.visible + self.in_flight
 
 
+@dataclass(frozen=True)
+class Hidden:
+    """A local queue's invisible messages: those a consumer holds (received, neither
+    deleted nor given back), and those given back with a delay; times are epoch seconds."""
+
+    held: int = 0
+    held_until: float | None = None  # when the first held one is visible again
+    delayed: int = 0
+    delayed_until: float | None = None
+    first_delayed: str | None = None  # the body of the delayed message visible first
+
+
 class Queue(Protocol):
     """The queue operations the pipeline uses; implemented for SQS and locally."""
 
@@ -205,7 +217,10 @@ CREATE TABLE IF NOT EXISTS messages (
     attributes TEXT NOT NULL,
     visible_at REAL NOT NULL,
     receive_count INTEGER NOT NULL DEFAULT 0,
-    receipt TEXT
+    receipt TEXT,
+    -- 1 from a receive until the message is deleted or given back (change_visibility): a
+    -- hidden message a consumer holds, as opposed to one given back with a delay.
+    held INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS messages_visible ON messages (queue, visible_at, seq);
 CREATE INDEX IF NOT EXISTS messages_receipt ON messages (receipt);
@@ -239,8 +254,22 @@ class LocalQueueStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(_SCHEMA)
+        self._add_held_column()
         self.requests = 0
         self._hurry = False
+
+    def _add_held_column(self) -> None:
+        """A state file written before `held` existed: a message with a receipt was held."""
+
+        def missing() -> bool:
+            return "held" not in {row[1] for row in self._db.execute("PRAGMA table_info(messages)")}
+
+        if missing():
+            self._db.execute("BEGIN IMMEDIATE")
+            if missing():  # another process may have added it meanwhile
+                self._db.execute("ALTER TABLE messages ADD COLUMN held INTEGER NOT NULL DEFAULT 0")
+                self._db.execute("UPDATE messages SET held = 1 WHERE receipt IS NOT NULL")
+            self._db.execute("COMMIT")
 
     def hurry(self) -> None:
         """End every long poll now, and wait no more in later ones (the run is over)."""
@@ -317,14 +346,14 @@ class LocalQueueStore:
                         # SQS redrive: received too often without a delete.
                         self._db.execute(
                             "UPDATE messages SET queue = ?, visible_at = ?, receive_count = 0,"
-                            " receipt = NULL WHERE seq = ?",
+                            " receipt = NULL, held = 0 WHERE seq = ?",
                             (q.dlq.name, now, seq),
                         )
                         continue
                     receipt = uuid.uuid4().hex
                     self._db.execute(
-                        "UPDATE messages SET visible_at = ?, receive_count = ?, receipt = ?"
-                        " WHERE seq = ?",
+                        "UPDATE messages SET visible_at = ?, receive_count = ?, receipt = ?,"
+                        " held = 1 WHERE seq = ?",
                         (now + hidden, count + 1, receipt, seq),
                     )
                     got.append(Message(mid, receipt, body, json.loads(attrs), count + 1))
@@ -335,17 +364,19 @@ class LocalQueueStore:
         return got
 
     def release_in_flight(self) -> int:
-        """Make every received, undeleted message visible now; return how many.
+        """Make every held message (received, neither deleted nor given back) visible now;
+        return how many.
 
         For the owner of a local run at its start: whoever received them (a process that
-        was killed or interrupted) is gone, so they need not wait out their visibility.
+        was killed or interrupted) is gone, so they need not wait out their visibility. A
+        message given back with a delay (a retry's backoff, the vendor's Retry-After) keeps it.
         """
         now = self._clock()
         with self._arrived:
             self._db.execute("BEGIN IMMEDIATE")
             cur = self._db.execute(
-                "UPDATE messages SET visible_at = ?, receipt = NULL"
-                " WHERE receipt IS NOT NULL AND visible_at > ?",
+                "UPDATE messages SET visible_at = ?, receipt = NULL, held = 0"
+                " WHERE held = 1 AND visible_at > ?",
                 (now, now),
             )
             self._db.execute("COMMIT")
@@ -365,7 +396,7 @@ class LocalQueueStore:
             self.requests += len(chunks(receipts))
             self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany(
-                "UPDATE messages SET visible_at = ? WHERE receipt = ?",
+                "UPDATE messages SET visible_at = ?, held = 0 WHERE receipt = ?",
                 [(visible_at, r) for r in receipts],
             )
             self._db.execute("COMMIT")
@@ -381,6 +412,25 @@ class LocalQueueStore:
             ).fetchone()
         total = int(row[0]) if row else 0
         return Depth(total - int(in_flight), int(in_flight))
+
+    def hidden(self, queue: str) -> Hidden:
+        """What of `queue` is invisible now, and until when."""
+        now = self._clock()
+        with self._lock:
+            groups = self._db.execute(
+                "SELECT held, COUNT(*), MIN(visible_at) FROM messages"
+                " WHERE queue = ? AND visible_at > ? GROUP BY held",
+                (queue, now),
+            ).fetchall()
+            first = self._db.execute(
+                "SELECT body FROM messages WHERE queue = ? AND visible_at > ? AND held = 0"
+                " ORDER BY visible_at LIMIT 1",
+                (queue, now),
+            ).fetchone()
+        found = {bool(held): (int(n), float(at)) for held, n, at in groups}
+        held, held_until = found.get(True, (0, None))
+        delayed, delayed_until = found.get(False, (0, None))
+        return Hidden(held, held_until, delayed, delayed_until, first[0] if first else None)
 
 
 class LocalQueue:

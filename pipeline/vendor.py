@@ -53,6 +53,7 @@ from pipeline.errors import (
     RetryableError,
     quoted,
 )
+from pipeline.inflight import CallsInFlight
 from pipeline.latency import Latency
 from pipeline.stats import CallStats
 
@@ -250,6 +251,8 @@ class VendorClient:
         self._connect_timeout = connect_timeout
         # The read timeout adapts to the vendor's recent latency, `read_timeout` at most.
         self.latency = Latency(read_timeout)
+        # Calls out now and since when: the live view and `harvest status` name a stalled one.
+        self.in_flight = CallsInFlight(prefix=self.base_url)
         self._max_attempts = max_attempts
         self._max_pages = max_pages
         self._max_retry_after = max_retry_after
@@ -500,6 +503,7 @@ class VendorClient:
         finally:
             started = time.perf_counter()
             self._waits.total = self.budget_waited() + (started - asked)
+        self.in_flight.start(url)
         try:
             # Straight to the adapter, not through Session.send: no redirects, cookies, hooks
             # or proxies to resolve, and a fifth less CPU per call (bench/README).
@@ -519,6 +523,8 @@ class VendorClient:
             if isinstance(exc, requests.exceptions.ReadTimeout):
                 self.latency.timed_out()
             raise
+        finally:
+            self.in_flight.end()
         # The vendor counted the call no later than the fastest round trip seen before the
         # response came back: tell the budget, so that a late send is counted late.
         rtt = time.perf_counter() - started

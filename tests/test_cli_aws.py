@@ -162,6 +162,42 @@ def test_status_aws_exits_nonzero_and_names_the_dead_for_an_incomplete_run(
     assert "dead: data_groups troop 1 / warrior/1 / d2: RetryableError: 503 x4" in said
 
 
+def test_status_aws_names_messages_not_visible_without_saying_why_or_until_when(
+    aws: Aws, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a running run with one data group received by a drain
+    aws.record_run(dead=False)
+    url = aws.urls["data_groups"]["url"]
+    aws.sqs.send_message(QueueUrl=url, MessageBody=group("d3").to_json())
+    aws.sqs.receive_message(QueueUrl=url, VisibilityTimeout=300)
+
+    # WHEN the operator asks for its status
+    cli.main(["status", "--aws"])
+
+    # THEN it says how many are not visible, and that SQS does not say why or until when
+    said = " ".join(capsys.readouterr().out.split())
+    assert "waiting: data_groups: about 1 messages not visible" in said
+    assert "SQS says neither which nor until when" in said
+
+
+def test_status_aws_names_a_run_waiting_on_its_dlq(
+    aws: Aws, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a settled run with its dead data group in the DLQ, and nothing else queued
+    aws.record_run(dead=True)
+    aws.dead_letter("data_groups", group("d2").to_json(), **DEAD_503)
+
+    # WHEN the operator asks for its status
+    cli.main(["status", "--aws"])
+
+    # THEN it says the run waits on the DLQ, and how to replay it
+    said = " ".join(capsys.readouterr().out.split())
+    assert (
+        "waiting: 1 messages in the data_groups DLQ and nothing else queued:"
+        " run `harvest replay data_groups --aws`"
+    ) in said
+
+
 # -- dlq ----------------------------------------------------------------------------------
 
 

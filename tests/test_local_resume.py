@@ -8,11 +8,13 @@ again on the same directory.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -129,6 +131,52 @@ def test_kill_then_rerun_releases_what_the_dead_process_held_and_draws_no_429(
     assert "resumed:" in err and "released at once" in err
     assert_exact(out, vendor)
     assert vendor.stats.rate_limited == 0
+
+
+# 4 + 20 + 800 + 1 = 825 calls, about 16.5 s at 50/s: room for several kills mid-harvest.
+BIGGER = replace(TREE, data_groups_per_warrior=40)
+KILLS = 5
+
+
+def test_random_kills_then_a_final_run_lose_nothing_and_draw_no_429(
+    tmp_path: Path, simulator: Callable[..., Simulator]
+) -> None:
+    seed = int(os.environ.get("HARVEST_KILL_SEED") or random.SystemRandom().randrange(2**32))
+    print(f"random kills: seed {seed} (HARVEST_KILL_SEED={seed} repeats the kill moments)")
+    rng = random.Random(seed)
+    vendor = simulator(BIGGER)
+    out = tmp_path / "out"
+
+    # GIVEN a run killed (SIGKILL) KILLS times at random moments, each time resumed at once:
+    # a quarter of the kills land while the process starts up, the rest after it has
+    # harvested something
+    held_at_kills = []
+    for kill in range(KILLS):
+        before = data_groups_done(out)
+        proc = harvest(out, vendor.url)
+        if kill and rng.random() < 0.25:
+            delay, after = rng.uniform(0.0, 1.5), "start"
+        else:
+            wait_for_progress(out, before + 1, proc)
+            delay, after = rng.uniform(0.0, 1.0), "its first data group"
+        time.sleep(delay)  # the random moment of the kill, not a wait for something
+        proc.kill()
+        proc.communicate(timeout=30)
+        held_at_kills.append(in_flight(out))
+        print(f"kill {kill + 1}: {delay:.2f} s after {after}, {held_at_kills[-1]} in flight")
+
+    # WHEN the same command runs once more, to the end
+    final = harvest(out, vendor.url)
+    _, err = final.communicate(timeout=120)
+
+    # THEN the output is exact, the vendor's strict window saw no 429 across all the runs,
+    # and no call was made again but those of messages in flight at a kill
+    assert final.returncode == 0, f"seed {seed}: {err}"
+    assert_exact(out, vendor)
+    assert vendor.stats.rate_limited == 0, f"seed {seed}"
+    minimum = vendor.expected_calls(WINDOW.start, WINDOW.end)
+    print(f"calls {vendor.stats.requests}: minimum {minimum} + in flight at kills")
+    assert vendor.stats.requests <= minimum + sum(held_at_kills), f"seed {seed}"
 
 
 def test_second_harvest_on_the_same_directory_exits_2_and_changes_nothing(

@@ -8,6 +8,7 @@ with a one-second visibility timeout, so the tests poll with a deadline instead 
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 import uuid
@@ -23,7 +24,7 @@ from aws_fakes import REGION, queue_with_dlq
 from fake_clock import FakeClock
 from moto import mock_aws
 
-from pipeline.queues import Depth, LocalQueueStore, Message, Outgoing, Queue, SqsQueue
+from pipeline.queues import Depth, Hidden, LocalQueueStore, Message, Outgoing, Queue, SqsQueue
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
@@ -391,4 +392,70 @@ def test_local_receive_returns_a_message_sent_while_it_waits(tmp_path: Path) -> 
     receiver.join(timeout=DEADLINE + 5)
     assert not receiver.is_alive()
     assert [m.body for m in got] == ["wake up"]
+    store.close()
+
+
+def test_local_hidden_tells_held_messages_from_those_given_back_with_a_delay(
+    tmp_path: Path,
+) -> None:
+    # GIVEN three received messages: one still held, two given back with delays
+    clock = FakeClock(1_000.0)
+    store = LocalQueueStore(tmp_path / "q.sqlite", clock=clock)
+    queue = store.queue("work", visibility_timeout=30)
+    queue.send([Outgoing("held"), Outgoing("soon"), Outgoing("later")])
+    got = {m.body: m for m in queue.receive()}
+    queue.change_visibility([got["later"].receipt], 20)
+    queue.change_visibility([got["soon"].receipt], 5)
+
+    # WHEN asked what is hidden
+    hidden = store.hidden("work")
+
+    # THEN the held one shows until its visibility timeout, the delayed ones until the first
+    # of their delays, with that message's body
+    assert hidden == Hidden(
+        held=1, held_until=1_030.0, delayed=2, delayed_until=1_005.0, first_delayed="soon"
+    )
+    store.close()
+
+
+def test_local_release_in_flight_keeps_the_delay_of_a_message_given_back(tmp_path: Path) -> None:
+    # GIVEN one message held and one given back with a delay (a retry, a Retry-After)
+    clock = FakeClock(1_000.0)
+    store = LocalQueueStore(tmp_path / "q.sqlite", clock=clock)
+    queue = store.queue("work", visibility_timeout=30)
+    queue.send([Outgoing("held"), Outgoing("delayed")])
+    got = {m.body: m for m in queue.receive()}
+    queue.change_visibility([got["delayed"].receipt], 60)
+
+    # WHEN a new owner releases what the old one held
+    released = store.release_in_flight()
+
+    # THEN only the held one is visible again; the delayed one waits out its delay
+    assert released == 1
+    assert [m.body for m in queue.receive()] == ["held"]
+    assert store.hidden("work").delayed_until == 1_060.0
+    store.close()
+
+
+def test_local_state_from_before_the_held_column_counts_a_received_message_as_held(
+    tmp_path: Path,
+) -> None:
+    # GIVEN a state file written before `held` existed, with one message received
+    db = sqlite3.connect(tmp_path / "q.sqlite")
+    db.executescript(
+        "CREATE TABLE messages (seq INTEGER PRIMARY KEY AUTOINCREMENT, queue TEXT NOT NULL,"
+        " id TEXT NOT NULL, body TEXT NOT NULL, attributes TEXT NOT NULL,"
+        " visible_at REAL NOT NULL, receive_count INTEGER NOT NULL DEFAULT 0, receipt TEXT);"
+        "INSERT INTO messages (queue, id, body, attributes, visible_at, receive_count, receipt)"
+        " VALUES ('work', 'm1', 'x', '{}', 1030.0, 1, 'r1');"
+    )
+    db.commit()
+    db.close()
+
+    # WHEN this version opens it
+    store = LocalQueueStore(tmp_path / "q.sqlite", clock=FakeClock(1_000.0))
+
+    # THEN the message counts as held, and a new owner releases it
+    assert store.hidden("work").held == 1
+    assert store.release_in_flight() == 1
     store.close()
