@@ -105,6 +105,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
@@ -478,10 +479,12 @@ class _HarnessClient:
             aws_access_key_id="bench",  # moto takes any
             aws_secret_access_key="bench",
         )
-        self.client.meta.events.register("before-send.dynamodb", self._count)
+        self.actions: Counter[str] = Counter()
+        self.client.meta.events.register("before-call.dynamodb", self._count)
 
-    def _count(self, **_: Any) -> None:
+    def _count(self, model: Any, **_: Any) -> None:
         self.requests += 1
+        self.actions[model.name] += 1
 
     def create_state_table(self) -> None:
         create_state_table(self.client, TABLE)
@@ -712,6 +715,18 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
         "failed": sum(bool(i.error) for i in invocations),
         "errors": sorted({f"{i.function}: {i.error[:160]}" for i in invocations if i.error}),
         "timeline": timeline,
+        # What the pipeline asked DynamoDB for, by action (the harness's own requests aside).
+        "ddb_actions": {
+            action: n
+            for action, n in sorted(
+                (
+                    Counter(moto.requests)
+                    + Counter(moto_budget.requests)
+                    - harness.actions
+                    - harness_budget.actions
+                ).items()
+            )
+        },
     }
 
 
@@ -759,6 +774,7 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
     result["stalled"] = any(r["stalled"] for r in runs)
     result["errors"] = sorted({e for r in runs for e in r["errors"]})
     result["timeline"] = runs[0]["timeline"]
+    result["ddb_actions"] = runs[0]["ddb_actions"]
     return result
 
 
@@ -835,6 +851,11 @@ def main(args: argparse.Namespace, scratch: str | None) -> int:
             continue
         print(line(scenario.name, result) + notes(result), flush=True)
         if settings.timeline and args.repeat == 1:
+            calls = max(1.0, result["calls"])
+            print(
+                "  DynamoDB requests per call, by action: "
+                + ", ".join(f"{a} {n / calls:.3f}" for a, n in result["ddb_actions"].items())
+            )
             print_timeline(result["timeline"])
         failed |= not result["exact"] or result["stalled"]
     return 1 if failed else 0

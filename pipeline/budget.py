@@ -158,6 +158,10 @@ class Budget(Protocol):
     def pause(self, seconds: float) -> None:
         """Start no call for `seconds` from now (a 429's Retry-After), however long that is."""
 
+    def hold(self, seconds: float) -> None:
+        """Start no call for `seconds` from now, for a reason of ours (not a 429: the
+        margin stays as it is)."""
+
     def observe(self, limit: int | None, remaining: int | None, reset: float | None) -> None:
         """Adapt to the vendor's X-RateLimit-Limit / -Remaining / -Reset headers."""
 
@@ -321,6 +325,10 @@ class PacedBudget:
             self._paused_until = max(self._paused_until, now + max(0.0, seconds))
             if self._margin.widen(now, seconds):
                 self._narrow(now)
+
+    def hold(self, seconds: float) -> None:
+        with self._lock:
+            self._paused_until = max(self._paused_until, self._clock() + max(0.0, seconds))
 
     def paused_for(self) -> float:
         # One float read and a clock: no lock needed, and this is asked once per receive.
@@ -672,6 +680,10 @@ class DynamoBudget:
     def pause(self, seconds: float) -> None:
         """A 429: pause every invocation, and widen the margin (once per pause) for all."""
         self._pause(seconds, widen=True)
+
+    def hold(self, seconds: float) -> None:
+        """Pause every invocation; the margin stays."""
+        self._pause(seconds, widen=False)
 
     def _pause(self, seconds: float, *, widen: bool, share: bool = True) -> None:
         now = _down(self._clock())

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 from aws_lambda_powertools import Logger
 from tenacity import Retrying, stop_after_attempt, wait_random_exponential
 
-from pipeline.envelope import Envelope, listed
+from pipeline.envelope import RELISTED, Envelope, listed
 from pipeline.errors import (
     AuthError,
     GoneError,
@@ -403,18 +403,15 @@ class Drain:
         """Ids of the messages, redelivered or replayed, whose entity the ledger holds as
         done or gone.
 
-        Only those are looked up (one read per batch that has any): a parent sends only
-        children not finished yet (`_unfinished`), and so does a repeated kickoff, so a first
+        Only those are looked up (one read per batch that has any; see `_again`): a first
         delivery of a message without attributes is new work, but for SQS's rare duplicate,
-        which costs one repeated, idempotent harvest. A replayed message carries its
-        dead-letter attributes.
+        which costs one repeated, idempotent harvest.
         """
         by_run: dict[str, dict[str, str]] = {}
         for m in messages:
             e = parsed[m.id]
-            again = m.receive_count > 1 or bool(m.attributes)
             # Unparsable or another stage's: dead-lettered by process().
-            if again and e is not None and e.stage == self.stage.name:
+            if _again(m) and e is not None and e.stage == self.stage.name:
                 by_run.setdefault(e.run_id, {})[e.key] = m.id
         return {
             keys[k]
@@ -431,11 +428,10 @@ class Drain:
             logger.warning("could not read which entities are done already", exc_info=True)
             return set()
 
-    def _unfinished(self, stage: str, children: Sequence[Envelope]) -> list[Envelope]:
-        """The children the ledger does not hold as done or gone: a relisting (a parent
-        redelivered, a kickoff repeated) sends no finished subtree again."""
+    def _unfinished(self, children: Sequence[Envelope]) -> list[Envelope]:
+        """The children the ledger does not hold as done or gone."""
         done: set[tuple[str, str]] = set()
-        for run_id, group in _group(children, lambda c: c.run_id).items():
+        for (run_id, stage), group in _group(children, lambda c: (c.run_id, c.stage)).items():
             done.update((run_id, k) for k in self._finished(run_id, stage, [c.key for c in group]))
         return [c for c in children if (c.run_id, c.key) not in done]
 
@@ -512,9 +508,14 @@ class Drain:
                     entities,
                     (self.stage.name, o.envelope.key),
                 )
-            unfinished = self._unfinished(child_stage, children) if children else []
-            if unfinished:
-                store(self.child_queue.send, [Outgoing(c.to_json()) for c in unfinished])
+            # A parent listed again (redelivered, replayed, or itself sent again) sends only
+            # the children not finished yet, marked so that theirs are checked in turn.
+            fresh = [c for o in done if not _again(o.message) for c in o.children]
+            again = [c for o in done if _again(o.message) for c in o.children]
+            outgoing = [Outgoing(c.to_json()) for c in fresh]
+            outgoing += [Outgoing(c.to_json(), RELISTED) for c in self._unfinished(again)]
+            if outgoing:
+                store(self.child_queue.send, outgoing)
             for o in done:
                 if o.envelope is not None and o.rejected:
                     entries = [(key, DEAD, why) for key, _, why in o.rejected]
@@ -740,6 +741,13 @@ def _checked_value(value: object) -> int | float:
     if type(value) is int:
         return value
     raise PoisonError(f"data point whose value is not a number: {quoted(value, 300)}")
+
+
+def _again(message: Message) -> bool:
+    """Whether a message's entity may have been worked on before: it is redelivered, or
+    replayed from a DLQ (it carries the dead-letter attributes), or sent by a relisting
+    (RELISTED). Only then does the drain read the ledger to skip what is finished."""
+    return message.receive_count > 1 or bool(message.attributes)
 
 
 def _parsed(message: Message) -> Envelope | None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from aws_lambda_powertools import Logger
 
-from pipeline.envelope import Envelope, listed
+from pipeline.envelope import RELISTED, Envelope, listed
 from pipeline.ledger import DEAD, Ledger
 from pipeline.queues import Outgoing, Queue
 from pipeline.stages import FIRST_STAGE, ROOT_PATH
@@ -27,6 +27,7 @@ class KickoffReport:
 def kickoff(window: Window, *, client: VendorClient, queue: Queue, ledger: Ledger) -> KickoffReport:
     """Start (or restart) the run of `window`; rerunning it is harmless, entities count once."""
     run_id = window.run_id
+    earlier = ledger.status(run_id)
     ledger.start_run(run_id, window.from_text, window.to_text)
     found = listed(
         client.items(ROOT_PATH),
@@ -45,8 +46,10 @@ def kickoff(window: Window, *, client: VendorClient, queue: Queue, ledger: Ledge
         logger.warning("troops rejected", extra={"run_id": run_id, "rejected": len(found.rejected)})
     # A second kickoff of the window (by hand, or a schedule delivered twice) resends only
     # the troops not yet listed: a finished troop's subtree is not harvested again.
+    # Those sent again are marked: their subtrees are checked the same way (see the drain).
     finished = ledger.finished(run_id, FIRST_STAGE, [t.key for t in troops])
-    queue.send([Outgoing(t.to_json()) for t in troops if t.key not in finished])
+    again = RELISTED if earlier is not None and earlier.kicked_off else {}
+    queue.send([Outgoing(t.to_json(), again) for t in troops if t.key not in finished])
     ledger.kicked_off(run_id)
     logger.info("run kicked off", extra={"run_id": run_id, "troops": len(troops)})
     return KickoffReport(run_id, len(troops), window.from_text, window.to_text)

@@ -590,7 +590,7 @@ def _wait_for_earlier_calls(rt: Runtime, path: Path, period: float) -> float:
     wait = last + POLL_SECONDS + period - time.time()
     if wait <= 0:
         return 0.0
-    rt.budget.pause(min(wait, POLL_SECONDS + period))
+    rt.budget.hold(min(wait, POLL_SECONDS + period))
     return wait
 
 

@@ -154,6 +154,19 @@ def test_paced_budget_keeps_its_margin_when_the_vendor_only_reports_nothing_rema
     assert busiest(times, PERIOD + BASE + 1e-3) > 50
 
 
+def test_paced_budget_holds_for_a_reason_of_ours_without_widening_its_margin() -> None:
+    # A resumed run waits out the rate window of the process before it: not a 429
+    clock = FakeClock()
+    budget = PacedBudget(50, PERIOD, clock=clock, sleep=clock.sleep)
+
+    budget.hold(0.5)
+    assert budget.paused_for() == pytest.approx(0.5)
+    times = saturate(budget, clock, 300)
+
+    assert times[0] >= 0.5
+    assert busiest(times, PERIOD + BASE + 1e-3) > 50
+
+
 @pytest.fixture(scope="module")
 def dynamodb() -> Iterator[object]:
     with mock_aws():
@@ -178,3 +191,25 @@ def test_dynamo_budget_spaces_calls_by_a_margin_another_invocation_widened(
     # THEN its calls keep the doubled margin (and the lateness allowance) too
     late = max(PERIOD * 0.015, 0.015)
     assert busiest(times, PERIOD + 2 * BASE + late - 1e-4) <= 50
+
+
+def test_dynamo_budget_holds_every_invocation_without_widening_the_margin(
+    dynamodb: object,
+) -> None:
+    table = state_table(dynamodb, f"state-{uuid.uuid4().hex[:12]}")  # type: ignore[arg-type]
+    clock = FakeClock(START)
+    a, b = (
+        DynamoBudget(dynamodb, table, 50, PERIOD, clock=clock, sleep=clock.sleep) for _ in range(2)
+    )
+    saturate(b, clock, 10)
+    a.hold(1.0)
+    held_from = clock()
+
+    times = saturate(b, clock, 300)
+
+    # the other invocation uses up the slots it claimed before (a fraction of a second),
+    # learns the hold at its next claim, and keeps the base margin
+    assert not [t for t in times if held_from + 0.5 < t < held_from + 1.0]
+    assert min(t for t in times if t > held_from + 0.5) >= held_from + 1.0
+    late = max(PERIOD * 0.015, 0.015)
+    assert busiest(times, PERIOD + BASE + late + 1e-3) > 50

@@ -36,7 +36,7 @@ from pipeline.drain import (
     DrainReport,
     monotonic_deadline,
 )
-from pipeline.envelope import MAX_BODY_BYTES, Envelope
+from pipeline.envelope import MAX_BODY_BYTES, RELISTED, Envelope
 from pipeline.ledger import DEAD, DONE, SqliteLedger
 from pipeline.local import LocalContext
 from pipeline.queues import (
@@ -356,36 +356,27 @@ def test_troop_stays_queued_when_sending_its_children_keeps_failing(pipeline: Pi
     assert pipeline.counts("warriors") == (2, 0, 0, 0)
 
 
-def test_first_delivery_duplicate_relists_but_sends_only_unfinished_children(
+def test_relisted_parent_sends_only_its_unfinished_children_marked_relisted(
     pipeline: Pipeline, vendor: FakeVendor
 ) -> None:
-    # GIVEN a troop done and one of its two warriors done, then an SQS duplicate of the
-    # troop's message (a first delivery, no attributes: not looked up, to save a read per
-    # batch)
-    pipeline.enqueue(troop())
-    pipeline.run("troops")
-    [first, _] = peek(pipeline.queues["warriors"])
-    warrior_key = Envelope.from_json(first.body).key
-    pipeline.ledger.finish(RUN, "warriors", warrior_key, DONE)
-    pipeline.queues["troops"].send([Outgoing(troop().to_json())])
+    # GIVEN a troop whose warriors w1 and w2 were recorded and w1 harvested since, but
+    # whose own outcome never landed (its drain died); the troop is sent again, marked
+    w1, w2 = (troop().child("warriors", w) for w in ("w1", "w2"))
+    pipeline.ledger.enqueued(RUN, "troops", [(troop().key, troop().path)])
+    pipeline.ledger.enqueued(RUN, "warriors", [(w.key, w.path) for w in (w1, w2)])
+    pipeline.ledger.finish(RUN, "warriors", w1.key, DONE)
+    pipeline.queues["troops"].send([Outgoing(troop().to_json(), RELISTED)])
     calls = len(vendor.calls)
 
-    # WHEN the troops stage drains again
+    # WHEN the troops stage drains
     report = pipeline.run("troops")
 
-    # THEN it is listed again (one call), its finished warrior is not sent again, and the
-    # counts are unchanged
-    assert len(vendor.calls) == calls + 1
-    assert report.done == 1
-    queued = [Envelope.from_json(m.body).key for m in peek(pipeline.queues["warriors"])]
-    # the first two messages, and the unfinished warrior's once more
-    assert len(queued) == 3
-    assert queued.count(warrior_key) == 1
-    assert pipeline.counts("troops") == (1, 1, 0, 0)
+    # THEN it is listed again (one call), and only w2 is sent, marked in turn
+    assert (report.done, len(vendor.calls)) == (1, calls + 1)
+    [sent] = peek(pipeline.queues["warriors"])
+    assert Envelope.from_json(sent.body).key == w2.key
+    assert sent.attributes == RELISTED
     assert pipeline.counts("warriors") == (2, 1, 0, 0)
-
-
-# -- output -------------------------------------------------------------------------------
 
 
 def test_data_group_lands_in_the_sink_with_the_output_contract(pipeline: Pipeline) -> None:

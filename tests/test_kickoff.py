@@ -11,7 +11,7 @@ import responses
 from conftest import WINDOW, local_config, settle
 
 from pipeline.config import Config
-from pipeline.envelope import Envelope
+from pipeline.envelope import RELISTED, Envelope
 from pipeline.runtime import Runtime
 from pipeline.simulator import Simulator, SimulatorConfig
 from pipeline.sinks import manifest_key
@@ -61,9 +61,27 @@ def test_kickoff_again_resends_only_the_unfinished_troops(
     # WHEN the window is kicked off again
     rt.run_kickoff(WINDOW)
 
-    # THEN only the lost troop is sent, and the run completes
-    assert rt.queues["troops"].depth().total == 1
+    # THEN only the lost troop is sent, marked as sent again, and the run completes
+    [resent] = rt.queues["troops"].receive(10)
+    assert resent.attributes == RELISTED
+    rt.queues["troops"].change_visibility([resent.receipt], 0)
     assert settle(rt, WINDOW.run_id).complete
+
+
+def test_first_kickoff_sends_its_troops_unmarked(
+    tmp_path: Path,
+    simulator: Callable[..., Simulator],
+    local_runtime: Callable[[Config], Runtime],
+) -> None:
+    # A first delivery needs no ledger read in the drain: nothing of it can be done yet.
+    sim = simulator(TREE)
+    rt = local_runtime(local_config(tmp_path, sim.url))
+
+    rt.run_kickoff(WINDOW)
+
+    sent = rt.queues["troops"].receive(10)
+    assert len(sent) == TREE.troops
+    assert all(m.attributes == {} for m in sent)
 
 
 def troop_listing(items: list[dict[str, object]]) -> responses.RequestsMock:
