@@ -65,7 +65,7 @@ INITIAL_LATENCY = 0.1
 # Finished messages are recorded and deleted together (Drain._flush): once this many wait
 # (one BatchWriteItem holds 25), or the first has waited this long.
 FLUSH_ENTRIES = 25
-FLUSH_SECONDS = 1.0
+FLUSH_SECONDS = 3.0
 # Attribute names that a dead-lettered message carries (besides its own).
 ERROR_CLASS, ERROR_MESSAGE = "error_class", "error_message"
 DEAD_STAGE, DEAD_AT, DEAD_RECEIVES = "dead_stage", "dead_at", "dead_receive_count"
@@ -496,17 +496,20 @@ class Drain:
 
         children = [c for o in done for c in o.children]
         if child_stage is not None and self.child_queue is not None:
-            for o in done:
-                if o.envelope is None or not (o.children or o.rejected):
-                    continue
-                entities = [(c.key, c.path) for c in o.children]
-                entities += [(key, path) for key, path, _ in o.rejected]
+            listing = [o for o in done if o.envelope is not None and (o.children or o.rejected)]
+            for run_id, parents in _group(listing, _run_of).items():
                 store(
-                    self.ledger.enqueued,
-                    o.envelope.run_id,
+                    self.ledger.enqueued_many,
+                    run_id,
                     child_stage,
-                    entities,
-                    (self.stage.name, o.envelope.key),
+                    [
+                        (
+                            (self.stage.name, _key_of(o)),
+                            [(c.key, c.path) for c in o.children]
+                            + [(key, path) for key, path, _ in o.rejected],
+                        )
+                        for o in parents
+                    ],
                 )
             # A parent listed again (redelivered, replayed, or itself sent again) sends only
             # the children not finished yet, marked so that theirs are checked in turn.

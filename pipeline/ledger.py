@@ -125,6 +125,11 @@ class Ledger(Protocol):
         `parent` (its stage and key) remembers them as that parent's children.
         """
 
+    def enqueued_many(
+        self, run_id: str, stage: str, listings: Sequence[tuple[tuple[str, str], Sequence[Entity]]]
+    ) -> None:
+        """`enqueued` for several parents' listings at once: (parent, entities) each."""
+
     def children(self, run_id: str, parent_stage: str, parent_key: str) -> set[str]:
         """Keys of the children recorded for a parent by `enqueued`."""
 
@@ -269,6 +274,12 @@ class SqliteLedger:
                     [(run_id, parent[0], parent[1], k) for k, _ in entities],
                 )
             self._db.execute("COMMIT")
+
+    def enqueued_many(
+        self, run_id: str, stage: str, listings: Sequence[tuple[tuple[str, str], Sequence[Entity]]]
+    ) -> None:
+        for parent, entities in listings:
+            self.enqueued(run_id, stage, entities, parent)
 
     def children(self, run_id: str, parent_stage: str, parent_key: str) -> set[str]:
         with self._lock:
@@ -474,6 +485,20 @@ def _listing_chunks(entities: Sequence[Entity]) -> list[list[tuple[str, str]]]:
     return chunks
 
 
+def _listing_items(
+    run_id: str, stage: str, parent: tuple[str, str] | None, entities: Sequence[Entity]
+) -> list[dict[str, Any]]:
+    """The items that record one listing (none for an empty one)."""
+    if not entities:
+        return []
+    listing = _listing_id(parent, (k for k, _ in entities))
+    pk = {"S": _listed_pk(run_id, stage)}
+    return [
+        {"pk": pk, "sk": {"S": f"{listing}#{n}"}, "entities": {"S": json.dumps(chunk)}}
+        for n, chunk in enumerate(_listing_chunks(entities))
+    ]
+
+
 class DynamoLedger:
     """The ledger as items of the state table, written in batches.
 
@@ -558,19 +583,14 @@ class DynamoLedger:
         entities: Sequence[Entity],
         parent: tuple[str, str] | None = None,
     ) -> None:
-        if not entities:
-            return
-        listing = _listing_id(parent, (k for k, _ in entities))
-        pk = {"S": _listed_pk(run_id, stage)}
+        self._put_all(_listing_items(run_id, stage, parent, entities))
+
+    def enqueued_many(
+        self, run_id: str, stage: str, listings: Sequence[tuple[tuple[str, str], Sequence[Entity]]]
+    ) -> None:
+        # A batch of parents' listings in one request where they fit (25 items).
         self._put_all(
-            [
-                {
-                    "pk": pk,
-                    "sk": {"S": f"{listing}#{n}"},
-                    "entities": {"S": json.dumps(chunk)},
-                }
-                for n, chunk in enumerate(_listing_chunks(entities))
-            ]
+            [i for parent, found in listings for i in _listing_items(run_id, stage, parent, found)]
         )
 
     def _listings(self, run_id: str, stage: str, parent_key: str = "") -> dict[str, str]:

@@ -442,6 +442,21 @@ def test_children_are_remembered_under_their_parent(ledger: Ledger) -> None:
     assert ledger.children(RUN, "troops", "nobody") == set()
 
 
+def test_enqueued_many_records_each_parents_listing(ledger: Ledger) -> None:
+    # GIVEN 30 parents' listings recorded at once (more than one DynamoDB batch of items)
+    started(ledger)
+    listings = [
+        (("troops", f"t{p}"), [(f"w{p}-{c}", (f"t{p}", f"w{c}")) for c in range(3)])
+        for p in range(30)
+    ]
+
+    ledger.enqueued_many(RUN, "warriors", listings)
+
+    assert counts(ledger, "warriors") == StageCounts(enqueued=90)
+    assert ledger.children(RUN, "troops", "t29") == {"w29-0", "w29-1", "w29-2"}
+    assert ("w7-2", ("t7", "w2")) in ledger.pending(RUN, "warriors")
+
+
 def test_a_relisting_that_names_other_children_adds_to_them(ledger: Ledger) -> None:
     # GIVEN a parent listed twice (redelivered), the second time naming one child more
     started(ledger)
