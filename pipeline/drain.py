@@ -130,8 +130,9 @@ class _Batch:
 class _Settling:
     """Finished messages waiting for one ledger write and their deletes (`Drain._flush`)."""
 
-    entries: list[tuple[str, Finished]] = field(default_factory=list)  # (run id, state)
-    receipts: list[str] = field(default_factory=list)
+    # ((run id, state) or None where nothing is recorded (a skip), receipt) per message
+    items: list[tuple[tuple[str, Finished] | None, str]] = field(default_factory=list)
+    states: int = 0  # how many of them carry a state
     since: float = 0.0  # when the first of them came
 
 
@@ -535,11 +536,14 @@ class Drain:
         # Recorded and deleted with other batches' (`_flush`): one ledger write for 25.
         self._settle(
             [
-                (_run_of(o), (_key_of(o), o.kind, o.error))
-                for o in (*done, *gone, *dead)
-                if o.envelope is not None
-            ],
-            [o.message.receipt for o in (*done, *gone, *dead, *skipped)],
+                (
+                    (_run_of(o), (_key_of(o), o.kind, o.error))
+                    if o.envelope is not None and o.kind != SKIP
+                    else None,
+                    o.message.receipt,
+                )
+                for o in (*done, *gone, *dead, *skipped)
+            ]
         )
 
         retry = by_kind.get(RETRY, [])
@@ -583,30 +587,49 @@ class Drain:
             messages_skipped=len(skipped),
         )
 
-    def _settle(self, entries: Sequence[tuple[str, Finished]], receipts: Sequence[str]) -> None:
-        """Queue finished messages' ledger states and deletes; flush when FLUSH_ENTRIES wait."""
+    def _settle(self, items: Sequence[tuple[tuple[str, Finished] | None, str]]) -> None:
+        """Queue finished messages (their ledger state, if any, and receipt); record and
+        delete them once FLUSH_ENTRIES states wait (`_flush`)."""
         with self._settling_lock:
-            if not self._settling.receipts:
+            if not self._settling.items:
                 self._settling.since = time.monotonic()
-            self._settling.entries.extend(entries)
-            self._settling.receipts.extend(receipts)
-            due = len(self._settling.receipts) >= FLUSH_ENTRIES
+            self._settling.items.extend(items)
+            self._settling.states += sum(entry is not None for entry, _ in items)
+            due = self._settling.states >= FLUSH_ENTRIES or len(self._settling.items) >= 100
         if due:
-            self._flush()
+            self._flush(whole=False)
 
-    def _flush(self, older_than: float = 0.0) -> None:
+    def _flush(self, older_than: float = 0.0, *, whole: bool = True) -> None:
         """Record the waiting states (per run, batched by the ledger), then delete their
         messages: a message is never deleted before its outcome is recorded. If the store
-        stays down, the messages come back and are done again, idempotently."""
+        stays down, the messages come back and are done again, idempotently.
+
+        `whole=False`: only as many states as fill the ledger's batches (FLUSH_ENTRIES
+        each); the rest wait for more.
+        """
         with self._settling_lock:
             waiting = self._settling
-            if not waiting.receipts or time.monotonic() - waiting.since < older_than:
+            if not waiting.items or time.monotonic() - waiting.since < older_than:
                 return
-            self._settling = _Settling()
+            take = waiting.items
+            if not whole:
+                room, cut = waiting.states - waiting.states % FLUSH_ENTRIES, 0
+                for entry, _ in waiting.items:
+                    if entry is not None:
+                        if room == 0:
+                            break
+                        room -= 1
+                    cut += 1
+                take = waiting.items[:cut]
+            rest = waiting.items[len(take) :]
+            self._settling = _Settling(
+                rest, sum(e is not None for e, _ in rest), time.monotonic() if rest else 0.0
+            )
+        entries = [entry for entry, _ in take if entry is not None]
         try:
-            for run_id, group in _group(waiting.entries, lambda e: e[0]).items():
+            for run_id, group in _group(entries, lambda e: e[0]).items():
                 self._store(self.ledger.finish_many, run_id, self.stage.name, [e for _, e in group])
-            self._store(self.queue.delete, waiting.receipts)
+            self._store(self.queue.delete, [receipt for _, receipt in take])
         except Exception:
             logger.exception("recording finished messages failed; they will be redelivered")
 
