@@ -93,8 +93,8 @@ def run_one(scenario: Scenario) -> dict[str, object]:
     import tempfile
     from pathlib import Path
 
-    from pipeline.local import LocalOptions, run_local
-    from pipeline.simulator import SimulatorConfig
+    from pipeline.dev.simulator import SimulatorConfig
+    from pipeline.local.scheduler import LocalOptions, run_local
     from pipeline.window import Window
 
     with tempfile.TemporaryDirectory(prefix="harvest-bench-", dir=scratch_dir()) as out:

@@ -17,7 +17,7 @@ What plays what:
   reused, as Lambda reuses them. The handlers, `workers.kickoff.handler` and
   `workers.drain.handler`, get what Lambda gives them: the event (`{}` from the schedule),
   `HARVEST_*` in the environment (the stage in `HARVEST_STAGE`), and a context
-  (`pipeline.local.LocalContext`) whose remaining time counts down from the function's
+  (`pipeline.local.scheduler.LocalContext`) whose remaining time counts down from the function's
   timeout. A sandbox still busy a second past its timeout is killed, as Lambda kills it.
 - **EventBridge**: one tick per stage; time is compressed: `--tick` seconds (default 20)
   stand for the schedule's minute, and the drain timeout (120 s), its safety margin (30 s),
@@ -50,7 +50,7 @@ What plays what:
   where there is one) behind a shim adding `--s3-ms` (default 20 ms) per put, get and
   1,000 keys listed.
 - **The vendor**: the simulator in its own process, as in the local bench; the output is
-  compared with its ground truth (`pipeline.verify.compare`).
+  compared with its ground truth (`pipeline.dev.verify.compare`).
 
 Columns (the local bench's, then AWS's):
 
@@ -501,12 +501,12 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
     from bench.aws_sandbox import SETTINGS_ENV
     from bench.aws_sandbox import Settings as SandboxSettings
     from pipeline.config import Config, QueueUrls
+    from pipeline.dev.simulator import SimulatorConfig, SimulatorProcess
+    from pipeline.dev.verify import compare
     from pipeline.ledger import DynamoLedger
     from pipeline.queues import LocalQueueStore
-    from pipeline.simulator import SimulatorConfig, SimulatorProcess
     from pipeline.sinks import DirectorySink, manifest_key
     from pipeline.stages import STAGE_NAMES
-    from pipeline.verify import compare
     from pipeline.window import Window
 
     window = Window.parse(*WINDOW)

@@ -43,7 +43,7 @@ import boto3.session
 import pipeline.budget
 import pipeline.runtime
 from pipeline.config import Config
-from pipeline.local import LocalContext
+from pipeline.local.scheduler import LocalContext
 from pipeline.queues import BATCH, Depth, LocalQueue, LocalQueueStore, Message, Outgoing, chunks
 from pipeline.runtime import Runtime
 from pipeline.sinks import DirectorySink

@@ -12,7 +12,7 @@ import pytest
 from conftest import WINDOW
 from moto import mock_aws
 
-from pipeline import cli
+from pipeline.dev import cli
 from pipeline.drain import DEAD_RECEIVES, DEAD_STAGE, ERROR_CLASS, ERROR_MESSAGE
 from pipeline.envelope import Envelope
 from pipeline.ledger import DEAD, DONE, DynamoLedger

@@ -11,10 +11,10 @@ import pytest
 from conftest import TOKEN, WINDOW
 
 import pipeline.config
-from pipeline import cli
 from pipeline.config import Config
+from pipeline.dev import cli
+from pipeline.dev.simulator import Simulator
 from pipeline.errors import ConfigError
-from pipeline.simulator import Simulator
 
 HTTPS = "https://vendor.example"
 HTTP = "http://vendor.example"

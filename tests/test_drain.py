@@ -35,7 +35,7 @@ from pipeline.drain import (
 )
 from pipeline.envelope import MAX_BODY_BYTES, Envelope
 from pipeline.ledger import DEAD, SqliteLedger
-from pipeline.local import LocalContext
+from pipeline.local.scheduler import LocalContext
 from pipeline.queues import (
     Depth,
     LocalQueue,
@@ -50,7 +50,7 @@ from pipeline.runtime import reset_cache
 from pipeline.sinks import DirectorySink, read_run
 from pipeline.stages import STAGE_NAMES, stage, upstream
 from pipeline.stats import CallStats
-from pipeline.vendor import VendorClient
+from pipeline.vendor.client import VendorClient
 
 BASE = "http://vendor.test"
 RUN = WINDOW.run_id

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 from conftest import TOKEN, WINDOW, local_config
 
-from pipeline import cli
 from pipeline.config import Config
+from pipeline.dev import cli
+from pipeline.dev.simulator import Simulator, SimulatorConfig
+from pipeline.dev.verify import compare
 from pipeline.drain import monotonic_deadline
-from pipeline.local import LocalOptions, LocalResult, run_local
+from pipeline.local.scheduler import LocalOptions, LocalResult, run_local
 from pipeline.runtime import Runtime
-from pipeline.simulator import Simulator, SimulatorConfig
 from pipeline.sinks import DirectorySink
 from pipeline.stages import STAGE_NAMES
-from pipeline.verify import compare
 
 RUN = WINDOW.run_id
 # 2 troops × 3 warriors × 3 data groups with awkward ids; seed 1 makes one warrior and

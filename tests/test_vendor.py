@@ -24,7 +24,7 @@ from pipeline.errors import (
     RetryableError,
 )
 from pipeline.stats import CallStats
-from pipeline.vendor import VendorClient, _VendorAdapter, encode_segment
+from pipeline.vendor.client import VendorClient, _VendorAdapter, encode_segment
 
 BASE = "https://vendor.test"
 TOKEN = "s3cret-token"

@@ -47,7 +47,7 @@ from terraform_support import WILDCARD_RESOURCE_SIDS, plugin_dir, terraform_env
 
 import pipeline.config
 from pipeline.config import Config
-from pipeline.simulator import Simulator, SimulatorConfig
+from pipeline.dev.simulator import Simulator, SimulatorConfig
 from pipeline.stages import STAGE_NAMES
 
 pytestmark = pytest.mark.integration

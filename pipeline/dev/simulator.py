@@ -891,7 +891,7 @@ def serve(config: SimulatorConfig, host: str = "127.0.0.1", port: int = 8000) ->
 
 
 def _child_main() -> None:
-    """`python -m pipeline.simulator`: read a SimulatorConfig as JSON on stdin, print the URL,
+    """`python -m pipeline.dev.simulator`: read a SimulatorConfig as JSON on stdin, print the URL,
     serve until stdin closes."""
     config = SimulatorConfig(**json.loads(sys.stdin.readline()))
     simulator = Simulator(config)
@@ -918,7 +918,7 @@ class SimulatorProcess:
     def start(self) -> str:
         # The config (token included) goes over stdin, never argv.
         process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.simulator"],
+            [sys.executable, "-m", "pipeline.dev.simulator"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

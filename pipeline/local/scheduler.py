@@ -27,13 +27,13 @@ from typing import Any
 from aws_lambda_powertools.warnings import PowertoolsUserWarning
 
 from pipeline.config import Config
+from pipeline.dev.simulator import Simulator, SimulatorConfig, SimulatorProcess
+from pipeline.dev.verify import Comparison, compare
 from pipeline.errors import AuthError, ConfigError
 from pipeline.ledger import RunStatus
 from pipeline.queues import Depth
 from pipeline.runtime import Runtime, reset_cache, runtime
-from pipeline.simulator import Simulator, SimulatorConfig, SimulatorProcess
 from pipeline.stages import STAGE_NAMES
-from pipeline.verify import Comparison, compare
 from pipeline.window import Window
 
 STATE_DIR = ".harvest"

@@ -53,8 +53,8 @@ from pipeline.errors import (
     RetryableError,
     quoted,
 )
-from pipeline.latency import Latency
 from pipeline.stats import CallStats
+from pipeline.vendor.latency import Latency
 
 logger = Logger(service="harvest", child=True)
 

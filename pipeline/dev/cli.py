@@ -55,9 +55,9 @@ def cmd_local(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
 
-    from pipeline.display import print_summary, progress_table
-    from pipeline.local import LocalOptions, Progress, run_local
-    from pipeline.simulator import SimulatorConfig
+    from pipeline.dev.display import print_summary, progress_table
+    from pipeline.dev.simulator import SimulatorConfig
+    from pipeline.local.scheduler import LocalOptions, Progress, run_local
 
     token = args.token or os.environ.get("HARVEST_VENDOR_TOKEN")
     if args.vendor_url and not token:
@@ -125,7 +125,7 @@ def cmd_local(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from pipeline.simulator import SimulatorConfig, serve
+    from pipeline.dev.simulator import SimulatorConfig, serve
 
     config = SimulatorConfig(
         seed=args.seed,
@@ -155,7 +155,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from pipeline.display import status_view
+    from pipeline.dev.display import status_view
     from pipeline.runtime import build
 
     rt = build(_state_config(args))
@@ -174,7 +174,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_dlq(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from pipeline.display import dlq_view
+    from pipeline.dev.display import dlq_view
     from pipeline.envelope import Envelope
     from pipeline.errors import MessageError
     from pipeline.replay import inspect
@@ -247,7 +247,7 @@ def cmd_kickoff(args: argparse.Namespace) -> int:
         )
     lock = None
     if not args.aws:
-        from pipeline.local import own
+        from pipeline.local.scheduler import own
 
         lock = own(Path(args.out) / ".harvest")  # no `harvest local` may run meanwhile
     rt = build(config)

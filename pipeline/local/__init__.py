@@ -1,0 +1,1 @@
+"""One machine: the scheduler that plays EventBridge and Lambda for `harvest local`."""
