@@ -34,7 +34,7 @@ What plays what:
   were killed at their timeout.
 - **DynamoDB**: moto servers of their own per run (`bench/aws_moto.py`: one request at a
   time, as DynamoDB's writes are atomic; queries of the ledger's shape read one partition),
-  reached over HTTP by the botocore clients that `pipeline.runtime.build` makes for backend
+  reached over HTTP by the botocore clients that `pipeline.aws.runtime.build` makes for backend
   "aws" (adaptive retries, its pool): the conditional writes are real. The budget's item
   has a server to itself: one moto process answers on one core, and at 100 calls/s the
   ledger's writes alone keep it busy; DynamoDB does not queue one item's requests behind
@@ -500,12 +500,13 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
     """One harvest of `scenario` with every invocation in a sandbox process; its numbers."""
     from bench.aws_sandbox import SETTINGS_ENV
     from bench.aws_sandbox import Settings as SandboxSettings
+    from pipeline.aws.ledger import DynamoLedger
     from pipeline.config import Config, QueueUrls
     from pipeline.dev.simulator import SimulatorConfig, SimulatorProcess
     from pipeline.dev.verify import compare
-    from pipeline.ledger import DynamoLedger
-    from pipeline.queues import LocalQueueStore
-    from pipeline.sinks import DirectorySink, manifest_key
+    from pipeline.local.queues import LocalQueueStore
+    from pipeline.local.sinks import DirectorySink
+    from pipeline.sinks import manifest_key
     from pipeline.stages import STAGE_NAMES
     from pipeline.window import Window
 

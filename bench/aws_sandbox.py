@@ -8,7 +8,7 @@ the cold start; then it reads one invocation per line on stdin and answers each 
 JSON line of what it cost (duration, DynamoDB and queue requests, peak memory).
 The harness in `bench/aws.py` plays EventBridge and the Lambda service around it.
 
-The handlers build the AWS runtime (`pipeline.runtime.build`, backend "aws"), so the budget
+The handlers build the AWS runtime (`pipeline.aws.runtime.build`, backend "aws"), so the budget
 and the ledger are `DynamoBudget` and `DynamoLedger` on real botocore clients, pointed at a
 moto server by `AWS_ENDPOINT_URL`. What differs from Lambda:
 
@@ -40,13 +40,14 @@ from typing import Any
 
 import boto3.session
 
-import pipeline.budget
-import pipeline.runtime
+import pipeline.aws.budget
+import pipeline.aws.runtime
 from pipeline.config import Config
+from pipeline.local.queues import LocalQueue, LocalQueueStore
 from pipeline.local.scheduler import LocalContext
-from pipeline.queues import BATCH, Depth, LocalQueue, LocalQueueStore, Message, Outgoing, chunks
+from pipeline.local.sinks import DirectorySink
+from pipeline.queues import BATCH, Depth, Message, Outgoing, chunks
 from pipeline.runtime import Runtime
-from pipeline.sinks import DirectorySink
 from pipeline.stages import STAGE_NAMES
 
 # What the harness hands every sandbox, in this environment variable as JSON.
@@ -214,14 +215,14 @@ class Sandbox:
                 hooks.register(self.events)
 
         boto3.session.Session = MeteredSession  # type: ignore[misc]
-        aws_build = pipeline.runtime.build
+        aws_build = pipeline.aws.runtime.build
         settings, meter = self.settings, self.meter
 
         def build(config: Config) -> Runtime:
             rt = aws_build(config)
             store = LocalQueueStore(Path(settings.queue_db))
             for name in STAGE_NAMES:
-                # As pipeline.runtime builds the embedded queues, and as Terraform configures
+                # As pipeline.local.runtime builds the embedded queues, and as Terraform configures
                 # SQS: the redrive one receive above the drain's own dead-lettering.
                 dlq = store.queue(f"{name}-dlq")
                 queue = store.queue(
@@ -235,8 +236,8 @@ class Sandbox:
             rt.sink = SlowSink(DirectorySink(settings.sink_dir), settings.s3_latency)
             return rt
 
-        pipeline.runtime.build = build
-        aws_budget = pipeline.budget.DynamoBudget
+        pipeline.aws.runtime.build = build
+        aws_budget = pipeline.aws.budget.DynamoBudget
 
         def budget(client: Any, *args: Any, **kwargs: Any) -> Any:
             # The same client, for a DynamoDB of the budget's own.
@@ -245,7 +246,7 @@ class Sandbox:
             )
             return aws_budget(own, *args, **kwargs)
 
-        pipeline.runtime.DynamoBudget = budget  # type: ignore[attr-defined, assignment]
+        pipeline.aws.runtime.DynamoBudget = budget  # type: ignore[assignment]
 
     def invoke(self, handler: Callable[[Any, Any], Any], request: dict[str, Any]) -> dict[str, Any]:
         """Run one invocation; what it cost. (Vendor calls are counted by the simulator, CPU

@@ -28,7 +28,8 @@ from pipeline.config import Config
 from pipeline.dev.simulator import Simulator, SimulatorConfig
 from pipeline.drain import monotonic_deadline
 from pipeline.ledger import RunStatus
-from pipeline.runtime import Runtime, build
+from pipeline.local.runtime import build
+from pipeline.runtime import Runtime
 from pipeline.stages import STAGE_NAMES
 from pipeline.window import Window
 

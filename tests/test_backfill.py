@@ -9,8 +9,8 @@ import pytest
 
 from pipeline.dev import cli
 from pipeline.dev.simulator import Simulator, SimulatorConfig
-from pipeline.ledger import SqliteLedger
-from pipeline.runtime import STATE_DB
+from pipeline.local.ledger import SqliteLedger
+from pipeline.local.runtime import STATE_DB
 
 TREE = SimulatorConfig(troops=2, warriors_per_troop=1, data_groups_per_warrior=1)
 SPAN = ["--from", "2024-03-01T00:00:00Z", "--to", "2024-03-04T00:00:00Z"]

@@ -12,10 +12,11 @@ import pytest
 from conftest import WINDOW
 from moto import mock_aws
 
+from pipeline.aws.ledger import DynamoLedger
 from pipeline.dev import cli
 from pipeline.drain import DEAD_RECEIVES, DEAD_STAGE, ERROR_CLASS, ERROR_MESSAGE
 from pipeline.envelope import Envelope
-from pipeline.ledger import DEAD, DONE, DynamoLedger
+from pipeline.ledger import DEAD, DONE
 from pipeline.stages import STAGE_NAMES
 
 pytestmark = pytest.mark.integration

@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 
 from pipeline.completion import LOST, settle_runs, sweep_lost
-from pipeline.ledger import DONE, SqliteLedger
-from pipeline.queues import LocalQueueStore, Outgoing, Queue
-from pipeline.sinks import DirectorySink, manifest_key
+from pipeline.ledger import DONE
+from pipeline.local.ledger import SqliteLedger
+from pipeline.local.queues import LocalQueueStore
+from pipeline.local.sinks import DirectorySink
+from pipeline.queues import Outgoing, Queue
+from pipeline.sinks import manifest_key
 from pipeline.stages import STAGE_NAMES
 
 RUN = "20240301T000000Z-20240302T000000Z"

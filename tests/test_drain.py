@@ -22,7 +22,7 @@ import responses
 from conftest import TOKEN, WINDOW, local_config
 from moto import mock_aws
 
-from pipeline.budget import PacedBudget
+from pipeline.aws.queues import SqsQueue
 from pipeline.config import Config
 from pipeline.drain import (
     DEAD_RECEIVES,
@@ -34,20 +34,15 @@ from pipeline.drain import (
     monotonic_deadline,
 )
 from pipeline.envelope import MAX_BODY_BYTES, Envelope
-from pipeline.ledger import DEAD, SqliteLedger
+from pipeline.ledger import DEAD
+from pipeline.local.budget import PacedBudget
+from pipeline.local.ledger import SqliteLedger
+from pipeline.local.queues import LocalQueue, LocalQueueStore
 from pipeline.local.scheduler import LocalContext
-from pipeline.queues import (
-    Depth,
-    LocalQueue,
-    LocalQueueStore,
-    Message,
-    Outgoing,
-    Queue,
-    QueueError,
-    SqsQueue,
-)
+from pipeline.local.sinks import DirectorySink
+from pipeline.queues import Depth, Message, Outgoing, Queue, QueueError
 from pipeline.runtime import reset_cache
-from pipeline.sinks import DirectorySink, read_run
+from pipeline.sinks import read_run
 from pipeline.stages import STAGE_NAMES, stage, upstream
 from pipeline.stats import CallStats
 from pipeline.vendor.client import VendorClient
@@ -633,7 +628,7 @@ def kicked_off_in_lambda_env(
     tmp_path: Path, simulator: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[Any, Config]]:
     """A kicked-off run, and this process given the HARVEST_* environment Lambda would give."""
-    from pipeline.runtime import runtime
+    from workers.backends import runtime
 
     sim = simulator()
     config = local_config(tmp_path, sim.url, safety_margin=1.0)
@@ -652,8 +647,8 @@ def test_drain_handler_drains_the_stage_its_event_names(
     kicked_off_in_lambda_env: tuple[Any, Config], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # GIVEN a kicked-off run and the HARVEST_* environment Lambda would give
-    from pipeline.runtime import runtime
     from workers import drain as drain_worker
+    from workers.backends import runtime
 
     sim, config = kicked_off_in_lambda_env
     monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "true")

@@ -18,17 +18,11 @@ from aws_fakes import REGION, state_table
 from fake_clock import FakeClock
 from moto import mock_aws
 
-import pipeline.ledger as ledger_module
-from pipeline.ledger import (
-    DEAD,
-    DONE,
-    GONE,
-    DeadEntity,
-    DynamoLedger,
-    Ledger,
-    SqliteLedger,
-    StageCounts,
-)
+import pipeline.aws.ledger
+import pipeline.local.ledger
+from pipeline.aws.ledger import DynamoLedger
+from pipeline.ledger import DEAD, DONE, GONE, DeadEntity, Ledger, StageCounts
+from pipeline.local.ledger import SqliteLedger
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
@@ -49,7 +43,8 @@ def dynamodb() -> Iterator[DynamoDBClient]:
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     """Drive the ledger's wall clock (run start and completion times)."""
     fake = FakeClock(1_700_000_000.0)
-    monkeypatch.setattr(ledger_module, "time", types.SimpleNamespace(time=fake.time))
+    for module in (pipeline.aws.ledger, pipeline.local.ledger):
+        monkeypatch.setattr(module, "time", types.SimpleNamespace(time=fake.time))
     return fake
 
 

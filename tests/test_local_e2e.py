@@ -16,8 +16,8 @@ from pipeline.dev.simulator import Simulator, SimulatorConfig
 from pipeline.dev.verify import compare
 from pipeline.drain import monotonic_deadline
 from pipeline.local.scheduler import LocalOptions, LocalResult, run_local
+from pipeline.local.sinks import DirectorySink
 from pipeline.runtime import Runtime
-from pipeline.sinks import DirectorySink
 from pipeline.stages import STAGE_NAMES
 
 RUN = WINDOW.run_id

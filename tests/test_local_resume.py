@@ -21,11 +21,11 @@ from conftest import WINDOW
 from pipeline.dev import cli
 from pipeline.dev.simulator import Simulator, SimulatorConfig
 from pipeline.dev.verify import compare
-from pipeline.ledger import SqliteLedger
+from pipeline.local.ledger import SqliteLedger
+from pipeline.local.queues import LocalQueueStore
+from pipeline.local.runtime import STATE_DB
 from pipeline.local.scheduler import LOCK_FILE, STATE_DIR, own
-from pipeline.queues import LocalQueueStore
-from pipeline.runtime import STATE_DB
-from pipeline.sinks import DirectorySink
+from pipeline.local.sinks import DirectorySink
 
 # 4 + 20 + 400 + 1 = 425 calls: about 8.5 s at 50/s, long enough to stop in the middle.
 TREE = SimulatorConfig(troops=4, warriors_per_troop=5, data_groups_per_warrior=20, rate_calls=50)

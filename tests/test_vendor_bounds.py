@@ -20,8 +20,8 @@ import responses
 from fake_clock import FakeClock
 from responses.registries import OrderedRegistry
 
-from pipeline.budget import PacedBudget
 from pipeline.errors import ConfigError, PoisonError, RateLimitedError, RetryableError
+from pipeline.local.budget import PacedBudget
 from pipeline.stats import CallStats
 from pipeline.vendor import client as vendor
 from pipeline.vendor.client import VendorClient, encode_segment

@@ -10,8 +10,8 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from pipeline.config import Config
 from pipeline.errors import AuthError
-from pipeline.runtime import runtime
 from pipeline.telemetry import publish
+from workers.backends import runtime
 
 logger = Logger(service="harvest")
 metrics = Metrics(namespace="Harvest", service="harvest")

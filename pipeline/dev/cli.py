@@ -8,11 +8,15 @@ import sys
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.config import Config
 from pipeline.errors import ConfigError, HarvestError
 from pipeline.stages import STAGE_NAMES
 from pipeline.window import Window
+
+if TYPE_CHECKING:
+    from pipeline.runtime import Runtime
 
 DEFAULT_OUT = "harvest-out"
 # The default simulated tree: 10 troops × 10 warriors × 10 data groups = 1,111 calls.
@@ -49,6 +53,14 @@ def _state_config(args: argparse.Namespace) -> Config:
             )
         return config
     return _local_config(args.out)
+
+
+def _build(args: argparse.Namespace, config: Config) -> Runtime:
+    """The deployed pipeline's objects with --aws, else the local run's."""
+    from pipeline.aws import runtime as aws
+    from pipeline.local import runtime as local
+
+    return aws.build(config) if args.aws else local.build(config)
 
 
 def cmd_local(args: argparse.Namespace) -> int:
@@ -156,9 +168,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from pipeline.dev.display import status_view
-    from pipeline.runtime import build
 
-    rt = build(_state_config(args))
+    rt = _build(args, _state_config(args))
     runs = rt.ledger.runs()
     run_id = args.run or (runs[0] if runs else None)
     status = rt.ledger.status(run_id) if run_id else None
@@ -178,9 +189,8 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     from pipeline.envelope import Envelope
     from pipeline.errors import MessageError
     from pipeline.replay import inspect
-    from pipeline.runtime import build
 
-    rt = build(_state_config(args))
+    rt = _build(args, _state_config(args))
 
     def last_error(body: str) -> str:
         try:
@@ -195,9 +205,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from pipeline.runtime import build
-
-    rt = build(_state_config(args))
+    rt = _build(args, _state_config(args))
     report = rt.run_replay(args.stage, max_messages=args.max, dry_run=args.dry_run, rate=args.rate)
     verb = "would move" if args.dry_run else "moved"
     count = report.seen if args.dry_run else report.moved
@@ -227,8 +235,6 @@ def windows(start: str, end: str, by: str) -> list[Window]:
 
 def cmd_kickoff(args: argparse.Namespace) -> int:
     """Start one run per window (a backfill); a window already kicked off is left alone."""
-    from pipeline.runtime import build
-
     planned = windows(args.start, args.end, args.by)
     if args.aws:
         config = _state_config(args)
@@ -250,7 +256,7 @@ def cmd_kickoff(args: argparse.Namespace) -> int:
         from pipeline.local.scheduler import own
 
         lock = own(Path(args.out) / ".harvest")  # no `harvest local` may run meanwhile
-    rt = build(config)
+    rt = _build(args, config)
     started = skipped = 0
     try:
         for window in planned:

@@ -1,1 +1,1 @@
-"""One machine: the scheduler that plays EventBridge and Lambda for `harvest local`."""
+"""One machine: the interfaces embedded (SQLite, in process, a directory) and `harvest local`."""

@@ -31,6 +31,7 @@ from pipeline.dev.simulator import Simulator, SimulatorConfig, SimulatorProcess
 from pipeline.dev.verify import Comparison, compare
 from pipeline.errors import AuthError, ConfigError
 from pipeline.ledger import RunStatus
+from pipeline.local.runtime import LocalRuntime, build
 from pipeline.queues import Depth
 from pipeline.runtime import Runtime, reset_cache, runtime
 from pipeline.stages import STAGE_NAMES
@@ -210,7 +211,7 @@ def run_local(
     warnings.filterwarnings("ignore", category=PowertoolsUserWarning)
     saved_env = _install_env(config, token or "")
     reset_cache()
-    rt = runtime(config)
+    rt = runtime(config, build)
     run_id = options.window.run_id
     # This process owns the state: what an earlier one left in flight goes back now, and
     # the budget waits out the window of the earlier one's last calls.
@@ -283,7 +284,7 @@ class _Scheduler:
     """EventBridge and Lambda, played by threads."""
 
     def __init__(
-        self, rt: Runtime, options: LocalOptions, handler: Callable[[dict[str, Any], Any], Any]
+        self, rt: LocalRuntime, options: LocalOptions, handler: Callable[[dict[str, Any], Any], Any]
     ) -> None:
         self.rt = rt
         self.options = options
