@@ -93,7 +93,7 @@ def run_one(scenario: Scenario) -> dict[str, object]:
     import tempfile
     from pathlib import Path
 
-    from pipeline.dev.simulator import SimulatorConfig
+    from pipeline.dev.simulator import SimulatorConfig, SimulatorProcess
     from pipeline.local.scheduler import LocalOptions, run_local
     from pipeline.window import Window
 
@@ -108,13 +108,15 @@ def run_one(scenario: Scenario) -> dict[str, object]:
                 concurrency=scenario.concurrency,
                 reserved_concurrency=scenario.reserved_concurrency,
                 deeper_first=scenario.deeper_first,
-                simulator=SimulatorConfig(
-                    troops=scenario.troops,
-                    warriors_per_troop=scenario.warriors,
-                    data_groups_per_warrior=scenario.data_groups,
-                    rate_calls=scenario.vendor_calls,
-                    rate_period=scenario.rate_period,
-                    latency=scenario.latency,
+                simulator=SimulatorProcess(
+                    SimulatorConfig(
+                        troops=scenario.troops,
+                        warriors_per_troop=scenario.warriors,
+                        data_groups_per_warrior=scenario.data_groups,
+                        rate_calls=scenario.vendor_calls,
+                        rate_period=scenario.rate_period,
+                        latency=scenario.latency,
+                    )
                 ),
             )
         )

@@ -26,7 +26,6 @@ round trip up to it (moto's own service time counts towards it), and counts it.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import resource
@@ -44,7 +43,7 @@ import pipeline.aws.budget
 import pipeline.aws.runtime
 from pipeline.config import Config
 from pipeline.local.queues import LocalQueue, LocalQueueStore
-from pipeline.local.scheduler import LocalContext
+from pipeline.local.scheduler import LocalContext, load_handler
 from pipeline.local.sinks import DirectorySink
 from pipeline.queues import BATCH, Depth, Message, Outgoing, chunks
 from pipeline.runtime import Runtime
@@ -270,13 +269,6 @@ class Sandbox:
         }
 
 
-def _load(spec: str) -> Callable[[Any, Any], Any]:
-    """The handler named as Lambda names it: `module.function`."""
-    module, _, name = spec.rpartition(".")
-    handler: Callable[[Any, Any], Any] = getattr(importlib.import_module(module), name)
-    return handler
-
-
 def main() -> None:
     # Answers go to the original stdout; whatever the handlers print or log (Powertools
     # writes JSON logs and EMF metrics to stdout) goes to the sandbox's log file.
@@ -286,7 +278,7 @@ def main() -> None:
     settings = Settings(**json.loads(os.environ[SETTINGS_ENV]))
     sandbox = Sandbox(settings)
     sandbox.install()
-    handler = _load(sys.argv[1])
+    handler = load_handler(sys.argv[1])
     answers.write(json.dumps({"ready": True}) + "\n")
     for line in sys.stdin:
         answers.write(json.dumps(sandbox.invoke(handler, json.loads(line))) + "\n")

@@ -12,7 +12,7 @@ from conftest import TOKEN, WINDOW, local_config
 
 from pipeline.config import Config
 from pipeline.dev import cli
-from pipeline.dev.simulator import Simulator, SimulatorConfig
+from pipeline.dev.simulator import Simulator, SimulatorConfig, SimulatorProcess
 from pipeline.dev.verify import compare
 from pipeline.drain import monotonic_deadline
 from pipeline.local.scheduler import LocalOptions, LocalResult, run_local
@@ -42,7 +42,7 @@ def options(out: Path, **changes: object) -> LocalOptions:
         "tick": 0.2,
         "invocation_timeout": 10.0,
         "safety_margin": 2.0,
-        "simulator": TREE,
+        "simulator": SimulatorProcess(TREE),
     }
     settings.update(changes)
     return LocalOptions(**settings)  # type: ignore[arg-type]

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from terraform_support import WILDCARD_RESOURCE_SIDS, plugin_dir, terraform_env
 
+from pipeline.local.scheduler import DRAIN_HANDLER, KICKOFF_HANDLER, load_handler
 from pipeline.stages import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -292,6 +293,14 @@ def test_functions_run_python312_traced_with_the_packaged_zip(hcl: dict[str, Any
         assert body["filename"] == "${var.lambda_zip_path}", name
         assert body["source_code_hash"] == "${filebase64sha256(var.lambda_zip_path)}", name
         assert f"aws_cloudwatch_log_group.{name}" in str(body["depends_on"]), name
+
+
+def test_local_runs_invoke_the_handlers_the_functions_deploy(hcl: dict[str, Any]) -> None:
+    functions = resources(hcl, "aws_lambda_function")
+    assert functions["kickoff"]["handler"] == KICKOFF_HANDLER
+    assert functions["drain"]["handler"] == DRAIN_HANDLER
+    for spec in (KICKOFF_HANDLER, DRAIN_HANDLER):
+        assert callable(load_handler(spec)), spec
 
 
 def test_role_policies_name_their_resources(hcl: dict[str, Any]) -> None:

@@ -68,7 +68,7 @@ def cmd_local(args: argparse.Namespace) -> int:
     from rich.live import Live
 
     from pipeline.dev.display import print_summary, progress_table
-    from pipeline.dev.simulator import SimulatorConfig
+    from pipeline.dev.simulator import SimulatorConfig, SimulatorProcess
     from pipeline.local.scheduler import LocalOptions, Progress, run_local
 
     token = args.token or os.environ.get("HARVEST_VENDOR_TOKEN")
@@ -85,16 +85,18 @@ def cmd_local(args: argparse.Namespace) -> int:
         tick=args.tick,
         concurrency=args.concurrency,
         verbose=args.verbose,
-        simulator=SimulatorConfig(
-            troops=args.sim_troops,
-            warriors_per_troop=args.sim_warriors,
-            data_groups_per_warrior=args.sim_data_groups,
-            rate_calls=args.rate_calls,
-            rate_period=args.rate_period,
-            latency=args.sim_latency,
-            error_rate=args.sim_error_rate,
-            gone_rate=args.sim_gone_rate,
-            nasty_ids=not args.sim_plain_ids,
+        simulator=SimulatorProcess(
+            SimulatorConfig(
+                troops=args.sim_troops,
+                warriors_per_troop=args.sim_warriors,
+                data_groups_per_warrior=args.sim_data_groups,
+                rate_calls=args.rate_calls,
+                rate_period=args.rate_period,
+                latency=args.sim_latency,
+                error_rate=args.sim_error_rate,
+                gone_rate=args.sim_gone_rate,
+                nasty_ids=not args.sim_plain_ids,
+            )
         ),
     )
     console = Console(stderr=True, soft_wrap=True)

@@ -38,8 +38,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qsl, unquote
+
+from pipeline.dev.verify import Comparison, compare
+
+if TYPE_CHECKING:
+    from pipeline.sinks import Sink
+    from pipeline.window import Window
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -535,6 +541,10 @@ class Simulator:
             raise RuntimeError("the simulator has not been started")
         return self._url
 
+    @property
+    def token(self) -> str:
+        return self.config.token
+
     # -- controls --------------------------------------------------------------------------
 
     def fail_permanently(self, entity_id: str) -> None:
@@ -567,6 +577,10 @@ class Simulator:
                 for ts, value in self._points(group.id, first, first + count)
             ]
         return truth
+
+    def check(self, sink: Sink, run_id: str, window: Window) -> Comparison:
+        """A run's output in `sink` against the ground truth of `window`."""
+        return compare(sink, run_id, self.ground_truth(window.start, window.end))
 
     def gone(self) -> set[tuple[str, ...]]:
         """What a harvest finds gone: (troop, warrior) and (troop, warrior, data group) paths.
@@ -911,9 +925,17 @@ class SimulatorProcess:
 
     def __init__(self, config: SimulatorConfig | None = None) -> None:
         self.config = config or SimulatorConfig()
-        self._model = Simulator(self.config)
         self._process: subprocess.Popen[str] | None = None
         self._url: str | None = None
+
+    @functools.cached_property
+    def _model(self) -> Simulator:
+        """The same tree, built here only when asked about (it is not served here)."""
+        return Simulator(self.config)
+
+    @property
+    def token(self) -> str:
+        return self.config.token
 
     def start(self) -> str:
         # The config (token included) goes over stdin, never argv.
@@ -966,6 +988,9 @@ class SimulatorProcess:
 
     def expected_calls(self, start: datetime, end: datetime) -> int:
         return self._model.expected_calls(start, end)
+
+    def check(self, sink: Sink, run_id: str, window: Window) -> Comparison:
+        return self._model.check(sink, run_id, window)
 
     def __enter__(self) -> SimulatorProcess:
         self.start()

@@ -10,6 +10,7 @@ invocations running; each invocation gets a context whose remaining time counts 
 from __future__ import annotations
 
 import fcntl
+import importlib
 import logging
 import os
 import resource
@@ -22,18 +23,17 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aws_lambda_powertools.warnings import PowertoolsUserWarning
 
 from pipeline.config import Config
-from pipeline.dev.simulator import Simulator, SimulatorConfig, SimulatorProcess
-from pipeline.dev.verify import Comparison, compare
 from pipeline.errors import AuthError, ConfigError
 from pipeline.ledger import RunStatus
 from pipeline.local.runtime import LocalRuntime, build
 from pipeline.queues import Depth
 from pipeline.runtime import Runtime, reset_cache, runtime
+from pipeline.sinks import Sink
 from pipeline.stages import STAGE_NAMES
 from pipeline.window import Window
 
@@ -48,6 +48,37 @@ LOCK_FILE = "lock"
 LAST_CALL_FILE = "last-call"
 RATE_SECONDS = 3.0  # the live display's calls/s is averaged over this long
 POLL_SECONDS = 0.5  # how often the scheduler looks at the ledger and the queues
+# The functions a local run invokes, named as Terraform names their handlers (functions.tf),
+# and loaded by those names as the Lambda runtime loads them.
+KICKOFF_HANDLER = "workers.kickoff.handler"
+DRAIN_HANDLER = "workers.drain.handler"
+
+Handler = Callable[[dict[str, Any], Any], Any]
+
+
+class OutputCheck(Protocol):
+    """What a stand-in vendor says of a run's output."""
+
+    @property
+    def exact(self) -> bool: ...
+
+    def describe(self) -> str: ...
+
+
+class VendorStandIn(Protocol):
+    """A vendor a local run starts for itself and checks its output against: the simulator
+    (`pipeline.dev.simulator`)."""
+
+    @property
+    def token(self) -> str: ...
+
+    def start(self) -> str:
+        """Serve; return the base URL."""
+
+    def stop(self) -> None: ...
+
+    def check(self, sink: Sink, run_id: str, window: Window) -> OutputCheck:
+        """The run's output in `sink` against what this vendor holds for `window`."""
 
 
 @dataclass(frozen=True)
@@ -71,10 +102,10 @@ class LocalOptions:
     safety_margin: float = 15.0
     deeper_first: bool = False
     verbose: bool = False  # logs on standard error too, not only in the log file
-    simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
-    # The simulator runs in a child process by default, so that it does not share the GIL
-    # with the pipeline it serves; in-process is cheaper to start for small test runs.
-    simulator_in_process: bool = False
+    # Started when there is no vendor_url, and the output checked against it: the simulator
+    # (in a child process, SimulatorProcess, so that it does not share the GIL with the
+    # pipeline it serves).
+    simulator: VendorStandIn | None = None
 
 
 @dataclass(frozen=True)
@@ -112,7 +143,7 @@ class LocalResult:
     limit_per_second: float
     out: Path
     manifest: Path
-    comparison: Comparison | None = None
+    comparison: OutputCheck | None = None
     auth_error: str = ""
     stalled: bool = False
     dlq_depth: int = 0
@@ -173,19 +204,18 @@ def run_local(
     options: LocalOptions, on_progress: Callable[[Progress], None] | None = None
 ) -> LocalResult:
     """Harvest `options.window` into `options.out`; resume the same run if it was started."""
-    # Imported here: the handlers build their Powertools objects at import.
-    from workers import drain as drain_worker
-    from workers import kickoff as kickoff_worker
+    # Loaded here: the handlers build their Powertools objects at import.
+    drain_handler = load_handler(DRAIN_HANDLER)
+    kickoff_handler = load_handler(KICKOFF_HANDLER)
 
-    simulator: Simulator | SimulatorProcess | None = None
+    simulator = None
     url, token = options.vendor_url, options.token
     if url is None:
-        if options.simulator_in_process:
-            simulator = Simulator(options.simulator)
-        else:
-            simulator = SimulatorProcess(options.simulator)
+        if options.simulator is None:
+            raise ConfigError("a local run needs a vendor URL, or a simulator to start")
+        simulator = options.simulator
         url = simulator.start()
-        token = token or options.simulator.token
+        token = token or simulator.token
     out = options.out.resolve()
     config = Config(
         vendor_url=url,
@@ -221,13 +251,13 @@ def run_local(
     cpu_started = time.process_time()
     auth_error = ""
     stalled = False
-    scheduler = _Scheduler(rt, options, drain_worker.handler)
+    scheduler = _Scheduler(rt, options, drain_handler)
     restore_signals = _stop_on_signals(scheduler)
     try:
         status = rt.ledger.status(run_id)
         try:
             if status is None or not status.kicked_off:
-                kickoff_worker.handler(
+                kickoff_handler(
                     {"from": options.window.from_text, "to": options.window.to_text},
                     LocalContext("kickoff", options.invocation_timeout),
                 )
@@ -243,9 +273,7 @@ def run_local(
         status = rt.ledger.status(run_id)
         comparison = None
         if simulator is not None and status is not None and status.settled:
-            comparison = compare(
-                rt.sink, run_id, simulator.ground_truth(options.window.start, options.window.end)
-            )
+            comparison = simulator.check(rt.sink, run_id, options.window)
         stats = rt.stats.snapshot()
         return LocalResult(
             run_id=run_id,
@@ -283,9 +311,7 @@ def run_local(
 class _Scheduler:
     """EventBridge and Lambda, played by threads."""
 
-    def __init__(
-        self, rt: LocalRuntime, options: LocalOptions, handler: Callable[[dict[str, Any], Any], Any]
-    ) -> None:
+    def __init__(self, rt: LocalRuntime, options: LocalOptions, handler: Handler) -> None:
         self.rt = rt
         self.options = options
         self.handler = handler
@@ -412,6 +438,13 @@ class _Scheduler:
             retries=int(stats["retries"]),
             drains_running=self.drains_running(),
         )
+
+
+def load_handler(spec: str) -> Handler:
+    """The handler named as Lambda names it, `module.function`, imported as Lambda imports it."""
+    module, _, name = spec.rpartition(".")
+    handler: Handler = getattr(importlib.import_module(module), name)
+    return handler
 
 
 def _install_env(config: Config, token: str) -> dict[str, str | None]:
