@@ -24,7 +24,8 @@ from pipeline.errors import ConfigError, PoisonError, RateLimitedError, Retryabl
 from pipeline.local.budget import PacedBudget
 from pipeline.stats import CallStats
 from pipeline.vendor import client as vendor
-from pipeline.vendor.client import VendorClient, encode_segment
+from pipeline.vendor.client import VendorClient
+from pipeline.vendor.transport import encode_segment
 
 BASE = "https://vendor.test"
 TOKEN = "s3cret-token"
