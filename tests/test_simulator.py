@@ -275,7 +275,9 @@ def paced_statuses(
     """Statuses of 60 calls sent just slower than L per W, on a clock the test drives (the
     rate limit's only), and the most calls the vendor then counted in one window."""
     now = [1000.0]
-    monkeypatch.setattr("pipeline.dev.simulator.time", SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(
+        "pipeline.dev.simulator.faults.time", SimpleNamespace(monotonic=lambda: now[0])
+    )
     spacing = config.rate_period / config.rate_calls * 1.001
     with Simulator(config) as sim:
         statuses = []
