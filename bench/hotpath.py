@@ -29,7 +29,7 @@ def run_messages(count: int) -> None:
     from pipeline.queues import Message
     from pipeline.stages import stage
     from pipeline.stats import CallStats
-    from pipeline.vendor.client import VendorClient
+    from pipeline.vendor_api.client import VendorClient
     from pipeline.window import Window
 
     config = SimulatorConfig(

@@ -45,7 +45,7 @@ from pipeline.queues import BATCH, Message, Outgoing, Queue
 from pipeline.sinks import Sink, write_records
 from pipeline.stages import Stage
 from pipeline.stats import CallStats
-from pipeline.vendor.client import VendorClient
+from pipeline.vendor_api.client import VendorClient
 
 logger = Logger(service="harvest", child=True)
 T = TypeVar("T")

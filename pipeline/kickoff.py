@@ -10,7 +10,7 @@ from pipeline.envelope import Envelope, listed
 from pipeline.ledger import DEAD, Ledger
 from pipeline.queues import Outgoing, Queue
 from pipeline.stages import FIRST_STAGE, ROOT_PATH
-from pipeline.vendor.client import VendorClient
+from pipeline.vendor_api.client import VendorClient
 from pipeline.window import Window
 
 logger = Logger(service="harvest", child=True)

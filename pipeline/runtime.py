@@ -29,7 +29,7 @@ from pipeline.replay import ReplayReport, replay
 from pipeline.sinks import Sink
 from pipeline.stages import ROOT_PATH, STAGE_NAMES, stage, upstream
 from pipeline.stats import CallStats
-from pipeline.vendor.client import VendorClient
+from pipeline.vendor_api.client import VendorClient
 from pipeline.window import Window
 
 logger = Logger(service="harvest", child=True)

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The project's packages that ship, each without its subpackages: the handlers, the core and
 # the two backends with the vendor client. pipeline/dev/ (the CLI, its display, the
 # simulator) is for people at a terminal and stays out; tests/test_layout.py checks both.
-PROJECT_PACKAGES = ("pipeline", "pipeline/aws", "pipeline/local", "pipeline/vendor", "workers")
+PROJECT_PACKAGES = ("pipeline", "pipeline/aws", "pipeline/local", "pipeline/vendor_api", "workers")
 
 # What the python3.12 Lambda runtime ships; bundling them would only shadow it.
 RUNTIME_PROVIDED = frozenset({"boto3", "botocore"})

@@ -45,7 +45,7 @@ from pipeline.runtime import reset_cache
 from pipeline.sinks import read_run
 from pipeline.stages import STAGE_NAMES, stage, upstream
 from pipeline.stats import CallStats
-from pipeline.vendor.client import VendorClient
+from pipeline.vendor_api.client import VendorClient
 
 BASE = "http://vendor.test"
 RUN = WINDOW.run_id

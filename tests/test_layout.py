@@ -4,7 +4,7 @@ Read from the source (ast), every import counts, at module level or inside a fun
 type-only ones too: a dependency is a dependency. The layers, bottom up:
 
 - core: the modules directly in pipeline/ (interfaces, stages, envelope, drain, ...);
-- pipeline/vendor/: the vendor client, which the core's drain and kickoff use;
+- pipeline/vendor_api/: the vendor API's client, which the core's drain and kickoff use;
 - pipeline/aws/ and pipeline/local/: the two backends, each on the core, neither on the other;
 - pipeline/dev/: what people at a terminal use (CLI, display, simulator), on anything above;
 - workers/: the Lambda entry points, which nothing imports.
@@ -22,7 +22,7 @@ import pytest
 from scripts import package
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = ("aws", "local", "vendor", "dev")
+LAYERS = ("aws", "local", "vendor_api", "dev")
 
 
 def module_name(path: Path) -> str:
@@ -42,7 +42,7 @@ def modules(*packages: str) -> dict[str, Path]:
 
 
 def layer(module: str) -> str:
-    """core, aws, local, vendor or dev for a pipeline module; the top package otherwise."""
+    """core, aws, local, vendor_api or dev for a pipeline module; else its top package."""
     parts = module.split(".")
     if parts[0] != "pipeline":
         return parts[0]
@@ -90,7 +90,7 @@ def test_every_pipeline_module_is_in_a_layer() -> None:
     ("importer", "forbidden"),
     [
         ("core", {"aws", "local", "dev"}),
-        ("vendor", {"aws", "local", "dev"}),
+        ("vendor_api", {"aws", "local", "dev"}),
         ("aws", {"local", "dev"}),
         ("local", {"aws", "dev"}),
     ],

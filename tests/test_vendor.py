@@ -24,8 +24,8 @@ from pipeline.errors import (
     RetryableError,
 )
 from pipeline.stats import CallStats
-from pipeline.vendor.client import VendorClient
-from pipeline.vendor.transport import VendorAdapter, encode_segment
+from pipeline.vendor_api.client import VendorClient
+from pipeline.vendor_api.transport import VendorAdapter, encode_segment
 
 BASE = "https://vendor.test"
 TOKEN = "s3cret-token"

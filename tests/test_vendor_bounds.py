@@ -23,9 +23,9 @@ from responses.registries import OrderedRegistry
 from pipeline.errors import ConfigError, PoisonError, RateLimitedError, RetryableError
 from pipeline.local.budget import PacedBudget
 from pipeline.stats import CallStats
-from pipeline.vendor import client as vendor
-from pipeline.vendor.client import VendorClient
-from pipeline.vendor.transport import encode_segment
+from pipeline.vendor_api import client as vendor
+from pipeline.vendor_api.client import VendorClient
+from pipeline.vendor_api.transport import encode_segment
 
 BASE = "https://vendor.test"
 TOKEN = "s3cret-token"

@@ -51,8 +51,8 @@ from pipeline.errors import (
     quoted,
 )
 from pipeline.stats import CallStats
-from pipeline.vendor.latency import Latency
-from pipeline.vendor.transport import (
+from pipeline.vendor_api.latency import Latency
+from pipeline.vendor_api.transport import (
     TRANSIENT_EXCEPTIONS,
     VendorAdapter,
     describe_transport_error,
