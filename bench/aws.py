@@ -501,7 +501,7 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
     from bench.aws_sandbox import SETTINGS_ENV
     from bench.aws_sandbox import Settings as SandboxSettings
     from pipeline.aws.ledger import DynamoLedger
-    from pipeline.config import Config, QueueUrls
+    from pipeline.config import Backend, Config, QueueUrls
     from pipeline.dev.simulator import SimulatorConfig, SimulatorProcess
     from pipeline.dev.verify import compare
     from pipeline.local.queues import LocalQueueStore
@@ -541,7 +541,7 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
         config = Config(
             vendor_url=simulator.url,
             allow_http=True,  # the simulator, on loopback
-            backend="aws",
+            backend=Backend.AWS,
             rate_calls=scenario.rate_calls,
             rate_period=scenario.rate_period,
             # Checked by the AWS build, never called: the sandboxes swap the queues.

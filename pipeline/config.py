@@ -36,6 +36,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import Any
 
 from pipeline.errors import ConfigError
@@ -43,6 +44,13 @@ from pipeline.stages import STAGE_NAMES
 
 ENV_PREFIX = "HARVEST_"
 TRUE_WORDS = ("true", "1", "yes")
+
+
+class Backend(StrEnum):
+    """Where the queues, the ledger, the budget and the output live."""
+
+    AWS = "aws"  # SQS, DynamoDB, S3 (pipeline/aws/)
+    LOCAL = "local"  # one SQLite file, in process, a directory (pipeline/local/)
 
 
 @dataclass(frozen=True)
@@ -58,7 +66,7 @@ class Config:
     vendor_url: str
     token: str = field(default="", repr=False)
     token_parameter: str = ""
-    backend: str = "aws"
+    backend: Backend = Backend.AWS
     rate_calls: int = 100
     rate_period: float = 1.0
     stage: str = ""
@@ -81,7 +89,7 @@ class Config:
     max_page_bytes: int = 8 * 1024 * 1024
 
     def __post_init__(self) -> None:
-        if self.backend not in ("aws", "local"):
+        if self.backend not in tuple(Backend):
             raise ConfigError(f"backend must be 'aws' or 'local', not {self.backend!r}")
         if not self.vendor_url.startswith(("http://", "https://")):
             raise ConfigError(f"vendor URL must be http(s)://..., not {self.vendor_url!r}")
@@ -133,7 +141,7 @@ class Config:
                 vendor_url=get("VENDOR_URL"),
                 token=get("VENDOR_TOKEN"),
                 token_parameter=get("VENDOR_TOKEN_PARAMETER"),
-                backend=get("BACKEND", "aws"),
+                backend=_backend(get("BACKEND", "aws")),
                 rate_calls=int(get("RATE_CALLS", "100")),
                 rate_period=float(get("RATE_PERIOD", "1")),
                 stage=get("STAGE"),
@@ -189,3 +197,10 @@ class Config:
             }.items()
             if v
         }
+
+
+def _backend(name: str) -> Backend:
+    try:
+        return Backend(name)
+    except ValueError:
+        raise ConfigError(f"backend must be 'aws' or 'local', not {name!r}") from None

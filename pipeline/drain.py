@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, TypeVar
 
 from aws_lambda_powertools import Logger
@@ -40,8 +41,18 @@ from pipeline.errors import (
     RetryableError,
     quoted,
 )
-from pipeline.ledger import DEAD, DONE, GONE, Ledger
-from pipeline.queues import BATCH, Message, Outgoing, Queue
+from pipeline.ledger import Ledger, State
+from pipeline.queues import (
+    BATCH,
+    DEAD_AT,
+    DEAD_RECEIVES,
+    DEAD_STAGE,
+    ERROR_CLASS,
+    ERROR_MESSAGE,
+    Message,
+    Outgoing,
+    Queue,
+)
 from pipeline.sinks import Sink, write_records
 from pipeline.stages import Stage
 from pipeline.stats import CallStats
@@ -51,7 +62,6 @@ logger = Logger(service="harvest", child=True)
 T = TypeVar("T")
 K = TypeVar("K")
 
-RETRY, STOP, RELEASE, SKIP = "retry", "stop", "release", "skip"
 MAX_ERROR_CHARS = 1000
 # SQS keeps a message hidden at most 12 hours.
 MAX_VISIBILITY_SECONDS = 43200.0
@@ -61,16 +71,34 @@ VANISHED = "no longer listed by its parent"
 # call the latency is assumed to be this.
 HEADROOM = 2.0
 INITIAL_LATENCY = 0.1
-# Attribute names that a dead-lettered message carries (besides its own).
-ERROR_CLASS, ERROR_MESSAGE = "error_class", "error_message"
-DEAD_STAGE, DEAD_AT, DEAD_RECEIVES = "dead_stage", "dead_at", "dead_receive_count"
+
+
+class OutcomeKind(StrEnum):
+    """What becomes of one message: finished (done, gone, dead), or given back to its queue."""
+
+    DONE = "done"
+    GONE = "gone"
+    DEAD = "dead"
+    RETRY = "retry"  # back to the queue after a delay
+    STOP = "stop"  # back at once: the vendor rejected the token
+    RELEASE = "release"  # back at once: the invocation ran out of time
+    SKIP = "skip"  # deleted uncalled: the ledger holds it as finished
+
+
+class StopReason(StrEnum):
+    """Why a drain invocation stopped taking messages."""
+
+    DEADLINE = "deadline"
+    IDLE = "idle"
+    AUTH = "auth"
+    PAUSED = "paused"
 
 
 @dataclass
 class Outcome:
     message: Message
     envelope: Envelope | None
-    kind: str
+    kind: OutcomeKind
     children: list[Envelope] = field(default_factory=list)
     error: str = ""
     error_class: str = ""
@@ -95,7 +123,7 @@ class DrainReport:
     retried: int = 0
     skipped: int = 0
     children: int = 0
-    stopped: str = ""  # deadline | idle | auth | paused
+    stopped: StopReason | None = None
     auth_error: str = ""
     # Age of the oldest run not settled yet, seen after the drain (0: none).
     oldest_unsettled_seconds: float = 0.0
@@ -188,10 +216,10 @@ class Drain:
         # Most scheduled invocations find nothing to do (between harvests): say so after a
         # few depth reads, before paying for a long poll.
         if self.halt is not None and self.halt.is_set():
-            report.stopped, report.auth_error = "auth", self.halt.reason
+            report.stopped, report.auth_error = StopReason.AUTH, self.halt.reason
             return report
         if self._idle(0.0):
-            report.stopped = "idle"
+            report.stopped = StopReason.IDLE
             return report
         flow = _Flow(*_flow_limits(self.in_flight_target()))
         # Set by a 401 here or, through the Runtime, in any drain sharing this process.
@@ -201,7 +229,7 @@ class Drain:
         try:
             while not stop.is_set():
                 if remaining() <= safety_margin:
-                    report.stopped = "deadline"
+                    report.stopped = StopReason.DEADLINE
                     break
                 flow.resize(*_flow_limits(self.in_flight_target()))
                 paused = self.client.paused_for()
@@ -209,7 +237,7 @@ class Drain:
                     # The vendor asked for a longer wait than a message sits out inside a
                     # call, or one past this invocation: every message taken now would only
                     # be charged a receive. The next scheduled invocation looks again.
-                    report.stopped = "paused"
+                    report.stopped = StopReason.PAUSED
                     break
                 # A 401 or the deadline may have come while waiting for room: look again
                 # before receiving (the loop's head stops).
@@ -223,7 +251,7 @@ class Drain:
                 messages = self.queue.receive(BATCH, wait_seconds=wait)
                 if not messages:
                     if flow.idle() and self._idle(empty_since):
-                        report.stopped = "idle"
+                        report.stopped = StopReason.IDLE
                         break
                     empty_since = empty_since or time.monotonic()
                     continue
@@ -250,7 +278,7 @@ class Drain:
         finally:
             pool.shutdown(wait=True)
         if stop.is_set():
-            report.stopped, report.auth_error = "auth", stop.reason
+            report.stopped, report.auth_error = StopReason.AUTH, stop.reason
         return report
 
     def in_flight_target(self) -> int:
@@ -291,15 +319,17 @@ class Drain:
     ) -> None:
         try:
             if stop.is_set():
-                outcome = self._release(message, STOP, "the vendor rejected the token")
+                outcome = self._release(message, OutcomeKind.STOP, "the vendor rejected the token")
             elif remaining() <= safety_margin / 2:
-                outcome = self._release(message, RELEASE, "the invocation ran out of time")
+                outcome = self._release(
+                    message, OutcomeKind.RELEASE, "the invocation ran out of time"
+                )
             else:
                 outcome = self.process(message, skip=skip, parsed=parsed)
-                if outcome.kind == STOP:
+                if outcome.kind == OutcomeKind.STOP:
                     stop.stop(outcome.error)
                     if self._last_receive(message):
-                        outcome = self._release(message, STOP, outcome.error)
+                        outcome = self._release(message, OutcomeKind.STOP, outcome.error)
         except Exception as exc:  # whatever it is, it is this message's
             logger.exception("handling a message failed", extra={"stage": self.stage.name})
             outcome = self._retry_or_dead(message, None, exc)
@@ -331,20 +361,20 @@ class Drain:
             if envelope.stage != self.stage.name:
                 raise MessageError(f"a {envelope.stage} message on the {self.stage.name} queue")
         except MessageError as exc:
-            return _failed(message, None, DEAD, exc)
+            return _failed(message, None, OutcomeKind.DEAD, exc)
         if skip:
-            return Outcome(message, envelope, SKIP)
+            return Outcome(message, envelope, OutcomeKind.SKIP)
         try:
             if self.stage.child is not None:
                 return self._fan_out(message, envelope)
             self._harvest(envelope)
-            return Outcome(message, envelope, DONE)
+            return Outcome(message, envelope, OutcomeKind.DONE)
         except GoneError as exc:
-            return _failed(message, envelope, GONE, exc)
+            return _failed(message, envelope, OutcomeKind.GONE, exc)
         except PoisonError as exc:
-            return _failed(message, envelope, DEAD, exc)
+            return _failed(message, envelope, OutcomeKind.DEAD, exc)
         except AuthError as exc:
-            return _failed(message, envelope, STOP, exc)
+            return _failed(message, envelope, OutcomeKind.STOP, exc)
         except RetryableError as exc:
             outcome = self._retry_or_dead(message, envelope, exc)
             outcome.retry_after = exc.retry_after
@@ -358,20 +388,24 @@ class Drain:
     def _retry_or_dead(
         self, message: Message, envelope: Envelope | None, exc: BaseException
     ) -> Outcome:
-        kind = DEAD if message.receive_count >= self.max_receive_count else RETRY
+        kind = (
+            OutcomeKind.DEAD
+            if message.receive_count >= self.max_receive_count
+            else OutcomeKind.RETRY
+        )
         return _failed(message, envelope, kind, exc)
 
     def _last_receive(self, message: Message) -> bool:
         """SQS moves the message to the DLQ itself at its next receive, unseen by the ledger."""
         return message.receive_count > self.max_receive_count
 
-    def _release(self, message: Message, kind: str, why: str) -> Outcome:
+    def _release(self, message: Message, kind: OutcomeKind, why: str) -> Outcome:
         """Give an unprocessed message back; at its last receive, dead-letter it instead."""
         if not self._last_receive(message):
             return Outcome(message, None, kind)
         envelope = _parsed(message)
         error = f"released unprocessed at its last receive ({message.receive_count}): {why}"
-        return Outcome(message, envelope, DEAD, error=error, error_class="Released")
+        return Outcome(message, envelope, OutcomeKind.DEAD, error=error, error_class="Released")
 
     def _finished_already(self, parsed: Mapping[str, Envelope | None]) -> set[str]:
         """Ids of the messages whose entity the ledger holds as done or gone (one read)."""
@@ -406,7 +440,12 @@ class Drain:
             named = {c.key for c in found.children} | {k for k, _, _ in found.rejected}
             vanished = sorted(earlier - named)
         return Outcome(
-            message, envelope, DONE, found.children, rejected=found.rejected, vanished=vanished
+            message,
+            envelope,
+            OutcomeKind.DONE,
+            found.children,
+            rejected=found.rejected,
+            vanished=vanished,
         )
 
     def _harvest(self, envelope: Envelope) -> None:
@@ -444,8 +483,12 @@ class Drain:
         """
         store = self._store
         by_kind = _group(outcomes, lambda o: o.kind)
-        done, gone, dead = by_kind.get(DONE, []), by_kind.get(GONE, []), by_kind.get(DEAD, [])
-        skipped = by_kind.get(SKIP, [])
+        done, gone, dead = (
+            by_kind.get(OutcomeKind.DONE, []),
+            by_kind.get(OutcomeKind.GONE, []),
+            by_kind.get(OutcomeKind.DEAD, []),
+        )
+        skipped = by_kind.get(OutcomeKind.SKIP, [])
         child_stage = self.stage.child
 
         children = [c for o in done for c in o.children]
@@ -466,14 +509,14 @@ class Drain:
                 store(self.child_queue.send, [Outgoing(c.to_json()) for c in children])
             for o in done:
                 if o.envelope is not None and o.rejected:
-                    entries = [(key, DEAD, why) for key, _, why in o.rejected]
+                    entries = [(key, State.DEAD, why) for key, _, why in o.rejected]
                     store(self.ledger.finish_many, o.envelope.run_id, child_stage, entries)
                     for _, path, why in o.rejected:
                         logger.warning(
                             "listed entity rejected", extra={"path": ascii(path), "reason": why}
                         )
                 if o.envelope is not None and o.vanished:
-                    entries = [(key, GONE, VANISHED) for key in o.vanished]
+                    entries = [(key, State.GONE, VANISHED) for key in o.vanished]
                     store(self.ledger.finish_pending, o.envelope.run_id, child_stage, entries)
         if dead:
             store(self.dlq.send, [self._dead_letter(o) for o in dead])
@@ -483,11 +526,11 @@ class Drain:
                 self.ledger.finish_many,
                 run_id,
                 self.stage.name,
-                [(_key_of(o), o.kind, o.error) for o in group],
+                [(_key_of(o), State(o.kind), o.error) for o in group],
             )
         store(self.queue.delete, [o.message.receipt for o in (*done, *gone, *dead, *skipped)])
 
-        retry = by_kind.get(RETRY, [])
+        retry = by_kind.get(OutcomeKind.RETRY, [])
         for o in retry:
             if o.envelope is not None:
                 store(
@@ -502,7 +545,10 @@ class Drain:
         # Messages not processed (401 or the deadline) become visible again at once; their
         # receive count grows by one, which is why the drain stops at the first 401 (and
         # dead-letters one at its last receive rather than let SQS move it unrecorded).
-        released = [o.message.receipt for o in (*by_kind.get(STOP, []), *by_kind.get(RELEASE, []))]
+        released = [
+            o.message.receipt
+            for o in (*by_kind.get(OutcomeKind.STOP, []), *by_kind.get(OutcomeKind.RELEASE, []))
+        ]
         if released:
             store(self.queue.change_visibility, released, 0)
 
@@ -672,7 +718,9 @@ def _parsed(message: Message) -> Envelope | None:
         return None
 
 
-def _failed(message: Message, envelope: Envelope | None, kind: str, exc: BaseException) -> Outcome:
+def _failed(
+    message: Message, envelope: Envelope | None, kind: OutcomeKind, exc: BaseException
+) -> Outcome:
     error_class, error = describe(exc)
     return Outcome(message, envelope, kind, error=error, error_class=error_class)
 

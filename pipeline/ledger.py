@@ -12,15 +12,25 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Protocol
 
 from pipeline.stages import STAGE_NAMES
 
-QUEUED, DONE, GONE, DEAD = "queued", "done", "gone", "dead"
-FINAL_STATES = (DONE, GONE, DEAD)
+
+class State(StrEnum):
+    """Where an entity of a run stands: queued until a drain finishes it done, gone or dead."""
+
+    QUEUED = "queued"
+    DONE = "done"
+    GONE = "gone"
+    DEAD = "dead"
+
+
+FINAL_STATES = (State.DONE, State.GONE, State.DEAD)
 STAT_FIELDS = ("calls", "rate_limited", "retries")
 # (entity key, final state, error) of one entity a drain has finished with.
-Finished = tuple[str, str, str]
+Finished = tuple[str, State, str]
 # (entity key, path) of one entity.
 Entity = tuple[str, tuple[str, ...]]
 # The children a parent listed are remembered (to notice one that vanishes from a later
@@ -120,7 +130,7 @@ class Ledger(Protocol):
     def pending(self, run_id: str, stage: str) -> list[Entity]:
         """The entities of a stage still queued."""
 
-    def finish(self, run_id: str, stage: str, key: str, state: str, error: str = "") -> None:
+    def finish(self, run_id: str, stage: str, key: str, state: State, error: str = "") -> None:
         """Move an entity to done, gone or dead. dead never overwrites done or gone."""
 
     def finish_many(self, run_id: str, stage: str, entries: Sequence[Finished]) -> None:
@@ -165,9 +175,9 @@ def stage_counts(rows: Iterable[tuple[str, str, int]]) -> dict[str, StageCounts]
     return {
         stage: StageCounts(
             enqueued=sum(t.values()),
-            done=t.get(DONE, 0),
-            gone=t.get(GONE, 0),
-            dead=t.get(DEAD, 0),
+            done=t.get(State.DONE, 0),
+            gone=t.get(State.GONE, 0),
+            dead=t.get(State.DEAD, 0),
         )
         for stage, t in tally.items()
     }

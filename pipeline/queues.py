@@ -15,6 +15,10 @@ from typing import Any, Protocol
 from pipeline.errors import HarvestError
 
 BATCH = 10  # SQS's limit for one receive, send or delete call
+# Attribute names a message dead-lettered by a drain carries besides its own (why it died,
+# where, after how many receives, when); replay reads them back.
+ERROR_CLASS, ERROR_MESSAGE = "error_class", "error_message"
+DEAD_STAGE, DEAD_AT, DEAD_RECEIVES = "dead_stage", "dead_at", "dead_receive_count"
 
 
 class QueueError(HarvestError):

@@ -20,7 +20,7 @@ from aws_lambda_powertools import Logger
 from pipeline.budget import Budget
 from pipeline.completion import check_completion, settle_runs
 from pipeline.config import Config
-from pipeline.drain import Drain, DrainReport, Halt
+from pipeline.drain import Drain, DrainReport, Halt, StopReason
 from pipeline.errors import AuthError
 from pipeline.kickoff import KickoffReport, kickoff
 from pipeline.ledger import STAT_FIELDS, Ledger
@@ -119,7 +119,7 @@ class Runtime:
             try:
                 self.client.get_page(ROOT_PATH, params={"limit": "1"})
             except AuthError as exc:
-                return DrainReport(stage_name, stopped="auth", auth_error=str(exc))
+                return DrainReport(stage_name, stopped=StopReason.AUTH, auth_error=str(exc))
             self.auth_failed.clear()
         report = self.drain(stage_name).run(remaining, self.config.safety_margin)
         self._attribute(report.runs)

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.config import Config
+from pipeline.config import Backend, Config
 from pipeline.dev.simulator import Simulator, SimulatorConfig
 from pipeline.drain import monotonic_deadline
 from pipeline.ledger import RunStatus
@@ -48,7 +48,7 @@ def local_config(tmp_path: Path, url: str, token: str = TOKEN, **overrides: Any)
         "vendor_url": url,
         "allow_http": True,  # the simulator serves plain http on loopback
         "token": token,
-        "backend": "local",
+        "backend": Backend.LOCAL,
         "sink": str(out),
         "state_dir": str(out / ".harvest"),
         "rate_calls": 1000,

@@ -24,23 +24,25 @@ from moto import mock_aws
 
 from pipeline.aws.queues import SqsQueue
 from pipeline.config import Config
-from pipeline.drain import (
-    DEAD_RECEIVES,
-    DEAD_STAGE,
-    ERROR_CLASS,
-    ERROR_MESSAGE,
-    Drain,
-    DrainReport,
-    monotonic_deadline,
-)
+from pipeline.drain import Drain, DrainReport, monotonic_deadline
 from pipeline.envelope import MAX_BODY_BYTES, Envelope
-from pipeline.ledger import DEAD
+from pipeline.ledger import State
 from pipeline.local.budget import PacedBudget
 from pipeline.local.ledger import SqliteLedger
 from pipeline.local.queues import LocalQueue, LocalQueueStore
 from pipeline.local.scheduler import LocalContext
 from pipeline.local.sinks import DirectorySink
-from pipeline.queues import Depth, Message, Outgoing, Queue, QueueError
+from pipeline.queues import (
+    DEAD_RECEIVES,
+    DEAD_STAGE,
+    ERROR_CLASS,
+    ERROR_MESSAGE,
+    Depth,
+    Message,
+    Outgoing,
+    Queue,
+    QueueError,
+)
 from pipeline.runtime import reset_cache
 from pipeline.sinks import read_run
 from pipeline.stages import STAGE_NAMES, stage, upstream
@@ -933,7 +935,7 @@ def test_dead_entity_is_processed_again_when_replayed(
 ) -> None:
     # GIVEN a data group recorded dead (its message is back from the DLQ)
     pipeline.enqueue(group("d1"))
-    pipeline.ledger.finish(RUN, "data_groups", group("d1").key, DEAD, "earlier trouble")
+    pipeline.ledger.finish(RUN, "data_groups", group("d1").key, State.DEAD, "earlier trouble")
 
     # WHEN the stage drains
     report = pipeline.run("data_groups")

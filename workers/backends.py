@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from pipeline import runtime as runtimes
 from pipeline.aws import runtime as aws
-from pipeline.config import Config
+from pipeline.config import Backend, Config
 from pipeline.local import runtime as local
 from pipeline.runtime import Runtime
 
 
 def runtime(config: Config) -> Runtime:
     """The cached Runtime of `config`, built by the backend it names."""
-    build = local.build if config.backend == "local" else aws.build
+    build = local.build if config.backend == Backend.LOCAL else aws.build
     return runtimes.runtime(config, build)

@@ -9,16 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pipeline.ledger import (
-    DEAD,
-    DONE,
-    GONE,
     MAX_RECORDED_CHILDREN,
-    QUEUED,
     STAT_FIELDS,
     DeadEntity,
     Entity,
     Finished,
     RunStatus,
+    State,
     path_json,
     stage_counts,
     storable,
@@ -106,7 +103,7 @@ class DynamoLedger:
                 UpdateExpression="SET #s = if_not_exists(#s, :q), #p = if_not_exists(#p, :p)",
                 ExpressionAttributeNames={"#s": "state", "#p": "path"},
                 ExpressionAttributeValues={
-                    ":q": {"S": QUEUED},
+                    ":q": {"S": State.QUEUED},
                     ":p": {"S": path_json(path)},
                 },
             )
@@ -143,7 +140,7 @@ class DynamoLedger:
                     ExpressionAttributeValues={
                         ":s": {"S": state},
                         ":e": {"S": storable(error)},
-                        ":q": {"S": QUEUED},
+                        ":q": {"S": State.QUEUED},
                     },
                 )
                 changed += 1
@@ -155,14 +152,14 @@ class DynamoLedger:
         return sorted(
             (e["sk"]["S"], tuple(json.loads(e.get("path", {}).get("S", "[]"))))
             for e in self._query(_entity_pk(run_id, stage), "sk, #s, #p")
-            if e["state"]["S"] == QUEUED
+            if e["state"]["S"] == State.QUEUED
         )
 
-    def finish(self, run_id: str, stage: str, key: str, state: str, error: str = "") -> None:
+    def finish(self, run_id: str, stage: str, key: str, state: State, error: str = "") -> None:
         kwargs: dict[str, Any] = {}
-        if state == DEAD:
+        if state == State.DEAD:
             kwargs["ConditionExpression"] = "NOT #s IN (:d, :g)"
-            kwargs["ExpressionAttributeValues"] = {":d": {"S": DONE}, ":g": {"S": GONE}}
+            kwargs["ExpressionAttributeValues"] = {":d": {"S": State.DONE}, ":g": {"S": State.GONE}}
         values = {
             ":s": {"S": state},
             ":e": {"S": storable(error)},
@@ -213,7 +210,7 @@ class DynamoLedger:
             while request:
                 result = self._ddb.batch_get_item(RequestItems=request)
                 for item in result.get("Responses", {}).get(self.table, []):
-                    if item.get("state", {}).get("S") in (DONE, GONE):
+                    if item.get("state", {}).get("S") in (State.DONE, State.GONE):
                         found.add(item["sk"]["S"])
                 request = dict(result.get("UnprocessedKeys") or {})
         return found
@@ -274,7 +271,7 @@ class DynamoLedger:
         found = []
         for stage in STAGE_NAMES:
             for e in self._query(_entity_pk(run_id, stage), "#s, #p, #e"):
-                if e["state"]["S"] == DEAD:
+                if e["state"]["S"] == State.DEAD:
                     path = tuple(json.loads(e.get("path", {}).get("S", "[]")))
                     found.append(DeadEntity(stage, path, e.get("error", {}).get("S", "")))
         return found

@@ -10,7 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.config import Config
+from pipeline.config import Backend, Config
 from pipeline.errors import ConfigError, HarvestError
 from pipeline.stages import STAGE_NAMES
 from pipeline.window import Window
@@ -38,7 +38,7 @@ def _local_config(out: str) -> Config:
         )
     return Config(
         vendor_url="https://localhost",  # a placeholder: these commands never call the vendor
-        backend="local",
+        backend=Backend.LOCAL,
         sink=str(root),
         state_dir=str(root / ".harvest"),
     )
@@ -47,7 +47,7 @@ def _local_config(out: str) -> Config:
 def _state_config(args: argparse.Namespace) -> Config:
     if args.aws:
         config = Config.from_env()
-        if config.backend != "aws":
+        if config.backend != Backend.AWS:
             raise ConfigError(
                 "--aws needs HARVEST_BACKEND=aws (or unset) and the HARVEST_* outputs"
             )
@@ -249,7 +249,7 @@ def cmd_kickoff(args: argparse.Namespace) -> int:
             vendor_url=args.vendor_url,
             allow_http=args.allow_http,
             token=token,
-            backend="local",
+            backend=Backend.LOCAL,
             sink=str(root),
             state_dir=str(root / ".harvest"),
         )

@@ -12,12 +12,12 @@ from typing import Any
 
 from pipeline.ledger import (
     MAX_RECORDED_CHILDREN,
-    QUEUED,
     STAT_FIELDS,
     DeadEntity,
     Entity,
     Finished,
     RunStatus,
+    State,
     path_json,
     stage_counts,
     storable,
@@ -108,7 +108,7 @@ class SqliteLedger:
             self._db.executemany(
                 "INSERT OR IGNORE INTO entities (run_id, stage, key, path, state)"
                 " VALUES (?, ?, ?, ?, ?)",
-                [(run_id, stage, k, path_json(p), QUEUED) for k, p in entities],
+                [(run_id, stage, k, path_json(p), State.QUEUED) for k, p in entities],
             )
             if parent is not None and len(entities) <= MAX_RECORDED_CHILDREN:
                 self._db.executemany(
@@ -142,7 +142,7 @@ class SqliteLedger:
             ).fetchall()
         return [(k, tuple(json.loads(p))) for k, p in rows]
 
-    def finish(self, run_id: str, stage: str, key: str, state: str, error: str = "") -> None:
+    def finish(self, run_id: str, stage: str, key: str, state: State, error: str = "") -> None:
         self.finish_many(run_id, stage, [(key, state, error)])
 
     def finish_many(self, run_id: str, stage: str, entries: Sequence[Finished]) -> None:

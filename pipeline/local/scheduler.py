@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from aws_lambda_powertools.warnings import PowertoolsUserWarning
 
-from pipeline.config import Config
+from pipeline.config import Backend, Config
 from pipeline.errors import AuthError, ConfigError
 from pipeline.ledger import RunStatus
 from pipeline.local.runtime import LocalRuntime, build
@@ -221,7 +221,7 @@ def run_local(
         vendor_url=url,
         allow_http=options.allow_http or simulator is not None,
         token=token or "",
-        backend="local",
+        backend=Backend.LOCAL,
         rate_calls=options.rate_calls,
         rate_period=options.rate_period,
         sink=str(out),
