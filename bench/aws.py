@@ -168,8 +168,7 @@ class AwsScenario:
 
 
 # The local bench's scenarios (bench/__main__.py), the large ones at a tenth or a twentieth
-# of their data groups and the baseline at an eighth of its calls (deeper-first is left out:
-# the DynamoDB budget has no priority, so it does nothing in AWS), then the mixes
+# of their data groups and the baseline at an eighth of its calls, then the mixes
 # the local bench cannot show: busy and sparse stages in one budget, and vendors slow
 # enough that a drain's threads, not the budget, may set the pace.
 SCENARIOS = [

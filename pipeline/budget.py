@@ -44,10 +44,9 @@ MARGIN_HALF_LIFE = 600.0
 class Budget(Protocol):
     """What a vendor client asks of a rate budget."""
 
-    def acquire(self, priority: int = 0, max_pause: float = math.inf) -> float:
+    def acquire(self, max_pause: float = math.inf) -> float:
         """Block until one vendor call may start now; return the time it is counted at.
 
-        While calls of a higher `priority` wait for the budget, lower ones wait behind them.
         RateLimitedError (its `retry_after` the rest of the pause), without waiting for it,
         if the budget is paused for more than `max_pause` seconds when called or becomes so
         while the caller waits for its slot.

@@ -22,7 +22,6 @@ HARVEST_VISIBILITY_TIMEOUT seconds a received message stays hidden (default 180)
 HARVEST_READ_TIMEOUT       seconds a vendor response may stall before a retry (default 10)
 HARVEST_RETRY_DELAY        first retry delay of a failed message, doubling (default 5)
 HARVEST_WAIT_SECONDS       long-poll wait of an empty receive (default 5)
-HARVEST_DEEPER_FIRST       "true": deeper stages' calls go first in a shared budget (local only)
 HARVEST_MAX_PAGES          pages one listing may have before it is poison (default 1000)
 HARVEST_MAX_RETRY_AFTER    longest vendor Retry-After waited out inside a call; a longer
                            one returns the message to its queue for that long (default 60)
@@ -82,7 +81,6 @@ class Config:
     read_timeout: float = 10.0
     retry_delay: float = 5.0
     wait_seconds: float = 5.0
-    deeper_first: bool = False
     allow_http: bool = False
     max_pages: int = 1000
     max_retry_after: float = 60.0
@@ -156,7 +154,6 @@ class Config:
                 read_timeout=float(get("READ_TIMEOUT", "10")),
                 retry_delay=float(get("RETRY_DELAY", "5")),
                 wait_seconds=float(get("WAIT_SECONDS", "5")),
-                deeper_first=get("DEEPER_FIRST", "false").lower() in TRUE_WORDS,
                 allow_http=get("ALLOW_HTTP", "false").lower() in TRUE_WORDS,
                 max_pages=whole("MAX_PAGES", cls.max_pages),
                 max_retry_after=float(get("MAX_RETRY_AFTER", str(cls.max_retry_after))),
@@ -189,7 +186,6 @@ class Config:
                 "READ_TIMEOUT": str(self.read_timeout),
                 "RETRY_DELAY": str(self.retry_delay),
                 "WAIT_SECONDS": str(self.wait_seconds),
-                "DEEPER_FIRST": "true" if self.deeper_first else "",
                 "ALLOW_HTTP": "true" if self.allow_http else "",
                 "MAX_PAGES": str(self.max_pages),
                 "MAX_RETRY_AFTER": str(self.max_retry_after),

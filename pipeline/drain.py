@@ -176,7 +176,6 @@ class Drain:
         wait_seconds: float = 1.0,
         idle_grace: float = 20.0,
         halt: Halt | None = None,
-        deeper_first: bool = False,
         store_attempts: int = 5,
         store_backoff: float = 0.2,
         sleep: Callable[[float], None] = time.sleep,
@@ -196,8 +195,6 @@ class Drain:
         self.wait_seconds = wait_seconds
         self.idle_grace = idle_grace
         self.halt = halt
-        # Deeper stages first: their calls go ahead of upstream ones in a shared budget.
-        self.priority = stage.depth if deeper_first else 0
         # Ledger, queue and sink steps: a throttle or a 5xx is retried here, in place
         # (botocore has retried it a few times already), before it costs a receive.
         self._store = Retrying(
@@ -427,7 +424,7 @@ class Drain:
         child_stage = self.stage.child
         assert child_stage is not None
         found = listed(
-            self.client.items(self.stage.path, envelope.entity_id, priority=self.priority),
+            self.client.items(self.stage.path, envelope.entity_id),
             lambda child_id: envelope.child(child_stage, child_id),
             self.stage.name,
         )
@@ -455,9 +452,7 @@ class Drain:
         params = {"from": window.from_text, "to": window.to_text}
         start, end = window.start, window.end
         # The client hands over pages whose items are all JSON objects.
-        for items in self.client.pages(
-            self.stage.path, envelope.entity_id, params, priority=self.priority
-        ):
+        for items in self.client.pages(self.stage.path, envelope.entity_id, params):
             for item in items:
                 ts, value = item.get("ts"), item.get("value")
                 append({"ts": _checked_ts(ts, item, start, end), "value": _checked_value(value)})

@@ -95,7 +95,6 @@ class Runtime:
             retry_delay=self.config.retry_delay,
             wait_seconds=self.config.wait_seconds,
             halt=self.auth_failed,
-            deeper_first=self.config.deeper_first,
         )
 
     def run_kickoff(self, window: Window) -> KickoffReport:

@@ -115,7 +115,7 @@ def test_vendor_bound_that_is_not_a_whole_number_is_a_config_error(variable: str
     ],
 )
 def test_to_env_and_from_env_round_trip(changes: dict[str, Any]) -> None:
-    config = Config(vendor_url=HTTPS, stage="warriors", deeper_first=True).with_(**changes)
+    config = Config(vendor_url=HTTPS, stage="warriors").with_(**changes)
 
     assert Config.from_env(config.to_env()) == config
 
@@ -130,7 +130,7 @@ def test_module_docstring_documents_every_new_variable() -> None:
         "HARVEST_MAX_PAGE_BYTES",
     } <= documented
     # and every name to_env writes is documented
-    full = Config(vendor_url=HTTP, allow_http=True, deeper_first=True, stage="troops")
+    full = Config(vendor_url=HTTP, allow_http=True, stage="troops")
     assert set(full.to_env()) <= documented
 
 

@@ -40,7 +40,7 @@ class FakeBudget:
     def __init__(self) -> None:
         self.events: list[tuple[Any, ...]] = []
 
-    def acquire(self, priority: int = 0, max_pause: float = math.inf) -> float:
+    def acquire(self, max_pause: float = math.inf) -> float:
         self.events.append(("acquire",))
         return 0.0
 

@@ -219,8 +219,7 @@ class DynamoBudget:
 
     # -- handing out slots -------------------------------------------------------------------
 
-    def acquire(self, priority: int = 0, max_pause: float = math.inf) -> float:
-        # Priority is not shared between invocations: each serves one stage.
+    def acquire(self, max_pause: float = math.inf) -> float:
         me = threading.get_ident()
         with self._lock:
             left = self._away.pop(me, None)

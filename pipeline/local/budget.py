@@ -7,7 +7,7 @@ import bisect
 import math
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 
 from pipeline.budget import Clock, Margin, Sleep, paused_error
 
@@ -41,25 +41,11 @@ class PacedBudget:
         self._clock = clock
         self._sleep = sleep
         self._lock = threading.Lock()
-        self._turn = threading.Condition(self._lock)
-        self._waiting: Counter[int] = Counter()  # calls in acquire, by priority
         # Start times handed out, oldest first, back to one window ago.
         self._starts: deque[float] = deque()
         self._paused_until = 0.0
 
-    def acquire(self, priority: int = 0, max_pause: float = math.inf) -> float:
-        with self._turn:
-            while any(n for p, n in self._waiting.items() if p > priority):
-                self._turn.wait(0.05)
-            self._waiting[priority] += 1
-        try:
-            return self._acquire(max_pause)
-        finally:
-            with self._turn:
-                self._waiting[priority] -= 1
-                self._turn.notify_all()
-
-    def _acquire(self, max_pause: float) -> float:
+    def acquire(self, max_pause: float = math.inf) -> float:
         while True:
             with self._lock:
                 now = self._clock()

@@ -100,7 +100,6 @@ class LocalOptions:
     retry_delay: float = 1.0
     read_timeout: float = 10.0
     safety_margin: float = 15.0
-    deeper_first: bool = False
     verbose: bool = False  # logs on standard error too, not only in the log file
     # Started when there is no vendor_url, and the output checked against it: the simulator
     # (in a child process, SimulatorProcess, so that it does not share the GIL with the
@@ -232,7 +231,6 @@ def run_local(
         visibility_timeout=options.invocation_timeout + 60,
         retry_delay=options.retry_delay,
         read_timeout=options.read_timeout,
-        deeper_first=options.deeper_first,
     )
     lock = own(out / STATE_DIR)
     _redirect_logs(out / STATE_DIR / LOG_FILE, verbose=options.verbose)

@@ -228,14 +228,9 @@ class VendorClient:
         path_template: str,
         entity_id: str | None = None,
         params: Mapping[str, str] | None = None,
-        *,
-        priority: int = 0,
     ) -> Iterator[dict[str, Any]]:
-        """Every item of a paginated listing, following `next_cursor` to the last page.
-
-        `priority` goes to the rate budget: a higher one is served first when calls wait.
-        """
-        for items in self.pages(path_template, entity_id, params, priority=priority):
+        """Every item of a paginated listing, following `next_cursor` to the last page."""
+        for items in self.pages(path_template, entity_id, params):
             yield from items
 
     def pages(
@@ -243,8 +238,6 @@ class VendorClient:
         path_template: str,
         entity_id: str | None = None,
         params: Mapping[str, str] | None = None,
-        *,
-        priority: int = 0,
     ) -> Iterator[list[dict[str, Any]]]:
         """The items of a paginated listing page by page (as `items`, one list per page).
 
@@ -255,7 +248,7 @@ class VendorClient:
         seen: set[str] = set()
         pages = 0
         while True:
-            page = self.get_page(path_template, entity_id, params, cursor=cursor, priority=priority)
+            page = self.get_page(path_template, entity_id, params, cursor=cursor)
             pages += 1
             yield page.items
             cursor = page.next_cursor
@@ -281,7 +274,6 @@ class VendorClient:
         params: Mapping[str, str] | None = None,
         *,
         cursor: str | None = None,
-        priority: int = 0,
     ) -> Page:
         """One page of a listing (the first, or the one `cursor` points at), with retries."""
         path = vendor_path(path_template, entity_id)
@@ -296,16 +288,16 @@ class VendorClient:
                 f"GET {path}: a cursor or parameter is not valid Unicode: {quoted(query, 120)}"
             ) from exc
         try:
-            page: Page = self._retrying(self._attempt, url, path, priority)
+            page: Page = self._retrying(self._attempt, url, path)
         except RetryError as exc:
             raise self._give_up(path, exc) from exc.last_attempt.exception()
         return page
 
     # -- one attempt -----------------------------------------------------------------------
 
-    def _attempt(self, url: str, path: str, priority: int = 0) -> Page:
+    def _attempt(self, url: str, path: str) -> Page:
         try:
-            response, started, oversize = self._send(url, priority)
+            response, started, oversize = self._send(url)
         except TRANSIENT_EXCEPTIONS as exc:
             raise _AttemptFailed(describe_transport_error(exc)) from exc
         except RateLimitedError as exc:
@@ -374,7 +366,7 @@ class VendorClient:
             raise PoisonError(f"GET {path}: unexpected {status}{_vendor_message(response)}")
         raise RetryableError(f"GET {path}: unexpected {status}")
 
-    def _send(self, url: str, priority: int = 0) -> tuple[requests.Response, float, str | None]:
+    def _send(self, url: str) -> tuple[requests.Response, float, str | None]:
         """Prepare, take a budget slot, send, read the body: the slot is taken as late as
         possible, so the vendor sees the request at the time the budget counted it.
 
@@ -391,7 +383,7 @@ class VendorClient:
         request.url = url
         # Every header is a str: requests' defaults and the two set in __init__.
         request.headers = CaseInsensitiveDict(cast(Mapping[str, str], self._session.headers))
-        stamp = self._budget.acquire(priority, self._max_retry_after)
+        stamp = self._budget.acquire(self._max_retry_after)
         started = time.perf_counter()
         try:
             # Straight to the adapter, not through Session.send: no redirects, cookies, hooks

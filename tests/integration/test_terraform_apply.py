@@ -281,7 +281,7 @@ def deployment(
 def contract_variables() -> set[str]:
     """Every HARVEST_* name pipeline/config.py documents, less the local-only ones."""
     documented = set(re.findall(r"^(HARVEST_[A-Z_]+)", pipeline.config.__doc__ or "", re.M))
-    local_only = {"HARVEST_VENDOR_TOKEN", "HARVEST_STATE_DIR", "HARVEST_DEEPER_FIRST"}
+    local_only = {"HARVEST_VENDOR_TOKEN", "HARVEST_STATE_DIR"}
     return documented - local_only
 
 
