@@ -13,6 +13,8 @@ HARVEST_QUEUES             JSON {stage: {"url": ..., "dlq_url": ...}} (AWS)
 HARVEST_STAGE              the stage a drain function serves
 HARVEST_SINK               s3://bucket/prefix or a local directory
 HARVEST_STATE_TABLE        DynamoDB table of the run ledger and the rate budget (AWS)
+HARVEST_STATE_RETENTION_DAYS  days a ledger or budget item of the state table lives after its
+                           last write (its expires_at, the table's TTL; default 35) (AWS)
 HARVEST_STATE_DIR          directory of the local queues, ledger and budget (local)
 HARVEST_MAX_RECEIVE_COUNT  receives before a message is dead-lettered (default 5)
 HARVEST_CONCURRENCY        most messages in process per drain invocation (default 64); how many
@@ -42,6 +44,8 @@ from pipeline.errors import ConfigError
 from pipeline.stages import STAGE_NAMES
 
 ENV_PREFIX = "HARVEST_"
+# Longer than a DLQ keeps a message (14 days): a replayed message must still find its run.
+STATE_RETENTION_DAYS = 35
 TRUE_WORDS = ("true", "1", "yes")
 
 
@@ -72,6 +76,7 @@ class Config:
     queues: Mapping[str, QueueUrls] = field(default_factory=dict)
     sink: str = ""
     state_table: str = ""
+    state_retention_days: int = STATE_RETENTION_DAYS
     state_dir: str = ""
     max_receive_count: int = 5
     concurrency: int = 64
@@ -112,6 +117,8 @@ class Config:
             raise ConfigError(f"unknown stage {self.stage!r}; known: {', '.join(STAGE_NAMES)}")
         if self.max_receive_count < 1 or self.concurrency < 1:
             raise ConfigError("max receive count and concurrency must be >= 1")
+        if self.state_retention_days < 1:
+            raise ConfigError("state retention (HARVEST_STATE_RETENTION_DAYS) must be >= 1 day")
 
     def with_(self, **changes: Any) -> Config:
         return replace(self, **changes)
@@ -146,6 +153,7 @@ class Config:
                 queues=queues,
                 sink=get("SINK"),
                 state_table=get("STATE_TABLE"),
+                state_retention_days=whole("STATE_RETENTION_DAYS", cls.state_retention_days),
                 state_dir=get("STATE_DIR"),
                 max_receive_count=int(get("MAX_RECEIVE_COUNT", "5")),
                 concurrency=int(get("CONCURRENCY", "64")),
@@ -178,6 +186,7 @@ class Config:
                 ),
                 "SINK": self.sink,
                 "STATE_TABLE": self.state_table,
+                "STATE_RETENTION_DAYS": str(self.state_retention_days),
                 "STATE_DIR": self.state_dir,
                 "MAX_RECEIVE_COUNT": str(self.max_receive_count),
                 "CONCURRENCY": str(self.concurrency),

@@ -167,7 +167,12 @@ def test_example_tfvars_pass_every_variable_validation(locals_: dict[str, Any]) 
 
 
 def test_bad_variable_values_are_rejected(initialized: Path) -> None:
-    bad = {"name_prefix": "Harvest_Prod", "drain_timeout": "1000", "max_receive_count": "0"}
+    bad = {
+        "name_prefix": "Harvest_Prod",
+        "drain_timeout": "1000",
+        "max_receive_count": "0",
+        "state_retention_days": "14",  # no longer than a DLQ keeps a message
+    }
     assignments = [arg for k, v in bad.items() for arg in ("-var", f"{k}={v}")]
     result = terraform(
         initialized, "console", "-no-color", *DUMMY_VARS, *assignments, stdin="var.name_prefix\n"

@@ -84,7 +84,9 @@ import time
 from collections import deque
 from typing import Any
 
+from pipeline.aws.expiry import DAY, expiring
 from pipeline.budget import Clock, Margin, Sleep, paused_error
+from pipeline.config import STATE_RETENTION_DAYS
 
 # How long a vendor limit learned from X-RateLimit-Limit overrides the configured one.
 LEARNED_LIMIT_SECONDS = 3600.0
@@ -191,9 +193,11 @@ class DynamoBudget:
         name: str = "vendor",
         clock: Clock = time.time,
         sleep: Sleep = time.sleep,
+        retention_days: float = STATE_RETENTION_DAYS,
     ) -> None:
         self._ddb = client
         self.table = table
+        self.retention = retention_days * DAY
         self.calls = calls  # the configured limit, lowered by what the vendor reports
         self.period = period
         self._key = {"pk": {"S": f"budget#{name}"}, "sk": {"S": "schedule"}}
@@ -338,6 +342,10 @@ class DynamoBudget:
 
     # -- the shared item -----------------------------------------------------------------------
 
+    def _update(self, **update: Any) -> Any:
+        """UpdateItem, the item's expires_at set `retention` from now (pipeline.aws.expiry)."""
+        return self._ddb.update_item(**expiring(update, self._clock() + self.retention))
+
     def _claim(self, max_pause: float) -> None:
         """Reserve consecutive slots of the shared schedule, as many as this invocation's
         threads will use, and hold them."""
@@ -382,7 +390,7 @@ class DynamoBudget:
                 values[":end"] = _n(round(start + span, 5))
             sent = self._clock()
             try:
-                item = self._ddb.update_item(
+                item = self._update(
                     TableName=self.table,
                     Key=self._key,
                     UpdateExpression=update,
@@ -449,7 +457,7 @@ class DynamoBudget:
             margin, since = self._margin.wide, self._margin.since
         if share:
             try:
-                self._ddb.update_item(
+                self._update(
                     TableName=self.table,
                     Key=self._key,
                     UpdateExpression="SET #pause = :p",
@@ -464,7 +472,7 @@ class DynamoBudget:
 
     def _share_margin(self, margin: float, since: float, seconds: float) -> None:
         try:
-            self._ddb.update_item(
+            self._update(
                 TableName=self.table,
                 Key=self._key,
                 UpdateExpression="SET #margin = :m, #margin_at = :at",
@@ -502,7 +510,7 @@ class DynamoBudget:
                     self._limit = limit
                     self._held.clear()
             try:
-                self._ddb.update_item(
+                self._update(
                     TableName=self.table,
                     Key=self._key,
                     UpdateExpression="SET #limit = :l, #limit_expires = :x",

@@ -8,6 +8,8 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from pipeline.aws.expiry import DAY, expiring
+from pipeline.config import STATE_RETENTION_DAYS
 from pipeline.ledger import (
     MAX_RECORDED_CHILDREN,
     STAT_FIELDS,
@@ -45,10 +47,17 @@ class DynamoLedger:
     # warrior with 1,000 data groups held its batch for 1,000 round trips (bench --aws).
     PARALLEL_WRITES = 16
 
-    def __init__(self, client: DynamoDBClient, table: str) -> None:
+    def __init__(
+        self, client: DynamoDBClient, table: str, retention_days: float = STATE_RETENTION_DAYS
+    ) -> None:
         self._ddb = client
         self.table = table
+        self.retention = retention_days * DAY
         self._writers = ThreadPoolExecutor(self.PARALLEL_WRITES, thread_name_prefix="ledger")
+
+    def _update(self, **update: Any) -> Any:
+        """UpdateItem, the item's expires_at set `retention` from now (pipeline.aws.expiry)."""
+        return self._ddb.update_item(**expiring(update, time.time() + self.retention))
 
     def _each(self, write: Callable[[T], object], items: Sequence[T]) -> None:
         """`write` every item, PARALLEL_WRITES at a time; the first error is raised."""
@@ -61,7 +70,7 @@ class DynamoLedger:
 
     def start_run(self, run_id: str, window_from: str, window_to: str) -> None:
         now = str(time.time())
-        self._ddb.update_item(
+        self._update(
             TableName=self.table,
             Key={"pk": {"S": _run_pk(run_id)}, "sk": {"S": "meta"}},
             UpdateExpression="SET window_from = if_not_exists(window_from, :f),"
@@ -73,7 +82,7 @@ class DynamoLedger:
             },
         )
         # if_not_exists like the meta item: a rerun must not move the run up in runs().
-        self._ddb.update_item(
+        self._update(
             TableName=self.table,
             Key={"pk": {"S": self.RUNS_PK}, "sk": {"S": run_id}},
             UpdateExpression="SET started_at = if_not_exists(started_at, :n)",
@@ -81,7 +90,7 @@ class DynamoLedger:
         )
 
     def kicked_off(self, run_id: str) -> None:
-        self._ddb.update_item(
+        self._update(
             TableName=self.table,
             Key={"pk": {"S": _run_pk(run_id)}, "sk": {"S": "meta"}},
             UpdateExpression="SET kicked_off = :y",
@@ -97,7 +106,7 @@ class DynamoLedger:
     ) -> None:
         def record(entity: Entity) -> None:
             key, path = entity
-            self._ddb.update_item(
+            self._update(
                 TableName=self.table,
                 Key={"pk": {"S": _entity_pk(run_id, stage)}, "sk": {"S": key}},
                 UpdateExpression="SET #s = if_not_exists(#s, :q), #p = if_not_exists(#p, :p)",
@@ -111,7 +120,7 @@ class DynamoLedger:
         self._each(record, entities)
         if parent is not None and entities and len(entities) <= MAX_RECORDED_CHILDREN:
             # On the parent's own item: read back only when the parent is redelivered.
-            self._ddb.update_item(
+            self._update(
                 TableName=self.table,
                 Key={"pk": {"S": _entity_pk(run_id, parent[0])}, "sk": {"S": parent[1]}},
                 UpdateExpression="ADD children :c",
@@ -131,7 +140,7 @@ class DynamoLedger:
         changed = 0
         for key, state, error in entries:
             try:
-                self._ddb.update_item(
+                self._update(
                     TableName=self.table,
                     Key={"pk": {"S": _entity_pk(run_id, stage)}, "sk": {"S": key}},
                     UpdateExpression="SET #s = :s, #e = :e",
@@ -166,7 +175,7 @@ class DynamoLedger:
             **kwargs.pop("ExpressionAttributeValues", {}),
         }
         try:
-            self._ddb.update_item(
+            self._update(
                 TableName=self.table,
                 Key={"pk": {"S": _entity_pk(run_id, stage)}, "sk": {"S": key}},
                 UpdateExpression="SET #s = :s, #e = :e",
@@ -183,7 +192,7 @@ class DynamoLedger:
 
     def record_error(self, run_id: str, stage: str, key: str, error: str) -> None:
         try:
-            self._ddb.update_item(
+            self._update(
                 TableName=self.table,
                 Key={"pk": {"S": _entity_pk(run_id, stage)}, "sk": {"S": key}},
                 UpdateExpression="SET #e = :e",
@@ -219,7 +228,7 @@ class DynamoLedger:
         names = [n for n in amounts if n in STAT_FIELDS and amounts[n]]
         if not names:
             return
-        self._ddb.update_item(
+        self._update(
             TableName=self.table,
             Key={"pk": {"S": _run_pk(run_id)}, "sk": {"S": "meta"}},
             UpdateExpression="ADD " + ", ".join(f"{n} :{n}" for n in names),
@@ -286,7 +295,7 @@ class DynamoLedger:
     def mark_completed(self, run_id: str) -> bool:
         now = {":n": {"N": str(time.time())}}
         try:
-            self._ddb.update_item(
+            self._update(
                 TableName=self.table,
                 Key={"pk": {"S": _run_pk(run_id)}, "sk": {"S": "meta"}},
                 UpdateExpression="SET completed_at = :n",
@@ -298,7 +307,7 @@ class DynamoLedger:
             first = False
         # The run list's item too, so that open_runs() can skip the run (also repairs a
         # list item that an interrupted first call left without it).
-        self._ddb.update_item(
+        self._update(
             TableName=self.table,
             Key={"pk": {"S": self.RUNS_PK}, "sk": {"S": run_id}},
             UpdateExpression="SET completed_at = if_not_exists(completed_at, :n)",
@@ -312,7 +321,7 @@ class DynamoLedger:
             # The run list's item too: open_runs() skips the run from then on.
             {"pk": {"S": self.RUNS_PK}, "sk": {"S": run_id}},
         ):
-            self._ddb.update_item(
+            self._update(
                 TableName=self.table,
                 Key=key,
                 UpdateExpression="SET manifest_signature = :s",
@@ -322,11 +331,9 @@ class DynamoLedger:
     def mark_quiet(self, run_id: str, at: float | None) -> float | None:
         key = {"pk": {"S": _run_pk(run_id)}, "sk": {"S": "meta"}}
         if at is None:
-            self._ddb.update_item(
-                TableName=self.table, Key=key, UpdateExpression="REMOVE quiet_since"
-            )
+            self._update(TableName=self.table, Key=key, UpdateExpression="REMOVE quiet_since")
             return None
-        item = self._ddb.update_item(
+        item = self._update(
             TableName=self.table,
             Key=key,
             UpdateExpression="SET quiet_since = if_not_exists(quiet_since, :n)",

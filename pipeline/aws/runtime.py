@@ -47,13 +47,19 @@ def build(config: Config) -> Runtime:
     ddb = session.client("dynamodb", config=boto_config)
     s3 = session.client("s3", config=boto_config)
     stats = CallStats()
-    budget = DynamoBudget(ddb, config.state_table, config.rate_calls, config.rate_period)
+    budget = DynamoBudget(
+        ddb,
+        config.state_table,
+        config.rate_calls,
+        config.rate_period,
+        retention_days=config.state_retention_days,
+    )
     return Runtime(
         config=config,
         queues={s: SqsQueue(sqs, config.queues[s].url, s) for s in STAGE_NAMES},
         dlqs={s: SqsQueue(sqs, config.queues[s].dlq_url, f"{s}-dlq") for s in STAGE_NAMES},
         sink=S3Sink(s3, config.sink),
-        ledger=DynamoLedger(ddb, config.state_table),
+        ledger=DynamoLedger(ddb, config.state_table, config.state_retention_days),
         budget=budget,
         make_client=lambda: vendor_client(
             config, config.token or token_from_parameter(config.token_parameter), budget, stats
