@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from terraform_support import WILDCARD_RESOURCE_SIDS, plugin_dir, terraform_env
+from terraform_support import (
+    LOCK_FILE,
+    WILDCARD_RESOURCE_SIDS,
+    copy_stack,
+    plugin_dir,
+    terraform_env,
+)
 
 from pipeline.local.scheduler import DRAIN_HANDLER, KICKOFF_HANDLER, load_handler
 from pipeline.stages import STAGES
@@ -58,8 +64,7 @@ def tools() -> Path:
 def initialized(tools: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A copy of terraform/ initialized offline from the provider mirror."""
     work = tmp_path_factory.mktemp("stack")
-    for source in STACK.glob("*.tf"):
-        shutil.copy(source, work / source.name)
+    copy_stack(STACK, work)
     result = terraform(work, "init", "-backend=false", f"-plugin-dir={tools}", "-no-color")
     assert result.returncode == 0, result.stdout + result.stderr
     yield work
@@ -153,6 +158,12 @@ def role_policy_documents(hcl: dict[str, Any]) -> set[str]:
 def test_terraform_is_formatted(tools: Path) -> None:
     result = terraform(ROOT, "fmt", "-check", "-recursive", "-diff", "terraform/")
     assert result.returncode == 0, f"run `terraform fmt -recursive terraform/`:\n{result.stdout}"
+
+
+def test_committed_lock_file_is_the_one_init_keeps(initialized: Path) -> None:
+    # init against the provider mirror would add what the committed lock lacks
+    assert (initialized / LOCK_FILE).read_text() == (STACK / LOCK_FILE).read_text()
+    assert 'version     = "5.100.0"' in (STACK / LOCK_FILE).read_text()
 
 
 def test_terraform_configuration_is_valid(initialized: Path) -> None:
