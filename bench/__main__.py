@@ -51,7 +51,6 @@ class Scenario:
     concurrency: int = 64  # HARVEST_CONCURRENCY's default: a ceiling, rate × latency decides
     reserved_concurrency: int = 2
     rate_period: float = 1.0
-    deeper_first: bool = False
 
     def scaled(self, factor: float) -> Scenario:
         return Scenario(**{**asdict(self), "data_groups": max(1, round(self.data_groups * factor))})
@@ -63,9 +62,7 @@ SCENARIOS = [
     Scenario("vendor limit = half", 4, 8, 46, 100, 50, 0.02),
     # The talk's design: one call at a time per drain, one drain per stage.
     Scenario("baseline 1-at-a-time", 4, 8, 46, 50, 50, 0.2, concurrency=1, reserved_concurrency=1),
-    # Does serving deeper stages first keep queues short and bring results early?
     Scenario("10k FIFO", 10, 10, 100, 200, 200, 0.02),
-    Scenario("10k deeper-first", 10, 10, 100, 200, 200, 0.02, deeper_first=True),
 ]
 
 HEADER = (
@@ -93,8 +90,8 @@ def run_one(scenario: Scenario) -> dict[str, object]:
     import tempfile
     from pathlib import Path
 
-    from pipeline.local import LocalOptions, run_local
-    from pipeline.simulator import SimulatorConfig
+    from pipeline.dev.simulator import SimulatorConfig, SimulatorProcess
+    from pipeline.local.scheduler import LocalOptions, run_local
     from pipeline.window import Window
 
     with tempfile.TemporaryDirectory(prefix="harvest-bench-", dir=scratch_dir()) as out:
@@ -107,14 +104,15 @@ def run_one(scenario: Scenario) -> dict[str, object]:
                 tick=5.0,  # the CLI default
                 concurrency=scenario.concurrency,
                 reserved_concurrency=scenario.reserved_concurrency,
-                deeper_first=scenario.deeper_first,
-                simulator=SimulatorConfig(
-                    troops=scenario.troops,
-                    warriors_per_troop=scenario.warriors,
-                    data_groups_per_warrior=scenario.data_groups,
-                    rate_calls=scenario.vendor_calls,
-                    rate_period=scenario.rate_period,
-                    latency=scenario.latency,
+                simulator=SimulatorProcess(
+                    SimulatorConfig(
+                        troops=scenario.troops,
+                        warriors_per_troop=scenario.warriors,
+                        data_groups_per_warrior=scenario.data_groups,
+                        rate_calls=scenario.vendor_calls,
+                        rate_period=scenario.rate_period,
+                        latency=scenario.latency,
+                    )
                 ),
             )
         )

@@ -17,7 +17,7 @@ What plays what:
   reused, as Lambda reuses them. The handlers, `workers.kickoff.handler` and
   `workers.drain.handler`, get what Lambda gives them: the event (`{}` from the schedule),
   `HARVEST_*` in the environment (the stage in `HARVEST_STAGE`), and a context
-  (`pipeline.local.LocalContext`) whose remaining time counts down from the function's
+  (`pipeline.local.scheduler.LocalContext`) whose remaining time counts down from the function's
   timeout. A sandbox still busy a second past its timeout is killed, as Lambda kills it.
 - **EventBridge**: one tick per stage; time is compressed: `--tick` seconds (default 20)
   stand for the schedule's minute, and the drain timeout (120 s), its safety margin (30 s),
@@ -34,7 +34,7 @@ What plays what:
   were killed at their timeout.
 - **DynamoDB**: moto servers of their own per run (`bench/aws_moto.py`: one request at a
   time, as DynamoDB's writes are atomic; queries of the ledger's shape read one partition),
-  reached over HTTP by the botocore clients that `pipeline.runtime.build` makes for backend
+  reached over HTTP by the botocore clients that `pipeline.aws.runtime.build` makes for backend
   "aws" (adaptive retries, its pool): the conditional writes are real. The budget's item
   has a server to itself: one moto process answers on one core, and at 100 calls/s the
   ledger's writes alone keep it busy; DynamoDB does not queue one item's requests behind
@@ -50,7 +50,7 @@ What plays what:
   where there is one) behind a shim adding `--s3-ms` (default 20 ms) per put, get and
   1,000 keys listed.
 - **The vendor**: the simulator in its own process, as in the local bench; the output is
-  compared with its ground truth (`pipeline.verify.compare`).
+  compared with its ground truth (`pipeline.dev.verify.compare`).
 
 Columns (the local bench's, then AWS's):
 
@@ -169,8 +169,7 @@ class AwsScenario:
 
 
 # The local bench's scenarios (bench/__main__.py), the large ones at a tenth or a twentieth
-# of their data groups and the baseline at an eighth of its calls (deeper-first is left out:
-# the DynamoDB budget has no priority, so it does nothing in AWS), then the mixes
+# of their data groups and the baseline at an eighth of its calls, then the mixes
 # the local bench cannot show: busy and sparse stages in one budget, and vendors slow
 # enough that a drain's threads, not the budget, may set the pace.
 SCENARIOS = [
@@ -504,13 +503,14 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
     """One harvest of `scenario` with every invocation in a sandbox process; its numbers."""
     from bench.aws_sandbox import SETTINGS_ENV
     from bench.aws_sandbox import Settings as SandboxSettings
-    from pipeline.config import Config, QueueUrls
-    from pipeline.ledger import DynamoLedger
-    from pipeline.queues import LocalQueueStore
-    from pipeline.simulator import SimulatorConfig, SimulatorProcess
-    from pipeline.sinks import DirectorySink, manifest_key
+    from pipeline.aws.ledger import DynamoLedger
+    from pipeline.config import Backend, Config, QueueUrls
+    from pipeline.dev.simulator import SimulatorConfig, SimulatorProcess
+    from pipeline.dev.verify import compare
+    from pipeline.local.queues import LocalQueueStore
+    from pipeline.local.sinks import DirectorySink
+    from pipeline.sinks import manifest_key
     from pipeline.stages import STAGE_NAMES
-    from pipeline.verify import compare
     from pipeline.window import Window
 
     window = Window.parse(*WINDOW)
@@ -544,7 +544,7 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
         config = Config(
             vendor_url=simulator.url,
             allow_http=True,  # the simulator, on loopback
-            backend="aws",
+            backend=Backend.AWS,
             rate_calls=scenario.rate_calls,
             rate_period=scenario.rate_period,
             # Checked by the AWS build, never called: the sandboxes swap the queues.

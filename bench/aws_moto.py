@@ -1,6 +1,6 @@
 """The AWS-mode bench's DynamoDB: a moto server in its own process (`python -m bench.aws_moto`).
 
-Prints its URL, then serves until stdin closes (as `pipeline.simulator`'s child does), then
+Prints its URL, then serves until stdin closes (as `pipeline.dev.simulator`'s child does), then
 prints how many DynamoDB requests it answered, by action, as one JSON line. Counted here,
 requests of an invocation that Lambda (the harness) killed at its timeout count too.
 

@@ -8,7 +8,7 @@ the cold start; then it reads one invocation per line on stdin and answers each 
 JSON line of what it cost (duration, DynamoDB and queue requests, peak memory).
 The harness in `bench/aws.py` plays EventBridge and the Lambda service around it.
 
-The handlers build the AWS runtime (`pipeline.runtime.build`, backend "aws"), so the budget
+The handlers build the AWS runtime (`pipeline.aws.runtime.build`, backend "aws"), so the budget
 and the ledger are `DynamoBudget` and `DynamoLedger` on real botocore clients, pointed at a
 moto server by `AWS_ENDPOINT_URL`. What differs from Lambda:
 
@@ -26,7 +26,6 @@ round trip up to it (moto's own service time counts towards it), and counts it.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import resource
@@ -40,13 +39,14 @@ from typing import Any
 
 import boto3.session
 
-import pipeline.budget
-import pipeline.runtime
+import pipeline.aws.budget
+import pipeline.aws.runtime
 from pipeline.config import Config
-from pipeline.local import LocalContext
-from pipeline.queues import BATCH, Depth, LocalQueue, LocalQueueStore, Message, Outgoing, chunks
+from pipeline.local.queues import LocalQueue, LocalQueueStore
+from pipeline.local.scheduler import LocalContext, load_handler
+from pipeline.local.sinks import DirectorySink
+from pipeline.queues import BATCH, Depth, Message, Outgoing, chunks
 from pipeline.runtime import Runtime
-from pipeline.sinks import DirectorySink
 from pipeline.stages import STAGE_NAMES
 
 # What the harness hands every sandbox, in this environment variable as JSON.
@@ -214,14 +214,14 @@ class Sandbox:
                 hooks.register(self.events)
 
         boto3.session.Session = MeteredSession  # type: ignore[misc]
-        aws_build = pipeline.runtime.build
+        aws_build = pipeline.aws.runtime.build
         settings, meter = self.settings, self.meter
 
         def build(config: Config) -> Runtime:
             rt = aws_build(config)
             store = LocalQueueStore(Path(settings.queue_db))
             for name in STAGE_NAMES:
-                # As pipeline.runtime builds the embedded queues, and as Terraform configures
+                # As pipeline.local.runtime builds the embedded queues, and as Terraform configures
                 # SQS: the redrive one receive above the drain's own dead-lettering.
                 dlq = store.queue(f"{name}-dlq")
                 queue = store.queue(
@@ -235,8 +235,8 @@ class Sandbox:
             rt.sink = SlowSink(DirectorySink(settings.sink_dir), settings.s3_latency)
             return rt
 
-        pipeline.runtime.build = build
-        aws_budget = pipeline.budget.DynamoBudget
+        pipeline.aws.runtime.build = build
+        aws_budget = pipeline.aws.budget.DynamoBudget
 
         def budget(client: Any, *args: Any, **kwargs: Any) -> Any:
             # The same client, for a DynamoDB of the budget's own.
@@ -245,7 +245,7 @@ class Sandbox:
             )
             return aws_budget(own, *args, **kwargs)
 
-        pipeline.runtime.DynamoBudget = budget  # type: ignore[attr-defined, assignment]
+        pipeline.aws.runtime.DynamoBudget = budget  # type: ignore[assignment]
 
     def invoke(self, handler: Callable[[Any, Any], Any], request: dict[str, Any]) -> dict[str, Any]:
         """Run one invocation; what it cost. (Vendor calls are counted by the simulator, CPU
@@ -269,13 +269,6 @@ class Sandbox:
         }
 
 
-def _load(spec: str) -> Callable[[Any, Any], Any]:
-    """The handler named as Lambda names it: `module.function`."""
-    module, _, name = spec.rpartition(".")
-    handler: Callable[[Any, Any], Any] = getattr(importlib.import_module(module), name)
-    return handler
-
-
 def main() -> None:
     # Answers go to the original stdout; whatever the handlers print or log (Powertools
     # writes JSON logs and EMF metrics to stdout) goes to the sandbox's log file.
@@ -285,7 +278,7 @@ def main() -> None:
     settings = Settings(**json.loads(os.environ[SETTINGS_ENV]))
     sandbox = Sandbox(settings)
     sandbox.install()
-    handler = _load(sys.argv[1])
+    handler = load_handler(sys.argv[1])
     answers.write(json.dumps({"ready": True}) + "\n")
     for line in sys.stdin:
         answers.write(json.dumps(sandbox.invoke(handler, json.loads(line))) + "\n")

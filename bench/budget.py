@@ -19,8 +19,9 @@ ddb/call     DynamoDB requests (every GetItem, UpdateItem, failed or not) per ca
 calls        calls made
 paced share  the same share with one PacedBudget shared by every thread
 
-`--budget-file` loads DynamoBudget from another copy of pipeline/budget.py, e.g. the one
-before a change (`git show REV:pipeline/budget.py > /tmp/budget_before.py`).
+`--budget-file` loads DynamoBudget from another copy of pipeline/aws/budget.py, e.g. the one
+before a change (`git show REV:pipeline/aws/budget.py > /tmp/budget_before.py`; before the
+budget moved there, REV:pipeline/budget.py).
 """
 
 from __future__ import annotations
@@ -186,7 +187,7 @@ def run_dynamo(row: Row, endpoint: str, budget_class: Any, seconds: float) -> Re
 
 
 def run_paced(row: Row, seconds: float) -> Result:
-    from pipeline.budget import PacedBudget
+    from pipeline.local.budget import PacedBudget
 
     budget = PacedBudget(row.rate, PERIOD)
     began = time.monotonic()
@@ -196,7 +197,7 @@ def run_paced(row: Row, seconds: float) -> Result:
 
 def load_dynamo_budget(path: str | None) -> Any:
     if path is None:
-        from pipeline.budget import DynamoBudget
+        from pipeline.aws.budget import DynamoBudget
 
         return DynamoBudget
     spec = importlib.util.spec_from_file_location("bench_budget_under_test", path)
@@ -211,7 +212,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.budget", description=__doc__)
     parser.add_argument("--seconds", type=float, default=10.0, help="per row (10)")
     parser.add_argument("--only", type=int, nargs="*", help="row numbers, from 1")
-    parser.add_argument("--budget-file", help="a pipeline/budget.py to take DynamoBudget from")
+    parser.add_argument("--budget-file", help="a pipeline/aws/budget.py to take DynamoBudget from")
     parser.add_argument("--no-paced", action="store_true", help="skip the PacedBudget reference")
     args = parser.parse_args()
     if args.seconds <= WARMUP:
@@ -228,7 +229,7 @@ def main() -> int:
     today = datetime.now(UTC).date().isoformat()
     print(
         f"bench.budget {today}: {args.seconds:g} s per row, {DDB_DELAY * 1000:g} ms per"
-        f" DynamoDB request, {args.budget_file or 'pipeline/budget.py'}"
+        f" DynamoDB request, {args.budget_file or 'pipeline/aws/budget.py'}"
     )
     print(
         "| mix of invocations | vendor latency | share | max in W | ddb/call | calls |"

@@ -21,15 +21,15 @@ WARM = 50
 
 def run_messages(count: int) -> None:
     """In this process: WARM messages to warm up, then `count` more."""
-    from pipeline.budget import PacedBudget
+    from pipeline.dev.simulator import SimulatorConfig, SimulatorProcess
     from pipeline.drain import Drain
     from pipeline.envelope import Envelope
+    from pipeline.local.budget import PacedBudget
+    from pipeline.local.sinks import DirectorySink
     from pipeline.queues import Message
-    from pipeline.simulator import SimulatorConfig, SimulatorProcess
-    from pipeline.sinks import DirectorySink
     from pipeline.stages import stage
     from pipeline.stats import CallStats
-    from pipeline.vendor import VendorClient
+    from pipeline.vendor_api.client import VendorClient
     from pipeline.window import Window
 
     config = SimulatorConfig(

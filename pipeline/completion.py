@@ -26,7 +26,7 @@ from typing import Any
 
 from aws_lambda_powertools import Logger
 
-from pipeline.ledger import DEAD, Ledger, RunStatus
+from pipeline.ledger import Ledger, RunStatus, State
 from pipeline.queues import Queue
 from pipeline.sinks import Sink, data_key, write_manifest
 from pipeline.stages import STAGE_NAMES
@@ -134,7 +134,7 @@ def sweep_lost(
     for stage in STAGE_NAMES:
         if status.stages[stage].pending == 0:
             continue
-        entries = [(key, DEAD, LOST) for key, _ in ledger.pending(status.run_id, stage)]
+        entries = [(key, State.DEAD, LOST) for key, _ in ledger.pending(status.run_id, stage)]
         lost += ledger.finish_pending(status.run_id, stage, entries)
     if lost:
         logger.warning(

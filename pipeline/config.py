@@ -13,6 +13,8 @@ HARVEST_QUEUES             JSON {stage: {"url": ..., "dlq_url": ...}} (AWS)
 HARVEST_STAGE              the stage a drain function serves
 HARVEST_SINK               s3://bucket/prefix or a local directory
 HARVEST_STATE_TABLE        DynamoDB table of the run ledger and the rate budget (AWS)
+HARVEST_STATE_RETENTION_DAYS  days a ledger or budget item of the state table lives after its
+                           last write (its expires_at, the table's TTL; default 35) (AWS)
 HARVEST_STATE_DIR          directory of the local queues, ledger and budget (local)
 HARVEST_MAX_RECEIVE_COUNT  receives before a message is dead-lettered (default 5)
 HARVEST_CONCURRENCY        most messages in process per drain invocation (default 64); how many
@@ -22,7 +24,6 @@ HARVEST_VISIBILITY_TIMEOUT seconds a received message stays hidden (default 180)
 HARVEST_READ_TIMEOUT       seconds a vendor response may stall before a retry (default 10)
 HARVEST_RETRY_DELAY        first retry delay of a failed message, doubling (default 5)
 HARVEST_WAIT_SECONDS       long-poll wait of an empty receive (default 5)
-HARVEST_DEEPER_FIRST       "true": deeper stages' calls go first in a shared budget (local only)
 HARVEST_MAX_PAGES          pages one listing may have before it is poison (default 1000)
 HARVEST_MAX_RETRY_AFTER    longest vendor Retry-After waited out inside a call; a longer
                            one returns the message to its queue for that long (default 60)
@@ -36,13 +37,23 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import Any
 
 from pipeline.errors import ConfigError
 from pipeline.stages import STAGE_NAMES
 
 ENV_PREFIX = "HARVEST_"
+# Longer than a DLQ keeps a message (14 days): a replayed message must still find its run.
+STATE_RETENTION_DAYS = 35
 TRUE_WORDS = ("true", "1", "yes")
+
+
+class Backend(StrEnum):
+    """Where the queues, the ledger, the budget and the output live."""
+
+    AWS = "aws"  # SQS, DynamoDB, S3 (pipeline/aws/)
+    LOCAL = "local"  # one SQLite file, in process, a directory (pipeline/local/)
 
 
 @dataclass(frozen=True)
@@ -58,13 +69,14 @@ class Config:
     vendor_url: str
     token: str = field(default="", repr=False)
     token_parameter: str = ""
-    backend: str = "aws"
+    backend: Backend = Backend.AWS
     rate_calls: int = 100
     rate_period: float = 1.0
     stage: str = ""
     queues: Mapping[str, QueueUrls] = field(default_factory=dict)
     sink: str = ""
     state_table: str = ""
+    state_retention_days: int = STATE_RETENTION_DAYS
     state_dir: str = ""
     max_receive_count: int = 5
     concurrency: int = 64
@@ -74,14 +86,13 @@ class Config:
     read_timeout: float = 10.0
     retry_delay: float = 5.0
     wait_seconds: float = 5.0
-    deeper_first: bool = False
     allow_http: bool = False
     max_pages: int = 1000
     max_retry_after: float = 60.0
     max_page_bytes: int = 8 * 1024 * 1024
 
     def __post_init__(self) -> None:
-        if self.backend not in ("aws", "local"):
+        if self.backend not in tuple(Backend):
             raise ConfigError(f"backend must be 'aws' or 'local', not {self.backend!r}")
         if not self.vendor_url.startswith(("http://", "https://")):
             raise ConfigError(f"vendor URL must be http(s)://..., not {self.vendor_url!r}")
@@ -106,6 +117,8 @@ class Config:
             raise ConfigError(f"unknown stage {self.stage!r}; known: {', '.join(STAGE_NAMES)}")
         if self.max_receive_count < 1 or self.concurrency < 1:
             raise ConfigError("max receive count and concurrency must be >= 1")
+        if self.state_retention_days < 1:
+            raise ConfigError("state retention (HARVEST_STATE_RETENTION_DAYS) must be >= 1 day")
 
     def with_(self, **changes: Any) -> Config:
         return replace(self, **changes)
@@ -133,13 +146,14 @@ class Config:
                 vendor_url=get("VENDOR_URL"),
                 token=get("VENDOR_TOKEN"),
                 token_parameter=get("VENDOR_TOKEN_PARAMETER"),
-                backend=get("BACKEND", "aws"),
+                backend=_backend(get("BACKEND", "aws")),
                 rate_calls=int(get("RATE_CALLS", "100")),
                 rate_period=float(get("RATE_PERIOD", "1")),
                 stage=get("STAGE"),
                 queues=queues,
                 sink=get("SINK"),
                 state_table=get("STATE_TABLE"),
+                state_retention_days=whole("STATE_RETENTION_DAYS", cls.state_retention_days),
                 state_dir=get("STATE_DIR"),
                 max_receive_count=int(get("MAX_RECEIVE_COUNT", "5")),
                 concurrency=int(get("CONCURRENCY", "64")),
@@ -148,7 +162,6 @@ class Config:
                 read_timeout=float(get("READ_TIMEOUT", "10")),
                 retry_delay=float(get("RETRY_DELAY", "5")),
                 wait_seconds=float(get("WAIT_SECONDS", "5")),
-                deeper_first=get("DEEPER_FIRST", "false").lower() in TRUE_WORDS,
                 allow_http=get("ALLOW_HTTP", "false").lower() in TRUE_WORDS,
                 max_pages=whole("MAX_PAGES", cls.max_pages),
                 max_retry_after=float(get("MAX_RETRY_AFTER", str(cls.max_retry_after))),
@@ -173,6 +186,7 @@ class Config:
                 ),
                 "SINK": self.sink,
                 "STATE_TABLE": self.state_table,
+                "STATE_RETENTION_DAYS": str(self.state_retention_days),
                 "STATE_DIR": self.state_dir,
                 "MAX_RECEIVE_COUNT": str(self.max_receive_count),
                 "CONCURRENCY": str(self.concurrency),
@@ -181,7 +195,6 @@ class Config:
                 "READ_TIMEOUT": str(self.read_timeout),
                 "RETRY_DELAY": str(self.retry_delay),
                 "WAIT_SECONDS": str(self.wait_seconds),
-                "DEEPER_FIRST": "true" if self.deeper_first else "",
                 "ALLOW_HTTP": "true" if self.allow_http else "",
                 "MAX_PAGES": str(self.max_pages),
                 "MAX_RETRY_AFTER": str(self.max_retry_after),
@@ -189,3 +202,10 @@ class Config:
             }.items()
             if v
         }
+
+
+def _backend(name: str) -> Backend:
+    try:
+        return Backend(name)
+    except ValueError:
+        raise ConfigError(f"backend must be 'aws' or 'local', not {name!r}") from None

@@ -26,12 +26,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, TypeVar
 
 from aws_lambda_powertools import Logger
 from tenacity import Retrying, stop_after_attempt, wait_random_exponential
 
-from pipeline.envelope import RELISTED, Envelope, listed
+from pipeline.envelope import Envelope, listed
 from pipeline.errors import (
     AuthError,
     GoneError,
@@ -40,19 +41,29 @@ from pipeline.errors import (
     RetryableError,
     quoted,
 )
-from pipeline.latency import Latency
-from pipeline.ledger import DEAD, DONE, GONE, Finished, Ledger
-from pipeline.queues import BATCH, Message, Outgoing, Queue
+from pipeline.ledger import Finished, Ledger, State
+from pipeline.queues import (
+    BATCH,
+    DEAD_AT,
+    DEAD_RECEIVES,
+    DEAD_STAGE,
+    ERROR_CLASS,
+    ERROR_MESSAGE,
+    RELISTED,
+    Message,
+    Outgoing,
+    Queue,
+)
 from pipeline.sinks import Sink, write_records
 from pipeline.stages import Stage
 from pipeline.stats import CallStats
-from pipeline.vendor import VendorClient
+from pipeline.vendor_api.client import VendorClient
+from pipeline.vendor_api.latency import Latency
 
 logger = Logger(service="harvest", child=True)
 T = TypeVar("T")
 K = TypeVar("K")
 
-RETRY, STOP, RELEASE, SKIP = "retry", "stop", "release", "skip"
 MAX_ERROR_CHARS = 1000
 # SQS keeps a message hidden at most 12 hours.
 MAX_VISIBILITY_SECONDS = 43200.0
@@ -66,16 +77,34 @@ INITIAL_LATENCY = 0.1
 # (one BatchWriteItem holds 25), or the first has waited this long.
 FLUSH_ENTRIES = 25
 FLUSH_SECONDS = 3.0
-# Attribute names that a dead-lettered message carries (besides its own).
-ERROR_CLASS, ERROR_MESSAGE = "error_class", "error_message"
-DEAD_STAGE, DEAD_AT, DEAD_RECEIVES = "dead_stage", "dead_at", "dead_receive_count"
+
+
+class OutcomeKind(StrEnum):
+    """What becomes of one message: finished (done, gone, dead), or given back to its queue."""
+
+    DONE = "done"
+    GONE = "gone"
+    DEAD = "dead"
+    RETRY = "retry"  # back to the queue after a delay
+    STOP = "stop"  # back at once: the vendor rejected the token
+    RELEASE = "release"  # back at once: the invocation ran out of time
+    SKIP = "skip"  # deleted uncalled: the ledger holds it as finished
+
+
+class StopReason(StrEnum):
+    """Why a drain invocation stopped taking messages."""
+
+    DEADLINE = "deadline"
+    IDLE = "idle"
+    AUTH = "auth"
+    PAUSED = "paused"
 
 
 @dataclass
 class Outcome:
     message: Message
     envelope: Envelope | None
-    kind: str
+    kind: OutcomeKind
     children: list[Envelope] = field(default_factory=list)
     error: str = ""
     error_class: str = ""
@@ -100,7 +129,7 @@ class DrainReport:
     retried: int = 0
     skipped: int = 0
     children: int = 0
-    stopped: str = ""  # deadline | idle | auth | paused
+    stopped: StopReason | None = None
     auth_error: str = ""
     # Age of the oldest run not settled yet, seen after the drain (0: none).
     oldest_unsettled_seconds: float = 0.0
@@ -163,9 +192,9 @@ class Drain:
         wait_seconds: float = 1.0,
         idle_grace: float = 20.0,
         halt: Halt | None = None,
-        deeper_first: bool = False,
         store_attempts: int = 5,
         store_backoff: float = 0.2,
+        economical: bool = False,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if stage.child is not None and child_queue is None:
@@ -183,8 +212,12 @@ class Drain:
         self.wait_seconds = wait_seconds
         self.idle_grace = idle_grace
         self.halt = halt
-        # Deeper stages first: their calls go ahead of upstream ones in a shared budget.
-        self.priority = stage.depth if deeper_first else 0
+        # Economical (DynamoDB): finished messages are recorded 25 a write, and only a message
+        # that may repeat (`_again`) is looked up. Else (SQLite, where a write or read costs
+        # next to nothing) every batch is recorded at once and every message looked up, so a
+        # crash repeats as little work as possible.
+        self.economical = economical
+        self.flush_entries = FLUSH_ENTRIES if economical else 1
         self._settling = _Settling()
         self._settling_lock = threading.Lock()
         self._held = Latency(math.inf)  # seconds a message holds its thread (in_flight_target)
@@ -206,10 +239,10 @@ class Drain:
         # Most scheduled invocations find nothing to do (between harvests): say so after a
         # few depth reads, before paying for a long poll.
         if self.halt is not None and self.halt.is_set():
-            report.stopped, report.auth_error = "auth", self.halt.reason
+            report.stopped, report.auth_error = StopReason.AUTH, self.halt.reason
             return report
         if self._idle(0.0):
-            report.stopped = "idle"
+            report.stopped = StopReason.IDLE
             return report
         flow = _Flow(*_flow_limits(self.in_flight_target()))
         # Set by a 401 here or, through the Runtime, in any drain sharing this process.
@@ -219,7 +252,7 @@ class Drain:
         try:
             while not stop.is_set():
                 if remaining() <= safety_margin:
-                    report.stopped = "deadline"
+                    report.stopped = StopReason.DEADLINE
                     break
                 flow.resize(*_flow_limits(self.in_flight_target()))
                 self._flush(older_than=FLUSH_SECONDS)
@@ -228,7 +261,7 @@ class Drain:
                     # The vendor asked for a longer wait than a message sits out inside a
                     # call, or one past this invocation: every message taken now would only
                     # be charged a receive. The next scheduled invocation looks again.
-                    report.stopped = "paused"
+                    report.stopped = StopReason.PAUSED
                     break
                 # A 401 or the deadline may have come while waiting for room: look again
                 # before receiving (the loop's head stops).
@@ -242,7 +275,7 @@ class Drain:
                 messages = self.queue.receive(BATCH, wait_seconds=wait)
                 if not messages:
                     if flow.idle() and self._idle(empty_since):
-                        report.stopped = "idle"
+                        report.stopped = StopReason.IDLE
                         break
                     empty_since = empty_since or time.monotonic()
                     continue
@@ -270,7 +303,7 @@ class Drain:
             pool.shutdown(wait=True)
             self._flush()
         if stop.is_set():
-            report.stopped, report.auth_error = "auth", stop.reason
+            report.stopped, report.auth_error = StopReason.AUTH, stop.reason
         return report
 
     def in_flight_target(self) -> int:
@@ -315,15 +348,17 @@ class Drain:
         started, waited = time.perf_counter(), self.client.budget_waited()
         try:
             if stop.is_set():
-                outcome = self._release(message, STOP, "the vendor rejected the token")
+                outcome = self._release(message, OutcomeKind.STOP, "the vendor rejected the token")
             elif remaining() <= safety_margin / 2:
-                outcome = self._release(message, RELEASE, "the invocation ran out of time")
+                outcome = self._release(
+                    message, OutcomeKind.RELEASE, "the invocation ran out of time"
+                )
             else:
                 outcome = self.process(message, skip=skip, parsed=parsed)
-                if outcome.kind == STOP:
+                if outcome.kind == OutcomeKind.STOP:
                     stop.stop(outcome.error)
                     if self._last_receive(message):
-                        outcome = self._release(message, STOP, outcome.error)
+                        outcome = self._release(message, OutcomeKind.STOP, outcome.error)
         except Exception as exc:  # whatever it is, it is this message's
             logger.exception("handling a message failed", extra={"stage": self.stage.name})
             outcome = self._retry_or_dead(message, None, exc)
@@ -356,20 +391,20 @@ class Drain:
             if envelope.stage != self.stage.name:
                 raise MessageError(f"a {envelope.stage} message on the {self.stage.name} queue")
         except MessageError as exc:
-            return _failed(message, None, DEAD, exc)
+            return _failed(message, None, OutcomeKind.DEAD, exc)
         if skip:
-            return Outcome(message, envelope, SKIP)
+            return Outcome(message, envelope, OutcomeKind.SKIP)
         try:
             if self.stage.child is not None:
                 return self._fan_out(message, envelope)
             self._harvest(envelope)
-            return Outcome(message, envelope, DONE)
+            return Outcome(message, envelope, OutcomeKind.DONE)
         except GoneError as exc:
-            return _failed(message, envelope, GONE, exc)
+            return _failed(message, envelope, OutcomeKind.GONE, exc)
         except PoisonError as exc:
-            return _failed(message, envelope, DEAD, exc)
+            return _failed(message, envelope, OutcomeKind.DEAD, exc)
         except AuthError as exc:
-            return _failed(message, envelope, STOP, exc)
+            return _failed(message, envelope, OutcomeKind.STOP, exc)
         except RetryableError as exc:
             outcome = self._retry_or_dead(message, envelope, exc)
             outcome.retry_after = exc.retry_after
@@ -383,20 +418,24 @@ class Drain:
     def _retry_or_dead(
         self, message: Message, envelope: Envelope | None, exc: BaseException
     ) -> Outcome:
-        kind = DEAD if message.receive_count >= self.max_receive_count else RETRY
+        kind = (
+            OutcomeKind.DEAD
+            if message.receive_count >= self.max_receive_count
+            else OutcomeKind.RETRY
+        )
         return _failed(message, envelope, kind, exc)
 
     def _last_receive(self, message: Message) -> bool:
         """SQS moves the message to the DLQ itself at its next receive, unseen by the ledger."""
         return message.receive_count > self.max_receive_count
 
-    def _release(self, message: Message, kind: str, why: str) -> Outcome:
+    def _release(self, message: Message, kind: OutcomeKind, why: str) -> Outcome:
         """Give an unprocessed message back; at its last receive, dead-letter it instead."""
         if not self._last_receive(message):
             return Outcome(message, None, kind)
         envelope = _parsed(message)
         error = f"released unprocessed at its last receive ({message.receive_count}): {why}"
-        return Outcome(message, envelope, DEAD, error=error, error_class="Released")
+        return Outcome(message, envelope, OutcomeKind.DEAD, error=error, error_class="Released")
 
     def _finished_already(
         self, messages: Sequence[Message], parsed: Mapping[str, Envelope | None]
@@ -404,15 +443,16 @@ class Drain:
         """Ids of the messages, redelivered or replayed, whose entity the ledger holds as
         done or gone.
 
-        Only those are looked up (one read per batch that has any; see `_again`): a first
-        delivery of a message without attributes is new work, but for SQS's rare duplicate,
-        which costs one repeated, idempotent harvest.
+        Economical (DynamoDB), only those are looked up (one read per batch that has any;
+        see `_again`): a first delivery of a message without attributes is new work, but
+        for SQS's rare duplicate, or the first copy of a child its parent sent again after
+        a crash, which cost one repeated, idempotent harvest. Else every message is.
         """
         by_run: dict[str, dict[str, str]] = {}
         for m in messages:
             e = parsed[m.id]
             # Unparsable or another stage's: dead-lettered by process().
-            if _again(m) and e is not None and e.stage == self.stage.name:
+            if e is not None and e.stage == self.stage.name and (_again(m) or not self.economical):
                 by_run.setdefault(e.run_id, {})[e.key] = m.id
         return {
             keys[k]
@@ -440,7 +480,7 @@ class Drain:
         child_stage = self.stage.child
         assert child_stage is not None
         found = listed(
-            self.client.items(self.stage.path, envelope.entity_id, priority=self.priority),
+            self.client.items(self.stage.path, envelope.entity_id),
             lambda child_id: envelope.child(child_stage, child_id),
             self.stage.name,
         )
@@ -453,7 +493,12 @@ class Drain:
             named = {c.key for c in found.children} | {k for k, _, _ in found.rejected}
             vanished = sorted(earlier - named)
         return Outcome(
-            message, envelope, DONE, found.children, rejected=found.rejected, vanished=vanished
+            message,
+            envelope,
+            OutcomeKind.DONE,
+            found.children,
+            rejected=found.rejected,
+            vanished=vanished,
         )
 
     def _harvest(self, envelope: Envelope) -> None:
@@ -463,9 +508,7 @@ class Drain:
         params = {"from": window.from_text, "to": window.to_text}
         start, end = window.start, window.end
         # The client hands over pages whose items are all JSON objects.
-        for items in self.client.pages(
-            self.stage.path, envelope.entity_id, params, priority=self.priority
-        ):
+        for items in self.client.pages(self.stage.path, envelope.entity_id, params):
             for item in items:
                 ts, value = item.get("ts"), item.get("value")
                 append({"ts": _checked_ts(ts, item, start, end), "value": _checked_value(value)})
@@ -491,8 +534,12 @@ class Drain:
         """
         store = self._store
         by_kind = _group(outcomes, lambda o: o.kind)
-        done, gone, dead = by_kind.get(DONE, []), by_kind.get(GONE, []), by_kind.get(DEAD, [])
-        skipped = by_kind.get(SKIP, [])
+        done, gone, dead = (
+            by_kind.get(OutcomeKind.DONE, []),
+            by_kind.get(OutcomeKind.GONE, []),
+            by_kind.get(OutcomeKind.DEAD, []),
+        )
+        skipped = by_kind.get(OutcomeKind.SKIP, [])
         child_stage = self.stage.child
 
         children = [c for o in done for c in o.children]
@@ -522,14 +569,14 @@ class Drain:
                 store(self.child_queue.send, outgoing)
             for o in done:
                 if o.envelope is not None and o.rejected:
-                    entries = [(key, DEAD, why) for key, _, why in o.rejected]
+                    entries = [(key, State.DEAD, why) for key, _, why in o.rejected]
                     store(self.ledger.finish_many, o.envelope.run_id, child_stage, entries)
                     for _, path, why in o.rejected:
                         logger.warning(
                             "listed entity rejected", extra={"path": ascii(path), "reason": why}
                         )
                 if o.envelope is not None and o.vanished:
-                    entries = [(key, GONE, VANISHED) for key in o.vanished]
+                    entries = [(key, State.GONE, VANISHED) for key in o.vanished]
                     store(self.ledger.finish_pending, o.envelope.run_id, child_stage, entries)
         if dead:
             store(self.dlq.send, [self._dead_letter(o) for o in dead])
@@ -537,8 +584,8 @@ class Drain:
         self._settle(
             [
                 (
-                    (_run_of(o), (_key_of(o), o.kind, o.error))
-                    if o.envelope is not None and o.kind != SKIP
+                    (_run_of(o), (_key_of(o), State(o.kind), o.error))
+                    if o.envelope is not None and o.kind != OutcomeKind.SKIP
                     else None,
                     o.message.receipt,
                 )
@@ -546,7 +593,7 @@ class Drain:
             ]
         )
 
-        retry = by_kind.get(RETRY, [])
+        retry = by_kind.get(OutcomeKind.RETRY, [])
         for o in retry:
             if o.envelope is not None:
                 store(
@@ -561,7 +608,10 @@ class Drain:
         # Messages not processed (401 or the deadline) become visible again at once; their
         # receive count grows by one, which is why the drain stops at the first 401 (and
         # dead-letters one at its last receive rather than let SQS move it unrecorded).
-        released = [o.message.receipt for o in (*by_kind.get(STOP, []), *by_kind.get(RELEASE, []))]
+        released = [
+            o.message.receipt
+            for o in (*by_kind.get(OutcomeKind.STOP, []), *by_kind.get(OutcomeKind.RELEASE, []))
+        ]
         if released:
             store(self.queue.change_visibility, released, 0)
 
@@ -589,13 +639,13 @@ class Drain:
 
     def _settle(self, items: Sequence[tuple[tuple[str, Finished] | None, str]]) -> None:
         """Queue finished messages (their ledger state, if any, and receipt); record and
-        delete them once FLUSH_ENTRIES states wait (`_flush`)."""
+        delete them once `flush_entries` states wait (`_flush`)."""
         with self._settling_lock:
             if not self._settling.items:
                 self._settling.since = time.monotonic()
             self._settling.items.extend(items)
             self._settling.states += sum(entry is not None for entry, _ in items)
-            due = self._settling.states >= FLUSH_ENTRIES or len(self._settling.items) >= 100
+            due = self._settling.states >= self.flush_entries or len(self._settling.items) >= 100
         if due:
             self._flush(whole=False)
 
@@ -604,7 +654,7 @@ class Drain:
         messages: a message is never deleted before its outcome is recorded. If the store
         stays down, the messages come back and are done again, idempotently.
 
-        `whole=False`: only as many states as fill the ledger's batches (FLUSH_ENTRIES
+        `whole=False`: only as many states as fill the ledger's batches (`flush_entries`
         each); the rest wait for more.
         """
         with self._settling_lock:
@@ -613,7 +663,7 @@ class Drain:
                 return
             take = waiting.items
             if not whole:
-                room, cut = waiting.states - waiting.states % FLUSH_ENTRIES, 0
+                room, cut = waiting.states - waiting.states % self.flush_entries, 0
                 for entry, _ in waiting.items:
                     if entry is not None:
                         if room == 0:
@@ -784,7 +834,9 @@ def _parsed(message: Message) -> Envelope | None:
         return None
 
 
-def _failed(message: Message, envelope: Envelope | None, kind: str, exc: BaseException) -> Outcome:
+def _failed(
+    message: Message, envelope: Envelope | None, kind: OutcomeKind, exc: BaseException
+) -> Outcome:
     error_class, error = describe(exc)
     return Outcome(message, envelope, kind, error=error, error_class=error_class)
 

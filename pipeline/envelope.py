@@ -15,9 +15,6 @@ from pipeline.stages import STAGE_NAMES, stage
 from pipeline.window import Window
 
 VERSION = 1
-# The attribute a relisting's messages carry: sent again by a repeated kickoff or by a
-# parent listed again, so the drain reads the ledger before working on them.
-RELISTED = {"relisted": "1"}
 # Far above any real message (three ids of at most 128 characters) and far below SQS's
 # 256 KiB: anything bigger is not ours.
 MAX_BODY_BYTES = 16 * 1024

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 from aws_lambda_powertools import Logger
 
-from pipeline.envelope import RELISTED, Envelope, listed
-from pipeline.ledger import DEAD, Ledger
-from pipeline.queues import Outgoing, Queue
+from pipeline.envelope import Envelope, listed
+from pipeline.ledger import Ledger, State
+from pipeline.queues import RELISTED, Outgoing, Queue
 from pipeline.stages import FIRST_STAGE, ROOT_PATH
-from pipeline.vendor import VendorClient
+from pipeline.vendor_api.client import VendorClient
 from pipeline.window import Window
 
 logger = Logger(service="harvest", child=True)
@@ -42,7 +42,9 @@ def kickoff(window: Window, *, client: VendorClient, queue: Queue, ledger: Ledge
     )
     if found.rejected:
         # Troops whose id no envelope accepts: recorded dead with the reason, never sent.
-        ledger.finish_many(run_id, FIRST_STAGE, [(k, DEAD, why) for k, _, why in found.rejected])
+        ledger.finish_many(
+            run_id, FIRST_STAGE, [(k, State.DEAD, why) for k, _, why in found.rejected]
+        )
         logger.warning("troops rejected", extra={"run_id": run_id, "rejected": len(found.rejected)})
     # A second kickoff of the window (by hand, or a schedule delivered twice) resends only
     # the troops not yet listed: a finished troop's subtree is not harvested again.

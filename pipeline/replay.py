@@ -15,8 +15,15 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pipeline.drain import DEAD_RECEIVES, ERROR_CLASS, ERROR_MESSAGE
-from pipeline.queues import BATCH, Message, Outgoing, Queue
+from pipeline.queues import (
+    BATCH,
+    DEAD_RECEIVES,
+    ERROR_CLASS,
+    ERROR_MESSAGE,
+    Message,
+    Outgoing,
+    Queue,
+)
 
 # A listing holds the DLQ messages it received invisible this long (and releases them when
 # done): long enough that none comes round again while the listing goes on.

@@ -1,4 +1,4 @@
-"""Build the Lambda deployment zip: pipeline/ and workers/ plus the runtime dependencies.
+"""Build the Lambda deployment zip: the shipped packages plus the runtime dependencies.
 
     python scripts/package.py [--out build/lambda.zip]
 
@@ -24,7 +24,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROJECT_PACKAGES = ("pipeline", "workers")
+# The project's packages that ship, each without its subpackages: the handlers, the core and
+# the two backends with the vendor client. pipeline/dev/ (the CLI, its display, the
+# simulator) is for people at a terminal and stays out; tests/test_layout.py checks both.
+PROJECT_PACKAGES = ("pipeline", "pipeline/aws", "pipeline/local", "pipeline/vendor_api", "workers")
 
 # What the python3.12 Lambda runtime ships; bundling them would only shadow it.
 RUNTIME_PROVIDED = frozenset({"boto3", "botocore"})
@@ -109,12 +112,10 @@ def dependency_files(site: Path) -> Iterator[tuple[str, Path]]:
 
 
 def project_files(root: Path = ROOT) -> Iterator[tuple[str, Path]]:
-    """(archive name, file) for the project's own packages."""
+    """(archive name, file) for the project's packages that ship (PROJECT_PACKAGES)."""
     for package in PROJECT_PACKAGES:
-        for path in (root / package).rglob("*"):
-            relative = path.relative_to(root)
-            if path.is_file() and not _is_noise(relative):
-                yield relative.as_posix(), path
+        for path in sorted((root / package).glob("*.py")):
+            yield path.relative_to(root).as_posix(), path
 
 
 def write_zip(entries: Iterable[tuple[str, Path]], out: Path) -> None:

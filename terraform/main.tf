@@ -78,6 +78,7 @@ locals {
     })
     HARVEST_SINK                 = local.sink
     HARVEST_STATE_TABLE          = aws_dynamodb_table.state.name
+    HARVEST_STATE_RETENTION_DAYS = tostring(var.state_retention_days)
     HARVEST_MAX_RECEIVE_COUNT    = tostring(var.max_receive_count)
     HARVEST_CONCURRENCY          = tostring(var.drain_concurrency)
     HARVEST_SAFETY_MARGIN        = tostring(var.drain_safety_margin)

@@ -131,6 +131,8 @@ resource "aws_dynamodb_table" "state" {
     type = "S"
   }
 
+  # Every ledger and budget write sets expires_at (epoch seconds) state_retention_days ahead
+  # (pipeline/aws/expiry.py).
   ttl {
     attribute_name = "expires_at"
     enabled        = true

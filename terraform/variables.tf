@@ -412,6 +412,17 @@ variable "enable_tls_only_bucket_policy" {
   nullable    = false
 }
 
+variable "state_retention_days" {
+  description = "Days a run ledger or rate budget item of the state table lives after its last write (HARVEST_STATE_RETENTION_DAYS): the functions set its expires_at, the table's TTL attribute. Longer than a DLQ keeps a message (14 days), so that a replayed message still finds its run."
+  type        = number
+  default     = 35
+
+  validation {
+    condition     = var.state_retention_days > 14 && floor(var.state_retention_days) == var.state_retention_days
+    error_message = "state_retention_days must be a whole number of days over 14 (the DLQs keep messages 14 days)."
+  }
+}
+
 variable "state_table_deletion_protection" {
   description = "DynamoDB deletion protection on the state table (turn off before destroying)."
   type        = bool

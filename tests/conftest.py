@@ -9,7 +9,7 @@ Reuse these rather than building the same objects by hand:
   layout ``harvest status/dlq/replay --out tmp_path/out`` reads. Also a fixture of the same
   name that returns this builder.
 - ``local_runtime(config)`` builds the Runtime of a config and closes it after the test.
-- A Lambda context for calling handlers: ``pipeline.local.LocalContext(name, timeout)``.
+- A Lambda context for calling handlers: ``pipeline.local.scheduler.LocalContext(name, timeout)``.
 - ``settle(rt, run_id)`` drives the three drains (concurrently, as EventBridge would) until
   the run has settled and every queue is empty; it returns the final RunStatus.
 """
@@ -24,11 +24,12 @@ from typing import Any
 
 import pytest
 
-from pipeline.config import Config
+from pipeline.config import Backend, Config
+from pipeline.dev.simulator import Simulator, SimulatorConfig
 from pipeline.drain import monotonic_deadline
 from pipeline.ledger import RunStatus
-from pipeline.runtime import Runtime, build
-from pipeline.simulator import Simulator, SimulatorConfig
+from pipeline.local.runtime import build
+from pipeline.runtime import Runtime
 from pipeline.stages import STAGE_NAMES
 from pipeline.window import Window
 
@@ -47,7 +48,7 @@ def local_config(tmp_path: Path, url: str, token: str = TOKEN, **overrides: Any)
         "vendor_url": url,
         "allow_http": True,  # the simulator serves plain http on loopback
         "token": token,
-        "backend": "local",
+        "backend": Backend.LOCAL,
         "sink": str(out),
         "state_dir": str(out / ".harvest"),
         "rate_calls": 1000,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -10,6 +11,17 @@ from pathlib import Path
 # resource-level permissions.
 WILDCARD_RESOURCE_SIDS = {"XRayWrite"}
 AWS_CREDENTIALS = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+# The provider versions and checksums the stack is pinned to, committed beside it.
+LOCK_FILE = ".terraform.lock.hcl"
+
+
+def copy_stack(stack: Path, work: Path) -> None:
+    """The stack's *.tf files and its lock file into `work`, so that init there keeps the
+    committed provider pins (and fails if the provider mirror does not match them)."""
+    for source in [*stack.glob("*.tf"), stack / LOCK_FILE]:
+        shutil.copy(source, work / source.name)
 
 
 def plugin_dir() -> Path | None:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import cli
-from pipeline.ledger import SqliteLedger
-from pipeline.runtime import STATE_DB
-from pipeline.simulator import Simulator, SimulatorConfig
+from pipeline.dev import cli
+from pipeline.dev.simulator import Simulator, SimulatorConfig
+from pipeline.local.ledger import SqliteLedger
+from pipeline.local.runtime import STATE_DB
 
 TREE = SimulatorConfig(troops=2, warriors_per_troop=1, data_groups_per_warrior=1)
 SPAN = ["--from", "2024-03-01T00:00:00Z", "--to", "2024-03-04T00:00:00Z"]

@@ -23,8 +23,10 @@ from fake_clock import FakeClock
 from moto import mock_aws
 from ratelimit import limits
 
-from pipeline.budget import MARGIN_FRACTION, MARGIN_MIN_SECONDS, DynamoBudget, PacedBudget
+from pipeline.aws.budget import DynamoBudget
+from pipeline.budget import MARGIN_FRACTION, MARGIN_MIN_SECONDS
 from pipeline.errors import RateLimitedError
+from pipeline.local.budget import PacedBudget
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient

@@ -20,7 +20,9 @@ from fake_clock import FakeClock
 from moto import mock_aws
 from test_budget_properties import START, FakeTable, VirtualTime, busiest
 
-from pipeline.budget import MARGIN_HALF_LIFE, DynamoBudget, PacedBudget, margin_for
+from pipeline.aws.budget import DynamoBudget
+from pipeline.budget import MARGIN_HALF_LIFE, margin_for
+from pipeline.local.budget import PacedBudget
 
 PERIOD = 1.0
 BASE = margin_for(PERIOD)

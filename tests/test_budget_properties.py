@@ -33,7 +33,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from moto import mock_aws
 
-from pipeline.budget import DynamoBudget, PacedBudget, margin_for
+from pipeline.aws.budget import DynamoBudget
+from pipeline.budget import margin_for
+from pipeline.local.budget import PacedBudget
 
 START = 1_700_000_000.0
 # Float time and the item's 10 µs grain leave slots this much off their exact places.

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from conftest import WINDOW
 
-from pipeline import cli
-from pipeline.chart import CHART_FILE, MAX_POINTS, write_chart
-from pipeline.local import STATE_DIR, LocalOptions, run_local
-from pipeline.samples import SAMPLES_FILE, Sample, SampleLog, read, tail
-from pipeline.simulator import SimulatorConfig
+from pipeline.dev import cli
+from pipeline.dev.simulator import SimulatorConfig, SimulatorProcess
+from pipeline.local.chart import CHART_FILE, MAX_POINTS, write_chart
+from pipeline.local.samples import SAMPLES_FILE, Sample, SampleLog, read, tail
+from pipeline.local.scheduler import STATE_DIR, LocalOptions, run_local
 from pipeline.stages import STAGE_NAMES
 
 RUN = WINDOW.run_id
@@ -176,8 +176,7 @@ def test_local_run_samples_itself_and_writes_its_chart_beside_the_manifest(
         tick=0.2,
         invocation_timeout=10.0,
         safety_margin=2.0,
-        simulator=tree,
-        simulator_in_process=True,
+        simulator=SimulatorProcess(tree),
     )
 
     # WHEN it runs

@@ -12,10 +12,11 @@ import pytest
 from conftest import WINDOW
 from moto import mock_aws
 
-from pipeline import cli
-from pipeline.drain import DEAD_RECEIVES, DEAD_STAGE, ERROR_CLASS, ERROR_MESSAGE
+from pipeline.aws.ledger import DynamoLedger
+from pipeline.dev import cli
 from pipeline.envelope import Envelope
-from pipeline.ledger import DEAD, DONE, DynamoLedger
+from pipeline.ledger import State
+from pipeline.queues import DEAD_RECEIVES, DEAD_STAGE, ERROR_CLASS, ERROR_MESSAGE
 from pipeline.stages import STAGE_NAMES
 
 pytestmark = pytest.mark.integration
@@ -68,11 +69,11 @@ class Aws:
         self.ledger.start_run(RUN, WINDOW.from_text, WINDOW.to_text)
         self.ledger.enqueued(RUN, "data_groups", [(ok.key, ok.path), (bad.key, bad.path)])
         self.ledger.kicked_off(RUN)
-        self.ledger.finish(RUN, "data_groups", ok.key, DONE)
+        self.ledger.finish(RUN, "data_groups", ok.key, State.DONE)
         if dead:
-            self.ledger.finish(RUN, "data_groups", bad.key, DEAD, "RetryableError: 503 x4")
+            self.ledger.finish(RUN, "data_groups", bad.key, State.DEAD, "RetryableError: 503 x4")
         else:
-            self.ledger.finish(RUN, "data_groups", bad.key, DONE)
+            self.ledger.finish(RUN, "data_groups", bad.key, State.DONE)
 
 
 @pytest.fixture

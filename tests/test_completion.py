@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 
 from pipeline.completion import LOST, settle_runs, sweep_lost
-from pipeline.ledger import DONE, SqliteLedger
-from pipeline.queues import LocalQueueStore, Outgoing, Queue
-from pipeline.sinks import DirectorySink, manifest_key
+from pipeline.ledger import State
+from pipeline.local.ledger import SqliteLedger
+from pipeline.local.queues import LocalQueueStore
+from pipeline.local.sinks import DirectorySink
+from pipeline.queues import Outgoing, Queue
+from pipeline.sinks import manifest_key
 from pipeline.stages import STAGE_NAMES
 
 RUN = "20240301T000000Z-20240302T000000Z"
@@ -51,7 +54,7 @@ def test_entity_with_no_message_anywhere_is_recorded_dead_after_the_grace(
     # GIVEN a troop done and one whose message SQS moved to the DLQ itself (a drain died
     # at its last receive): the ledger still says "queued", every stage queue is empty
     ledger.enqueued(RUN, "troops", [("t1", ("t1",)), ("t2", ("t2",))])
-    ledger.finish(RUN, "troops", "t1", DONE)
+    ledger.finish(RUN, "troops", "t1", State.DONE)
 
     # WHEN the runs are checked, once now and once after the grace
     early = settle_runs(ledger, sink, queues, quiet_grace=GRACE, now=1000.0)
@@ -108,7 +111,7 @@ def test_incomplete_run_rewrites_its_manifest_only_when_its_counts_change(
 ) -> None:
     # GIVEN a run settled with one dead troop and its manifest written
     ledger.enqueued(RUN, "troops", [("t1", ("t1",)), ("t2", ("t2",))])
-    ledger.finish(RUN, "troops", "t1", DONE)
+    ledger.finish(RUN, "troops", "t1", State.DONE)
     ledger.finish(RUN, "troops", "t2", "dead", "boom")
     settle_runs(ledger, sink, queues, quiet_grace=GRACE)
     sink.put(manifest_key(RUN), b"{}", "application/json")  # marks what a rewrite replaces
@@ -116,7 +119,7 @@ def test_incomplete_run_rewrites_its_manifest_only_when_its_counts_change(
     # WHEN it is checked again with nothing changed, then after a replay finished t2
     settle_runs(ledger, sink, queues, quiet_grace=GRACE)
     unchanged = manifest(sink)
-    ledger.finish(RUN, "troops", "t2", DONE)
+    ledger.finish(RUN, "troops", "t2", State.DONE)
     settle_runs(ledger, sink, queues, quiet_grace=GRACE, touched=[RUN])
 
     # THEN no rewrite the first time (nor is it open any more); once the replay's drain

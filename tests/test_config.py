@@ -11,10 +11,10 @@ import pytest
 from conftest import TOKEN, WINDOW
 
 import pipeline.config
-from pipeline import cli
 from pipeline.config import Config
+from pipeline.dev import cli
+from pipeline.dev.simulator import Simulator
 from pipeline.errors import ConfigError
-from pipeline.simulator import Simulator
 
 HTTPS = "https://vendor.example"
 HTTP = "http://vendor.example"
@@ -115,7 +115,7 @@ def test_vendor_bound_that_is_not_a_whole_number_is_a_config_error(variable: str
     ],
 )
 def test_to_env_and_from_env_round_trip(changes: dict[str, Any]) -> None:
-    config = Config(vendor_url=HTTPS, stage="warriors", deeper_first=True).with_(**changes)
+    config = Config(vendor_url=HTTPS, stage="warriors").with_(**changes)
 
     assert Config.from_env(config.to_env()) == config
 
@@ -130,7 +130,7 @@ def test_module_docstring_documents_every_new_variable() -> None:
         "HARVEST_MAX_PAGE_BYTES",
     } <= documented
     # and every name to_env writes is documented
-    full = Config(vendor_url=HTTP, allow_http=True, deeper_first=True, stage="troops")
+    full = Config(vendor_url=HTTP, allow_http=True, stage="troops")
     assert set(full.to_env()) <= documented
 
 

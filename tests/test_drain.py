@@ -24,36 +24,33 @@ from conftest import TOKEN, WINDOW, local_config
 from moto import mock_aws
 
 import pipeline.drain as drain_module
-from pipeline.budget import PacedBudget
+from pipeline.aws.queues import SqsQueue
 from pipeline.config import Config
-from pipeline.drain import (
+from pipeline.drain import FLUSH_ENTRIES, Drain, DrainReport, monotonic_deadline
+from pipeline.envelope import MAX_BODY_BYTES, Envelope
+from pipeline.ledger import State
+from pipeline.local.budget import PacedBudget
+from pipeline.local.ledger import SqliteLedger
+from pipeline.local.queues import LocalQueue, LocalQueueStore
+from pipeline.local.scheduler import LocalContext
+from pipeline.local.sinks import DirectorySink
+from pipeline.queues import (
     DEAD_RECEIVES,
     DEAD_STAGE,
     ERROR_CLASS,
     ERROR_MESSAGE,
-    FLUSH_ENTRIES,
-    Drain,
-    DrainReport,
-    monotonic_deadline,
-)
-from pipeline.envelope import MAX_BODY_BYTES, RELISTED, Envelope
-from pipeline.ledger import DEAD, DONE, SqliteLedger
-from pipeline.local import LocalContext
-from pipeline.queues import (
+    RELISTED,
     Depth,
-    LocalQueue,
-    LocalQueueStore,
     Message,
     Outgoing,
     Queue,
     QueueError,
-    SqsQueue,
 )
 from pipeline.runtime import reset_cache
-from pipeline.sinks import DirectorySink, read_run
+from pipeline.sinks import read_run
 from pipeline.stages import STAGE_NAMES, stage, upstream
 from pipeline.stats import CallStats
-from pipeline.vendor import VendorClient
+from pipeline.vendor_api.client import VendorClient
 
 BASE = "http://vendor.test"
 RUN = WINDOW.run_id
@@ -168,7 +165,7 @@ class Pipeline:
     clock: Clock
     client: VendorClient
 
-    def drain(self, stage_name: str, concurrency: int = 4) -> Drain:
+    def drain(self, stage_name: str, concurrency: int = 4, economical: bool = False) -> Drain:
         s = stage(stage_name)
         return Drain(
             s,
@@ -185,6 +182,7 @@ class Pipeline:
             retry_delay=RETRY_DELAY,
             wait_seconds=0.05,
             store_backoff=0.001,
+            economical=economical,
         )
 
     def run(self, stage_name: str, seconds: float = 10.0, margin: float = 0.0) -> DrainReport:
@@ -363,7 +361,7 @@ def test_relisted_parent_sends_only_its_unfinished_children_marked_relisted(
     w1, w2 = (troop().child("warriors", w) for w in ("w1", "w2"))
     pipeline.ledger.enqueued(RUN, "troops", [(troop().key, troop().path)])
     pipeline.ledger.enqueued(RUN, "warriors", [(w.key, w.path) for w in (w1, w2)])
-    pipeline.ledger.finish(RUN, "warriors", w1.key, DONE)
+    pipeline.ledger.finish(RUN, "warriors", w1.key, State.DONE)
     pipeline.queues["troops"].send([Outgoing(troop().to_json(), RELISTED)])
     calls = len(vendor.calls)
 
@@ -656,7 +654,7 @@ def kicked_off_in_lambda_env(
     tmp_path: Path, simulator: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[Any, Config]]:
     """A kicked-off run, and this process given the HARVEST_* environment Lambda would give."""
-    from pipeline.runtime import runtime
+    from workers.backends import runtime
 
     sim = simulator()
     config = local_config(tmp_path, sim.url, safety_margin=1.0)
@@ -675,8 +673,8 @@ def test_drain_handler_drains_the_stage_its_event_names(
     kicked_off_in_lambda_env: tuple[Any, Config], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # GIVEN a kicked-off run and the HARVEST_* environment Lambda would give
-    from pipeline.runtime import runtime
     from workers import drain as drain_worker
+    from workers.backends import runtime
 
     sim, config = kicked_off_in_lambda_env
     monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "true")
@@ -961,7 +959,7 @@ def test_dead_entity_is_processed_again_when_replayed(
 ) -> None:
     # GIVEN a data group recorded dead (its message is back from the DLQ)
     pipeline.enqueue(group("d1"))
-    pipeline.ledger.finish(RUN, "data_groups", group("d1").key, DEAD, "earlier trouble")
+    pipeline.ledger.finish(RUN, "data_groups", group("d1").key, State.DEAD, "earlier trouble")
 
     # WHEN the stage drains
     report = pipeline.run("data_groups")
@@ -1096,8 +1094,8 @@ def test_finished_messages_of_several_batches_are_recorded_in_one_write_each_25(
     monkeypatch.setattr(drain_module, "FLUSH_SECONDS", 3600.0)  # however slow this host
     pipeline.enqueue(*(group(d) for d in ids))
 
-    # WHEN the data_groups stage drains
-    report = pipeline.run("data_groups")
+    # WHEN the data_groups stage drains, economical (as on DynamoDB)
+    report = pipeline.drain("data_groups", economical=True).run(monotonic_deadline(10.0), 0.0)
 
     # THEN all are done, recorded and deleted: a full batch of 25 as soon as there was one,
     # the 5 left at the end, rather than one write per receive batch
@@ -1149,3 +1147,31 @@ def test_in_flight_target_counts_the_time_a_message_holds_its_thread_after_its_c
 
     # THEN it keeps enough in flight for call and write: 200 x >= 0.08 x 2 >= 32
     assert drain.in_flight_target() >= 32
+
+
+def test_every_batch_is_recorded_at_once_and_every_message_looked_up_unless_economical(
+    pipeline: Pipeline, vendor: FakeVendor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN 30 data groups, one of them done already though its message is a first delivery
+    # (its parent sent it again after a crash), and a ledger that counts its writes
+    ids = [f"d{i}" for i in range(30)]
+    for d in ids:
+        vendor.points[d] = [POINTS[0]]
+    pipeline.enqueue(*(group(d) for d in ids))
+    pipeline.ledger.finish(RUN, "data_groups", group("d0").key, State.DONE)
+    writes: list[int] = []
+    real = pipeline.ledger.finish_many
+
+    def counted(run_id: str, stage: str, entries: Sequence[Any]) -> None:
+        writes.append(len(entries))
+        real(run_id, stage, entries)
+
+    monkeypatch.setattr(pipeline.ledger, "finish_many", counted)
+
+    # WHEN the stage drains as locally (SQLite: not economical)
+    report = pipeline.run("data_groups")
+
+    # THEN the done one is skipped uncalled, and every batch was recorded by itself
+    assert (report.done, report.skipped) == (29, 1)
+    assert sum(writes) == 29
+    assert len(writes) >= 3

@@ -18,17 +18,17 @@ import pytest
 import requests
 from conftest import TOKEN, WINDOW, assert_counts_exact, local_config, settle
 
-from pipeline import cli
 from pipeline.config import Config
+from pipeline.dev import cli
+from pipeline.dev.simulator import Simulator, SimulatorConfig
+from pipeline.dev.verify import compare
 from pipeline.drain import Drain, DrainReport, Outcome
 from pipeline.ledger import DeadEntity, RunStatus
 from pipeline.queues import Outgoing
 from pipeline.replay import inspect
 from pipeline.runtime import Runtime
-from pipeline.simulator import Simulator, SimulatorConfig
 from pipeline.sinks import manifest_key
 from pipeline.stages import STAGE_NAMES
-from pipeline.verify import compare
 
 RUN = WINDOW.run_id
 VENDOR_LIMIT = 20

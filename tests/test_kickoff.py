@@ -11,9 +11,10 @@ import responses
 from conftest import WINDOW, local_config, settle
 
 from pipeline.config import Config
-from pipeline.envelope import RELISTED, Envelope
+from pipeline.dev.simulator import Simulator, SimulatorConfig
+from pipeline.envelope import Envelope
+from pipeline.queues import RELISTED
 from pipeline.runtime import Runtime
-from pipeline.simulator import Simulator, SimulatorConfig
 from pipeline.sinks import manifest_key
 
 TREE = SimulatorConfig(troops=3, warriors_per_troop=2, data_groups_per_warrior=2)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.latency import MIN_SAMPLES, RECOMPUTE_EVERY, TAIL_FACTOR, TAIL_FLOOR, Latency
+from pipeline.vendor_api.latency import (
+    MIN_SAMPLES,
+    RECOMPUTE_EVERY,
+    TAIL_FACTOR,
+    TAIL_FLOOR,
+    Latency,
+)
 
 
 def test_read_timeout_is_the_configured_one_until_enough_is_known() -> None:

@@ -18,17 +18,11 @@ from aws_fakes import REGION, state_table
 from fake_clock import FakeClock
 from moto import mock_aws
 
-import pipeline.ledger as ledger_module
-from pipeline.ledger import (
-    DEAD,
-    DONE,
-    GONE,
-    DeadEntity,
-    DynamoLedger,
-    Ledger,
-    SqliteLedger,
-    StageCounts,
-)
+import pipeline.aws.ledger
+import pipeline.local.ledger
+from pipeline.aws.ledger import DynamoLedger
+from pipeline.ledger import DeadEntity, Ledger, StageCounts, State
+from pipeline.local.ledger import SqliteLedger
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
@@ -49,7 +43,8 @@ def dynamodb() -> Iterator[DynamoDBClient]:
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     """Drive the ledger's wall clock (run start and completion times)."""
     fake = FakeClock(1_700_000_000.0)
-    monkeypatch.setattr(ledger_module, "time", types.SimpleNamespace(time=fake.time))
+    for module in (pipeline.aws.ledger, pipeline.local.ledger):
+        monkeypatch.setattr(module, "time", types.SimpleNamespace(time=fake.time))
     return fake
 
 
@@ -154,7 +149,7 @@ def test_enqueued_keeps_final_state_when_recorded_again(ledger: Ledger) -> None:
     # GIVEN an entity already done
     started(ledger)
     ledger.enqueued(RUN, "troops", [("k1", TROOP)])
-    ledger.finish(RUN, "troops", "k1", DONE)
+    ledger.finish(RUN, "troops", "k1", State.DONE)
 
     # WHEN its parent is redelivered and enqueues it again
     ledger.enqueued(RUN, "troops", [("k1", TROOP)])
@@ -167,10 +162,10 @@ def test_finish_counts_done_gone_and_dead(ledger: Ledger) -> None:
     started(ledger)
     ledger.enqueued(RUN, "warriors", [(f"k{i}", (*TROOP, f"w{i}")) for i in range(5)])
 
-    ledger.finish(RUN, "warriors", "k0", DONE)
-    ledger.finish(RUN, "warriors", "k1", DONE)
-    ledger.finish(RUN, "warriors", "k2", GONE)
-    ledger.finish(RUN, "warriors", "k3", DEAD, "PoisonError: 400")
+    ledger.finish(RUN, "warriors", "k0", State.DONE)
+    ledger.finish(RUN, "warriors", "k1", State.DONE)
+    ledger.finish(RUN, "warriors", "k2", State.GONE)
+    ledger.finish(RUN, "warriors", "k3", State.DEAD, "PoisonError: 400")
 
     c = counts(ledger, "warriors")
     assert c == StageCounts(enqueued=5, done=2, gone=1, dead=1)
@@ -182,8 +177,8 @@ def test_finish_counts_once_when_delivered_twice(ledger: Ledger) -> None:
     started(ledger)
     ledger.enqueued(RUN, "troops", [("k1", TROOP)])
 
-    ledger.finish(RUN, "troops", "k1", DONE)
-    ledger.finish(RUN, "troops", "k1", DONE)
+    ledger.finish(RUN, "troops", "k1", State.DONE)
+    ledger.finish(RUN, "troops", "k1", State.DONE)
 
     assert counts(ledger, "troops") == StageCounts(enqueued=1, done=1)
 
@@ -192,7 +187,9 @@ def test_finish_many_records_every_entry(ledger: Ledger) -> None:
     started(ledger)
     ledger.enqueued(RUN, "troops", [("a", ("a",)), ("b", ("b",)), ("c", ("c",))])
 
-    ledger.finish_many(RUN, "troops", [("a", DONE, ""), ("b", GONE, ""), ("c", DEAD, "boom")])
+    ledger.finish_many(
+        RUN, "troops", [("a", State.DONE, ""), ("b", State.GONE, ""), ("c", State.DEAD, "boom")]
+    )
 
     assert counts(ledger, "troops") == StageCounts(enqueued=3, done=1, gone=1, dead=1)
 
@@ -202,7 +199,9 @@ def test_finished_names_only_done_and_gone_entities(ledger: Ledger) -> None:
     started(ledger)
     keys = [f"k{i}" for i in range(4)]
     ledger.enqueued(RUN, "troops", [(k, (k,)) for k in keys])
-    ledger.finish_many(RUN, "troops", [("k0", DONE, ""), ("k1", GONE, ""), ("k2", DEAD, "x")])
+    ledger.finish_many(
+        RUN, "troops", [("k0", State.DONE, ""), ("k1", State.GONE, ""), ("k2", State.DEAD, "x")]
+    )
 
     # WHEN asked which are finished
     found = ledger.finished(RUN, "troops", [*keys, "unknown"])
@@ -215,12 +214,12 @@ def test_finished_answers_for_more_keys_than_one_batch(ledger: Ledger) -> None:
     started(ledger)
     keys = [f"k{i:03d}" for i in range(250)]
     ledger.enqueued(RUN, "troops", [(k, (k,)) for k in keys])
-    ledger.finish_many(RUN, "troops", [(k, DONE, "") for k in keys[::2]])
+    ledger.finish_many(RUN, "troops", [(k, State.DONE, "") for k in keys[::2]])
 
     assert ledger.finished(RUN, "troops", keys) == set(keys[::2])
 
 
-@pytest.mark.parametrize("final", [DONE, GONE])
+@pytest.mark.parametrize("final", [State.DONE, State.GONE])
 def test_dead_does_not_overwrite_when_already_final(ledger: Ledger, final: str) -> None:
     # GIVEN an entity that finished
     started(ledger)
@@ -228,12 +227,12 @@ def test_dead_does_not_overwrite_when_already_final(ledger: Ledger, final: str) 
     ledger.finish(RUN, "troops", "k1", final)
 
     # WHEN a late duplicate of its message dies
-    ledger.finish(RUN, "troops", "k1", DEAD, "RetryableError: 503")
-    ledger.finish_many(RUN, "troops", [("k1", DEAD, "RetryableError: 503")])
+    ledger.finish(RUN, "troops", "k1", State.DEAD, "RetryableError: 503")
+    ledger.finish_many(RUN, "troops", [("k1", State.DEAD, "RetryableError: 503")])
 
     # THEN the first outcome stands
     assert counts(ledger, "troops") == StageCounts(
-        enqueued=1, done=int(final == DONE), gone=int(final == GONE)
+        enqueued=1, done=int(final == State.DONE), gone=int(final == State.GONE)
     )
     assert ledger.dead(RUN) == []
 
@@ -242,10 +241,10 @@ def test_done_overwrites_dead_when_replayed(ledger: Ledger) -> None:
     # GIVEN a dead entity
     started(ledger)
     ledger.enqueued(RUN, "troops", [("k1", TROOP)])
-    ledger.finish(RUN, "troops", "k1", DEAD, "RetryableError: 503")
+    ledger.finish(RUN, "troops", "k1", State.DEAD, "RetryableError: 503")
 
     # WHEN its replayed message succeeds
-    ledger.finish(RUN, "troops", "k1", DONE)
+    ledger.finish(RUN, "troops", "k1", State.DONE)
 
     # THEN it counts as done, no longer dead
     assert counts(ledger, "troops") == StageCounts(enqueued=1, done=1)
@@ -255,9 +254,9 @@ def test_done_overwrites_dead_when_replayed(ledger: Ledger) -> None:
 def test_gone_overwrites_dead_when_replayed(ledger: Ledger) -> None:
     started(ledger)
     ledger.enqueued(RUN, "troops", [("k1", TROOP)])
-    ledger.finish(RUN, "troops", "k1", DEAD, "RetryableError: 503")
+    ledger.finish(RUN, "troops", "k1", State.DEAD, "RetryableError: 503")
 
-    ledger.finish(RUN, "troops", "k1", GONE)
+    ledger.finish(RUN, "troops", "k1", State.GONE)
 
     assert counts(ledger, "troops") == StageCounts(enqueued=1, gone=1)
 
@@ -266,9 +265,9 @@ def test_dead_lists_path_and_error_of_each_dead_entity(ledger: Ledger) -> None:
     started(ledger)
     ledger.enqueued(RUN, "troops", [("t", TROOP)])
     ledger.enqueued(RUN, "warriors", [("w", WARRIOR), ("ok", (*TROOP, "fine"))])
-    ledger.finish(RUN, "troops", "t", DEAD, "PoisonError: 400 bad cursor")
-    ledger.finish(RUN, "warriors", "w", DEAD, "RetryableError: 503 «vendor» ✗")
-    ledger.finish(RUN, "warriors", "ok", DONE)
+    ledger.finish(RUN, "troops", "t", State.DEAD, "PoisonError: 400 bad cursor")
+    ledger.finish(RUN, "warriors", "w", State.DEAD, "RetryableError: 503 «vendor» ✗")
+    ledger.finish(RUN, "warriors", "ok", State.DONE)
 
     dead = ledger.dead(RUN)
 
@@ -282,7 +281,7 @@ def test_runs_are_counted_apart(ledger: Ledger) -> None:
     started(ledger, "run-a")
     started(ledger, "run-b")
     ledger.enqueued("run-a", "troops", [("k1", TROOP)])
-    ledger.finish("run-a", "troops", "k1", DEAD, "x")
+    ledger.finish("run-a", "troops", "k1", State.DEAD, "x")
 
     assert counts(ledger, "troops", "run-b") == StageCounts()
     assert ledger.dead("run-b") == []
@@ -324,7 +323,7 @@ def test_record_error_of_an_unknown_entity_counts_nowhere(ledger: Ledger) -> Non
 def test_record_error_leaves_a_finished_entity_as_it_was(ledger: Ledger) -> None:
     started(ledger)
     ledger.enqueued(RUN, "troops", [("k1", TROOP)])
-    ledger.finish(RUN, "troops", "k1", DONE)
+    ledger.finish(RUN, "troops", "k1", State.DONE)
 
     ledger.record_error(RUN, "troops", "k1", "RetryableError: 503 from a late duplicate")
 
@@ -351,7 +350,7 @@ def test_run_is_not_settled_when_not_kicked_off(ledger: Ledger) -> None:
     # GIVEN every troop recorded so far is done, but the kickoff has not finished listing
     started(ledger)
     ledger.enqueued(RUN, "troops", [("k1", TROOP)])
-    ledger.finish(RUN, "troops", "k1", DONE)
+    ledger.finish(RUN, "troops", "k1", State.DONE)
 
     status = ledger.status(RUN)
 
@@ -364,7 +363,7 @@ def test_run_is_not_settled_when_entities_are_pending(ledger: Ledger) -> None:
     started(ledger)
     ledger.enqueued(RUN, "troops", [("k1", TROOP)])
     ledger.kicked_off(RUN)
-    ledger.finish(RUN, "troops", "k1", DONE)
+    ledger.finish(RUN, "troops", "k1", State.DONE)
     ledger.enqueued(RUN, "warriors", [("w", WARRIOR)])
 
     status = ledger.status(RUN)
@@ -378,8 +377,8 @@ def test_run_is_complete_when_kicked_off_and_everything_done_or_gone(ledger: Led
     started(ledger)
     ledger.enqueued(RUN, "troops", [("k1", TROOP), ("k2", ("t2",))])
     ledger.kicked_off(RUN)
-    ledger.finish(RUN, "troops", "k1", DONE)
-    ledger.finish(RUN, "troops", "k2", GONE)
+    ledger.finish(RUN, "troops", "k1", State.DONE)
+    ledger.finish(RUN, "troops", "k2", State.GONE)
 
     status = ledger.status(RUN)
 
@@ -393,8 +392,8 @@ def test_run_is_settled_but_not_complete_when_something_is_dead(ledger: Ledger) 
     started(ledger)
     ledger.enqueued(RUN, "troops", [("k1", TROOP), ("k2", ("t2",))])
     ledger.kicked_off(RUN)
-    ledger.finish(RUN, "troops", "k1", DONE)
-    ledger.finish(RUN, "troops", "k2", DEAD, "PoisonError: 400")
+    ledger.finish(RUN, "troops", "k1", State.DONE)
+    ledger.finish(RUN, "troops", "k2", State.DEAD, "PoisonError: 400")
 
     status = ledger.status(RUN)
 
@@ -473,12 +472,12 @@ def test_a_listing_larger_than_one_item_is_recorded_whole(
     ledger: Ledger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # GIVEN a listing that does not fit one stored item (made small here)
-    monkeypatch.setattr(ledger_module, "LISTING_CHUNK_BYTES", 1_000)
+    monkeypatch.setattr(pipeline.aws.ledger, "LISTING_CHUNK_BYTES", 1_000)
     started(ledger)
     children = [(f"k{i:04d}", (*TROOP, f"w{i}")) for i in range(300)]
 
     ledger.enqueued(RUN, "warriors", children, ("troops", "t"))
-    ledger.finish(RUN, "warriors", "k0007", DONE)
+    ledger.finish(RUN, "warriors", "k0007", State.DONE)
 
     assert counts(ledger, "warriors") == StageCounts(enqueued=300, done=1)
     assert len(ledger.pending(RUN, "warriors")) == 299
@@ -488,11 +487,13 @@ def test_a_listing_larger_than_one_item_is_recorded_whole(
 def test_finish_pending_changes_only_queued_entities(ledger: Ledger) -> None:
     started(ledger)
     ledger.enqueued(RUN, "troops", [("a", ("a",)), ("b", ("b",)), ("c", ("c",))])
-    ledger.finish(RUN, "troops", "a", DONE)
-    ledger.finish(RUN, "troops", "b", DEAD, "earlier")
+    ledger.finish(RUN, "troops", "a", State.DONE)
+    ledger.finish(RUN, "troops", "b", State.DEAD, "earlier")
 
     changed = ledger.finish_pending(
-        RUN, "troops", [("a", GONE, "x"), ("b", GONE, "x"), ("c", GONE, "vanished")]
+        RUN,
+        "troops",
+        [("a", State.GONE, "x"), ("b", State.GONE, "x"), ("c", State.GONE, "vanished")],
     )
 
     assert changed == 1
@@ -503,7 +504,7 @@ def test_finish_pending_changes_only_queued_entities(ledger: Ledger) -> None:
 def test_pending_lists_queued_entities_with_their_paths(ledger: Ledger) -> None:
     started(ledger)
     ledger.enqueued(RUN, "warriors", [("k1", WARRIOR), ("k2", (*TROOP, "w2"))])
-    ledger.finish(RUN, "warriors", "k2", DONE)
+    ledger.finish(RUN, "warriors", "k2", State.DONE)
 
     assert ledger.pending(RUN, "warriors") == [("k1", WARRIOR)]
 
@@ -514,7 +515,7 @@ def test_a_path_holding_a_lone_surrogate_is_stored_and_read_back(ledger: Ledger)
     started(ledger)
     path = (*TROOP, "w\ud800")
     ledger.enqueued(RUN, "warriors", [("k", path)])
-    ledger.finish(RUN, "warriors", "k", DEAD, "invalid id 'w\ud800'")
+    ledger.finish(RUN, "warriors", "k", State.DEAD, "invalid id 'w\ud800'")
 
     [dead] = ledger.dead(RUN)
     assert dead.path == path
@@ -557,7 +558,7 @@ def test_manifest_signature_is_kept_and_follows_the_counts(ledger: Ledger) -> No
     assert status is not None and status.manifest_signature == ""
 
     ledger.mark_manifest(RUN, status.signature)
-    ledger.finish(RUN, "troops", "a", DEAD, "x")
+    ledger.finish(RUN, "troops", "a", State.DEAD, "x")
 
     after = ledger.status(RUN)
     assert after is not None

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 from conftest import TOKEN, WINDOW, local_config
 
-from pipeline import cli
 from pipeline.config import Config
+from pipeline.dev import cli
+from pipeline.dev.simulator import Simulator, SimulatorConfig, SimulatorProcess
+from pipeline.dev.verify import compare
 from pipeline.drain import monotonic_deadline
-from pipeline.local import LocalOptions, LocalResult, run_local
+from pipeline.local.scheduler import LocalOptions, LocalResult, run_local
+from pipeline.local.sinks import DirectorySink
 from pipeline.runtime import Runtime
-from pipeline.simulator import Simulator, SimulatorConfig
-from pipeline.sinks import DirectorySink
 from pipeline.stages import STAGE_NAMES
-from pipeline.verify import compare
 
 RUN = WINDOW.run_id
 # 2 troops × 3 warriors × 3 data groups with awkward ids; seed 1 makes one warrior and
@@ -42,7 +42,7 @@ def options(out: Path, **changes: object) -> LocalOptions:
         "tick": 0.2,
         "invocation_timeout": 10.0,
         "safety_margin": 2.0,
-        "simulator": TREE,
+        "simulator": SimulatorProcess(TREE),
     }
     settings.update(changes)
     return LocalOptions(**settings)  # type: ignore[arg-type]

@@ -20,14 +20,14 @@ from pathlib import Path
 import pytest
 from conftest import WINDOW
 
-from pipeline import cli
-from pipeline.ledger import SqliteLedger
-from pipeline.local import LOCK_FILE, STATE_DIR, own
-from pipeline.queues import LocalQueueStore
-from pipeline.runtime import STATE_DB
-from pipeline.simulator import Simulator, SimulatorConfig
-from pipeline.sinks import DirectorySink
-from pipeline.verify import compare
+from pipeline.dev import cli
+from pipeline.dev.simulator import Simulator, SimulatorConfig
+from pipeline.dev.verify import compare
+from pipeline.local.ledger import SqliteLedger
+from pipeline.local.queues import LocalQueueStore
+from pipeline.local.runtime import STATE_DB
+from pipeline.local.scheduler import LOCK_FILE, STATE_DIR, own
+from pipeline.local.sinks import DirectorySink
 
 # 4 + 20 + 400 + 1 = 425 calls: about 8.5 s at 50/s, long enough to stop in the middle.
 TREE = SimulatorConfig(troops=4, warriors_per_troop=5, data_groups_per_warrior=20, rate_calls=50)
@@ -40,7 +40,7 @@ def harvest(out: Path, url: str) -> subprocess.Popen[str]:
     args += ["--tick", "1"]
     env = {**os.environ, "HARVEST_VENDOR_TOKEN": TREE.token}
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", *args],
+        [sys.executable, "-m", "pipeline.dev.cli", *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

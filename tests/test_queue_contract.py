@@ -24,7 +24,9 @@ from aws_fakes import REGION, queue_with_dlq
 from fake_clock import FakeClock
 from moto import mock_aws
 
-from pipeline.queues import Depth, Hidden, LocalQueueStore, Message, Outgoing, Queue, SqsQueue
+from pipeline.aws.queues import SqsQueue
+from pipeline.local.queues import Hidden, LocalQueueStore
+from pipeline.queues import Depth, Message, Outgoing, Queue
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient

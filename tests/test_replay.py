@@ -8,7 +8,9 @@ import boto3
 from aws_fakes import REGION
 from moto import mock_aws
 
-from pipeline.queues import LocalQueueStore, Outgoing, Queue, SqsQueue
+from pipeline.aws.queues import SqsQueue
+from pipeline.local.queues import LocalQueueStore
+from pipeline.queues import Outgoing, Queue
 from pipeline.replay import inspect, replay
 
 

@@ -14,7 +14,7 @@ from urllib.parse import quote
 import pytest
 import requests
 
-from pipeline.simulator import Simulator, SimulatorConfig
+from pipeline.dev.simulator import Simulator, SimulatorConfig
 
 START = datetime(2024, 3, 1, tzinfo=UTC)
 END = datetime(2024, 3, 2, tzinfo=UTC)
@@ -275,7 +275,9 @@ def paced_statuses(
     """Statuses of 60 calls sent just slower than L per W, on a clock the test drives (the
     rate limit's only), and the most calls the vendor then counted in one window."""
     now = [1000.0]
-    monkeypatch.setattr("pipeline.simulator.time", SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(
+        "pipeline.dev.simulator.faults.time", SimpleNamespace(monotonic=lambda: now[0])
+    )
     spacing = config.rate_period / config.rate_calls * 1.001
     with Simulator(config) as sim:
         statuses = []

@@ -18,17 +18,16 @@ import pytest
 from aws_fakes import REGION, bucket
 from moto import mock_aws
 
+from pipeline.aws.sinks import S3Sink
 from pipeline.envelope import Envelope
+from pipeline.local.sinks import DirectorySink
 from pipeline.sinks import (
-    DirectorySink,
-    S3Sink,
     Sink,
     data_key,
     decode_lines,
     encode_lines,
     manifest_key,
     read_run,
-    sink_for,
     write_manifest,
     write_records,
 )
@@ -246,19 +245,6 @@ def test_decode_lines_reverses_encode_lines_when_values_hold_line_separators() -
 
 
 # -- construction --------------------------------------------------------------------------
-
-
-def test_sink_for_picks_s3_when_url_is_s3(s3: S3Client) -> None:
-    assert isinstance(sink_for("s3://bucket/prefix", s3), S3Sink)
-
-
-def test_sink_for_picks_a_directory_when_url_is_a_path(tmp_path: Path) -> None:
-    assert isinstance(sink_for(str(tmp_path)), DirectorySink)
-
-
-def test_sink_for_rejects_s3_url_when_no_client(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="S3 client"):
-        sink_for("s3://bucket/prefix")
 
 
 @pytest.mark.parametrize("url", ["s3:///no-bucket", "https://bucket/prefix", "bucket/prefix"])

@@ -17,8 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from terraform_support import WILDCARD_RESOURCE_SIDS, plugin_dir, terraform_env
+from terraform_support import (
+    LOCK_FILE,
+    WILDCARD_RESOURCE_SIDS,
+    copy_stack,
+    plugin_dir,
+    terraform_env,
+)
 
+from pipeline.local.scheduler import DRAIN_HANDLER, KICKOFF_HANDLER, load_handler
 from pipeline.stages import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,8 +64,7 @@ def tools() -> Path:
 def initialized(tools: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A copy of terraform/ initialized offline from the provider mirror."""
     work = tmp_path_factory.mktemp("stack")
-    for source in STACK.glob("*.tf"):
-        shutil.copy(source, work / source.name)
+    copy_stack(STACK, work)
     result = terraform(work, "init", "-backend=false", f"-plugin-dir={tools}", "-no-color")
     assert result.returncode == 0, result.stdout + result.stderr
     yield work
@@ -154,6 +160,12 @@ def test_terraform_is_formatted(tools: Path) -> None:
     assert result.returncode == 0, f"run `terraform fmt -recursive terraform/`:\n{result.stdout}"
 
 
+def test_committed_lock_file_is_the_one_init_keeps(initialized: Path) -> None:
+    # init against the provider mirror would add what the committed lock lacks
+    assert (initialized / LOCK_FILE).read_text() == (STACK / LOCK_FILE).read_text()
+    assert 'version     = "5.100.0"' in (STACK / LOCK_FILE).read_text()
+
+
 def test_terraform_configuration_is_valid(initialized: Path) -> None:
     result = terraform(initialized, "validate", "-json")
     report = json.loads(result.stdout)
@@ -166,7 +178,12 @@ def test_example_tfvars_pass_every_variable_validation(locals_: dict[str, Any]) 
 
 
 def test_bad_variable_values_are_rejected(initialized: Path) -> None:
-    bad = {"name_prefix": "Harvest_Prod", "drain_timeout": "1000", "max_receive_count": "0"}
+    bad = {
+        "name_prefix": "Harvest_Prod",
+        "drain_timeout": "1000",
+        "max_receive_count": "0",
+        "state_retention_days": "14",  # no longer than a DLQ keeps a message
+    }
     assignments = [arg for k, v in bad.items() for arg in ("-var", f"{k}={v}")]
     result = terraform(
         initialized, "console", "-no-color", *DUMMY_VARS, *assignments, stdin="var.name_prefix\n"
@@ -292,6 +309,14 @@ def test_functions_run_python312_traced_with_the_packaged_zip(hcl: dict[str, Any
         assert body["filename"] == "${var.lambda_zip_path}", name
         assert body["source_code_hash"] == "${filebase64sha256(var.lambda_zip_path)}", name
         assert f"aws_cloudwatch_log_group.{name}" in str(body["depends_on"]), name
+
+
+def test_local_runs_invoke_the_handlers_the_functions_deploy(hcl: dict[str, Any]) -> None:
+    functions = resources(hcl, "aws_lambda_function")
+    assert functions["kickoff"]["handler"] == KICKOFF_HANDLER
+    assert functions["drain"]["handler"] == DRAIN_HANDLER
+    for spec in (KICKOFF_HANDLER, DRAIN_HANDLER):
+        assert callable(load_handler(spec)), spec
 
 
 def test_role_policies_name_their_resources(hcl: dict[str, Any]) -> None:

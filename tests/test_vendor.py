@@ -24,7 +24,8 @@ from pipeline.errors import (
     RetryableError,
 )
 from pipeline.stats import CallStats
-from pipeline.vendor import VendorClient, _VendorAdapter, encode_segment
+from pipeline.vendor_api.client import VendorClient
+from pipeline.vendor_api.transport import VendorAdapter, encode_segment
 
 BASE = "https://vendor.test"
 TOKEN = "s3cret-token"
@@ -39,7 +40,7 @@ class FakeBudget:
     def __init__(self) -> None:
         self.events: list[tuple[Any, ...]] = []
 
-    def acquire(self, priority: int = 0, max_pause: float = math.inf) -> float:
+    def acquire(self, max_pause: float = math.inf) -> float:
         self.events.append(("acquire",))
         return 0.0
 
@@ -499,7 +500,7 @@ def _prepared(target: str) -> requests.PreparedRequest:
 
 def test_adapter_sends_the_target_after_the_origin_keeping_a_base_path() -> None:
     # GIVEN a vendor whose base URL has a path of its own
-    adapter = _VendorAdapter("https://vendor.test/api/", max_retries=0)
+    adapter = VendorAdapter("https://vendor.test/api/", max_retries=0)
     request = _prepared("https://vendor.test/api/v1/troops/a%2Fb/warriors?limit=100")
 
     # THEN the request line carries the base path and the encoded id as they were built,
@@ -509,14 +510,14 @@ def test_adapter_sends_the_target_after_the_origin_keeping_a_base_path() -> None
 
 
 def test_adapter_reuses_the_vendor_pool_and_leaves_other_urls_to_httpadapter() -> None:
-    adapter = _VendorAdapter("https://vendor.test", max_retries=0)
+    adapter = VendorAdapter("https://vendor.test", max_retries=0)
     first = adapter.get_connection_with_tls_context(_prepared(f"{BASE}/v1/troops"), True)
 
     # WHEN later calls ask for the vendor, another host, other TLS settings, or a proxy
     again = adapter.get_connection_with_tls_context(_prepared(f"{BASE}/v1/x?y=1"), True)
     other_host = adapter.get_connection_with_tls_context(_prepared("https://else.test/v1"), True)
     no_verify = adapter.get_connection_with_tls_context(_prepared(f"{BASE}/v1/troops"), False)
-    plain = _VendorAdapter("http://vendor.test", max_retries=0)
+    plain = VendorAdapter("http://vendor.test", max_retries=0)
     proxied = plain.request_url(_prepared("http://vendor.test/v1/t"), {"http": "http://proxy:3128"})
 
     # THEN the vendor's pool is found once and reused; the rest is HTTPAdapter's answer

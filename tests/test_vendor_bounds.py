@@ -20,11 +20,12 @@ import responses
 from fake_clock import FakeClock
 from responses.registries import OrderedRegistry
 
-from pipeline import vendor
-from pipeline.budget import PacedBudget
 from pipeline.errors import ConfigError, PoisonError, RateLimitedError, RetryableError
+from pipeline.local.budget import PacedBudget
 from pipeline.stats import CallStats
-from pipeline.vendor import VendorClient, encode_segment
+from pipeline.vendor_api import client as vendor
+from pipeline.vendor_api.client import VendorClient
+from pipeline.vendor_api.transport import encode_segment
 
 BASE = "https://vendor.test"
 TOKEN = "s3cret-token"

@@ -21,13 +21,16 @@ from conftest import TOKEN, WINDOW, local_config
 from fake_clock import FakeClock
 from rich.console import Console
 
-from pipeline import cli
-from pipeline.budget import PacedBudget
-from pipeline.display import progress_table
+from pipeline.dev import cli
+from pipeline.dev.display import progress_table
+from pipeline.dev.simulator import Simulator
 from pipeline.envelope import Envelope
-from pipeline.inflight import STALL_SECONDS, CallsInFlight
-from pipeline.ledger import SqliteLedger
-from pipeline.local import (
+from pipeline.local.budget import PacedBudget
+from pipeline.local.ledger import SqliteLedger
+from pipeline.local.queues import LocalQueueStore
+from pipeline.local.runtime import STATE_DB
+from pipeline.local.samples import SAMPLES_FILE, Sample, SampleLog
+from pipeline.local.scheduler import (
     LOCK_FILE,
     STATE_DIR,
     LocalOptions,
@@ -35,14 +38,7 @@ from pipeline.local import (
     StageProgress,
     _Scheduler,
 )
-from pipeline.queues import Depth, LocalQueueStore, Outgoing
-from pipeline.runtime import STATE_DB, Runtime
-from pipeline.samples import SAMPLES_FILE, Sample, SampleLog
-from pipeline.simulator import Simulator
-from pipeline.stages import STAGE_NAMES
-from pipeline.stats import CallStats
-from pipeline.vendor import VendorClient
-from pipeline.waits import (
+from pipeline.local.waits import (
     Wait,
     WaitKind,
     dlq_waits,
@@ -53,6 +49,12 @@ from pipeline.waits import (
     stalled_wait,
     tick_wait,
 )
+from pipeline.queues import Depth, Outgoing
+from pipeline.runtime import Runtime
+from pipeline.stages import STAGE_NAMES
+from pipeline.stats import CallStats
+from pipeline.vendor_api.client import VendorClient
+from pipeline.vendor_api.inflight import STALL_SECONDS, CallsInFlight
 
 RUN = WINDOW.run_id
 NOW = 1_800_000_000.0
@@ -411,7 +413,7 @@ def test_live_run_from_samples_is_moving_paused_or_gone() -> None:
 @pytest.fixture
 def kicked_off(tmp_path: Path, simulator: Callable[..., Simulator]) -> Iterator[Runtime]:
     """A local state directory whose run is kicked off (troops queued), nothing running."""
-    from pipeline.runtime import build
+    from pipeline.local.runtime import build
 
     sim = simulator()
     rt = build(local_config(tmp_path, sim.url))

@@ -9,9 +9,10 @@ from aws_lambda_powertools.metrics import EphemeralMetrics, MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from pipeline.config import Config
+from pipeline.drain import StopReason
 from pipeline.errors import AuthError
-from pipeline.runtime import runtime
 from pipeline.telemetry import publish
+from workers.backends import runtime
 
 logger = Logger(service="harvest")
 metrics = Metrics(namespace="Harvest", service="harvest")
@@ -42,7 +43,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     )
     run_metrics.flush_metrics()
     logger.info("drain finished", extra={"report": report.to_dict()})
-    if report.stopped == "auth":
+    if report.stopped == StopReason.AUTH:
         # Fail the invocation so the errors alarm fires; the messages stay queued.
         raise AuthError(f"vendor rejected the token; drain stopped: {report.auth_error}")
     return report.to_dict()

@@ -9,9 +9,9 @@ from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from pipeline.config import Config
-from pipeline.runtime import runtime
 from pipeline.telemetry import publish
 from pipeline.window import Window
+from workers.backends import runtime
 
 logger = Logger(service="harvest")
 metrics = Metrics(namespace="Harvest", service="harvest")

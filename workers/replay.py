@@ -8,7 +8,7 @@ from aws_lambda_powertools import Logger, Tracer
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from pipeline.config import Config
-from pipeline.runtime import runtime
+from workers.backends import runtime
 
 logger = Logger(service="harvest")
 tracer = Tracer(service="harvest")

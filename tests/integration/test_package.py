@@ -104,13 +104,21 @@ def test_package_holds_the_project_and_its_dependencies_but_no_noise(package: Pa
     assert not [n for n in names if n.startswith("bin/")]
 
 
+def test_package_holds_no_terminal_tool(package: Path) -> None:
+    # The CLI, its display (rich) and the simulator are for people at a terminal.
+    with zipfile.ZipFile(package) as zf:
+        names = zf.namelist()
+    assert not [n for n in names if n.startswith("pipeline/dev/")]
+    assert "rich" not in {n.split("/", 1)[0] for n in names}
+
+
 def test_unpacked_size_is_under_the_lambda_limit(package: Path) -> None:
     with zipfile.ZipFile(package) as zf:
         unpacked = sum(i.file_size for i in zf.infolist())
     assert unpacked < LAMBDA_UNZIPPED_LIMIT
 
 
-def test_handlers_import_in_a_lambda_like_interpreter(
+def test_every_shipped_module_imports_in_a_lambda_like_interpreter(
     unpacked: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     interpreter = python312()
@@ -125,9 +133,16 @@ def test_handlers_import_in_a_lambda_like_interpreter(
         source = site / name if (site / name).exists() else site / f"{name}.py"
         assert source.exists(), f"{name} missing from {site}"
         (runtime / source.name).symlink_to(source)
+    shipped = sorted(
+        ".".join(p.relative_to(unpacked).with_suffix("").parts).removesuffix(".__init__")
+        for top in ("pipeline", "workers")
+        for p in (unpacked / top).rglob("*.py")
+    )
     script = (
         "import importlib, json, sys\n"
         f"sys.path[:0] = [{str(unpacked)!r}, {str(runtime)!r}]\n"
+        f"for module in {shipped!r}:\n"
+        "    importlib.import_module(module)\n"
         f"modules = {list(HANDLER_MODULES)!r}\n"
         "handlers = [callable(importlib.import_module(m).handler) for m in modules]\n"
         "import boto3, requests, aws_lambda_powertools\n"
@@ -146,7 +161,7 @@ def test_handlers_import_in_a_lambda_like_interpreter(
         "POWERTOOLS_METRICS_NAMESPACE": "Harvest",
     }
 
-    # WHEN the three handler modules are imported
+    # WHEN every module of the zip is imported, the three handler modules among them
     result = subprocess.run(
         [interpreter, "-I", "-S", "-c", script],
         capture_output=True,

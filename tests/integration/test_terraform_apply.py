@@ -43,11 +43,11 @@ import pytest
 from aws_calls import CallRecorder
 from iam_model import Grant, grants
 from moto_iam import authorise_like_aws, enforced
-from terraform_support import WILDCARD_RESOURCE_SIDS, plugin_dir, terraform_env
+from terraform_support import WILDCARD_RESOURCE_SIDS, copy_stack, plugin_dir, terraform_env
 
 import pipeline.config
 from pipeline.config import Config
-from pipeline.simulator import Simulator, SimulatorConfig
+from pipeline.dev.simulator import Simulator, SimulatorConfig
 from pipeline.stages import STAGE_NAMES
 
 pytestmark = pytest.mark.integration
@@ -206,8 +206,7 @@ def deployment(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Deployment]:
     work = tmp_path_factory.mktemp("stack")
-    for source in STACK.glob("*.tf"):
-        shutil.copy(source, work / source.name)
+    copy_stack(STACK, work)
     (work / "moto_override.tf").write_text(override(moto_endpoint))
     variables: dict[str, Any] = {
         "name_prefix": NAME_PREFIX,
@@ -281,7 +280,7 @@ def deployment(
 def contract_variables() -> set[str]:
     """Every HARVEST_* name pipeline/config.py documents, less the local-only ones."""
     documented = set(re.findall(r"^(HARVEST_[A-Z_]+)", pipeline.config.__doc__ or "", re.M))
-    local_only = {"HARVEST_VENDOR_TOKEN", "HARVEST_STATE_DIR", "HARVEST_DEEPER_FIRST"}
+    local_only = {"HARVEST_VENDOR_TOKEN", "HARVEST_STATE_DIR"}
     return documented - local_only
 
 

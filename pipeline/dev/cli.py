@@ -10,14 +10,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.config import Config
+from pipeline.config import Backend, Config
 from pipeline.errors import ConfigError, HarvestError
 from pipeline.stages import STAGE_NAMES
 from pipeline.window import Window
 
 if TYPE_CHECKING:
+    from pipeline.local.waits import Wait
     from pipeline.runtime import Runtime
-    from pipeline.waits import Wait
 
 DEFAULT_OUT = "harvest-out"
 # The default simulated tree: 10 troops × 10 warriors × 10 data groups = 1,111 calls.
@@ -39,7 +39,7 @@ def _local_config(out: str) -> Config:
         )
     return Config(
         vendor_url="https://localhost",  # a placeholder: these commands never call the vendor
-        backend="local",
+        backend=Backend.LOCAL,
         sink=str(root),
         state_dir=str(root / ".harvest"),
     )
@@ -48,7 +48,7 @@ def _local_config(out: str) -> Config:
 def _state_config(args: argparse.Namespace) -> Config:
     if args.aws:
         config = Config.from_env()
-        if config.backend != "aws":
+        if config.backend != Backend.AWS:
             raise ConfigError(
                 "--aws needs HARVEST_BACKEND=aws (or unset) and the HARVEST_* outputs"
             )
@@ -56,13 +56,21 @@ def _state_config(args: argparse.Namespace) -> Config:
     return _local_config(args.out)
 
 
+def _build(args: argparse.Namespace, config: Config) -> Runtime:
+    """The deployed pipeline's objects with --aws, else the local run's."""
+    from pipeline.aws import runtime as aws
+    from pipeline.local import runtime as local
+
+    return aws.build(config) if args.aws else local.build(config)
+
+
 def cmd_local(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
 
-    from pipeline.display import print_summary, progress_table, waits_lines
-    from pipeline.local import LocalOptions, Progress, run_local
-    from pipeline.simulator import SimulatorConfig
+    from pipeline.dev.display import print_summary, progress_table, waits_lines
+    from pipeline.dev.simulator import SimulatorConfig, SimulatorProcess
+    from pipeline.local.scheduler import LocalOptions, Progress, run_local
 
     token = args.token or os.environ.get("HARVEST_VENDOR_TOKEN")
     if args.vendor_url and not token:
@@ -78,16 +86,18 @@ def cmd_local(args: argparse.Namespace) -> int:
         tick=args.tick,
         concurrency=args.concurrency,
         verbose=args.verbose,
-        simulator=SimulatorConfig(
-            troops=args.sim_troops,
-            warriors_per_troop=args.sim_warriors,
-            data_groups_per_warrior=args.sim_data_groups,
-            rate_calls=args.rate_calls,
-            rate_period=args.rate_period,
-            latency=args.sim_latency,
-            error_rate=args.sim_error_rate,
-            gone_rate=args.sim_gone_rate,
-            nasty_ids=not args.sim_plain_ids,
+        simulator=SimulatorProcess(
+            SimulatorConfig(
+                troops=args.sim_troops,
+                warriors_per_troop=args.sim_warriors,
+                data_groups_per_warrior=args.sim_data_groups,
+                rate_calls=args.rate_calls,
+                rate_period=args.rate_period,
+                latency=args.sim_latency,
+                error_rate=args.sim_error_rate,
+                gone_rate=args.sim_gone_rate,
+                nasty_ids=not args.sim_plain_ids,
+            )
         ),
     )
     console = Console(stderr=True, soft_wrap=True)
@@ -132,7 +142,7 @@ def cmd_local(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from pipeline.simulator import SimulatorConfig, serve
+    from pipeline.dev.simulator import SimulatorConfig, serve
 
     config = SimulatorConfig(
         seed=args.seed,
@@ -162,12 +172,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from pipeline.display import status_view, waits_lines
-    from pipeline.runtime import build
+    from pipeline.dev.display import status_view, waits_lines
 
     if args.chart and args.aws:
         raise ConfigError("--chart draws a local run's samples: give --out, not --aws")
-    rt = build(_state_config(args))
+    rt = _build(args, _state_config(args))
     runs = rt.ledger.runs()
     run_id = args.run or (runs[0] if runs else None)
     status = rt.ledger.status(run_id) if run_id else None
@@ -181,9 +190,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if waits:
         console.print(waits_lines(waits), markup=False, highlight=False)
     if args.chart:
-        from pipeline.chart import write_chart
-        from pipeline.local import STATE_DIR
-        from pipeline.samples import SAMPLES_FILE
+        from pipeline.local.chart import write_chart
+        from pipeline.local.samples import SAMPLES_FILE
+        from pipeline.local.scheduler import STATE_DIR
 
         out = Path(args.out)
         chart = write_chart(out / STATE_DIR / SAMPLES_FILE, out, status.run_id)
@@ -197,14 +206,15 @@ def _waits(args: argparse.Namespace, rt: Runtime) -> list[Wait]:
     """What the run waits for: all the state shows locally; what SQS says with --aws."""
     import time
 
-    from pipeline import waits
+    from pipeline.local import waits
 
     if args.aws:
         return waits.sqs_waits(rt.queues, rt.dlqs, "--aws")
-    from pipeline.local import STATE_DIR, owner_alive
-    from pipeline.samples import SAMPLES_FILE, tail
+    from pipeline.local.runtime import LocalRuntime
+    from pipeline.local.samples import SAMPLES_FILE, tail
+    from pipeline.local.scheduler import STATE_DIR, owner_alive
 
-    assert rt.store is not None  # a local runtime
+    assert isinstance(rt, LocalRuntime)  # built without --aws
     state = Path(args.out) / STATE_DIR
     now = time.time()
     live = waits.live_run(tail(state / SAMPLES_FILE), now, owner_alive(state))
@@ -226,13 +236,12 @@ def _waits(args: argparse.Namespace, rt: Runtime) -> list[Wait]:
 def cmd_dlq(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from pipeline.display import dlq_view
+    from pipeline.dev.display import dlq_view
     from pipeline.envelope import Envelope
     from pipeline.errors import MessageError
     from pipeline.replay import inspect
-    from pipeline.runtime import build
 
-    rt = build(_state_config(args))
+    rt = _build(args, _state_config(args))
 
     def last_error(body: str) -> str:
         try:
@@ -247,9 +256,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from pipeline.runtime import build
-
-    rt = build(_state_config(args))
+    rt = _build(args, _state_config(args))
     report = rt.run_replay(args.stage, max_messages=args.max, dry_run=args.dry_run, rate=args.rate)
     verb = "would move" if args.dry_run else "moved"
     count = report.seen if args.dry_run else report.moved
@@ -279,8 +286,6 @@ def windows(start: str, end: str, by: str) -> list[Window]:
 
 def cmd_kickoff(args: argparse.Namespace) -> int:
     """Start one run per window (a backfill); a window already kicked off is left alone."""
-    from pipeline.runtime import build
-
     planned = windows(args.start, args.end, args.by)
     if args.aws:
         config = _state_config(args)
@@ -293,16 +298,16 @@ def cmd_kickoff(args: argparse.Namespace) -> int:
             vendor_url=args.vendor_url,
             allow_http=args.allow_http,
             token=token,
-            backend="local",
+            backend=Backend.LOCAL,
             sink=str(root),
             state_dir=str(root / ".harvest"),
         )
     lock = None
     if not args.aws:
-        from pipeline.local import own
+        from pipeline.local.scheduler import own
 
         lock = own(Path(args.out) / ".harvest")  # no `harvest local` may run meanwhile
-    rt = build(config)
+    rt = _build(args, config)
     started = skipped = 0
     try:
         for window in planned:

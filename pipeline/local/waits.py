@@ -16,10 +16,11 @@ from enum import StrEnum
 
 from pipeline.envelope import Envelope
 from pipeline.errors import MessageError
-from pipeline.inflight import STALL_SECONDS
 from pipeline.ledger import Ledger
-from pipeline.queues import Depth, Hidden, LocalQueueStore, Queue
-from pipeline.samples import LIVE_SECONDS, Sample
+from pipeline.local.queues import Hidden, LocalQueueStore
+from pipeline.local.samples import LIVE_SECONDS, Sample
+from pipeline.queues import Depth, Queue
+from pipeline.vendor_api.inflight import STALL_SECONDS
 
 # Untrusted text (a recorded error, a vendor path) is cut to this long on a status line.
 SHOWN_CHARS = 160

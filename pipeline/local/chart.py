@@ -1,6 +1,6 @@
 """A picture of a local run: one self-contained HTML file (inline SVG, no scripts, no links).
 
-Two panels drawn from the run's samples (pipeline.samples): messages queued per stage, and
+Two panels drawn from the run's samples (pipeline.local.samples): messages queued per stage, and
 vendor calls per second against the limit, with the 429s marked. The time axis counts the
 seconds a process was running the run: a resume continues where the stopped process left
 off, at a dashed line.
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 
-from pipeline.samples import Sample, read
+from pipeline.local.samples import Sample, read
 from pipeline.sinks import manifest_key
 from pipeline.stages import STAGE_NAMES
 

@@ -10,6 +10,7 @@ invocations running; each invocation gets a context whose remaining time counts 
 from __future__ import annotations
 
 import fcntl
+import importlib
 import logging
 import os
 import resource
@@ -22,21 +23,21 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aws_lambda_powertools.warnings import PowertoolsUserWarning
 
-from pipeline.chart import write_chart
-from pipeline.config import Config
+from pipeline.config import Backend, Config
 from pipeline.errors import AuthError, ConfigError
 from pipeline.ledger import RunStatus
+from pipeline.local.chart import write_chart
+from pipeline.local.runtime import LocalRuntime, build
+from pipeline.local.samples import SAMPLE_SECONDS, SAMPLES_FILE, Sample, SampleLog
+from pipeline.local.waits import Wait, local_waits, pause_wait, stalled_wait, tick_wait
 from pipeline.queues import Depth
 from pipeline.runtime import Runtime, reset_cache, runtime
-from pipeline.samples import SAMPLE_SECONDS, SAMPLES_FILE, Sample, SampleLog
-from pipeline.simulator import Simulator, SimulatorConfig, SimulatorProcess
+from pipeline.sinks import Sink
 from pipeline.stages import STAGE_NAMES
-from pipeline.verify import Comparison, compare
-from pipeline.waits import Wait, local_waits, pause_wait, stalled_wait, tick_wait
 from pipeline.window import Window
 
 STATE_DIR = ".harvest"
@@ -50,6 +51,37 @@ LOCK_FILE = "lock"
 LAST_CALL_FILE = "last-call"
 RATE_SECONDS = 3.0  # the live display's calls/s is averaged over this long
 POLL_SECONDS = 0.5  # how often the scheduler looks at the ledger and the queues
+# The functions a local run invokes, named as Terraform names their handlers (functions.tf),
+# and loaded by those names as the Lambda runtime loads them.
+KICKOFF_HANDLER = "workers.kickoff.handler"
+DRAIN_HANDLER = "workers.drain.handler"
+
+Handler = Callable[[dict[str, Any], Any], Any]
+
+
+class OutputCheck(Protocol):
+    """What a stand-in vendor says of a run's output."""
+
+    @property
+    def exact(self) -> bool: ...
+
+    def describe(self) -> str: ...
+
+
+class VendorStandIn(Protocol):
+    """A vendor a local run starts for itself and checks its output against: the simulator
+    (`pipeline.dev.simulator`)."""
+
+    @property
+    def token(self) -> str: ...
+
+    def start(self) -> str:
+        """Serve; return the base URL."""
+
+    def stop(self) -> None: ...
+
+    def check(self, sink: Sink, run_id: str, window: Window) -> OutputCheck:
+        """The run's output in `sink` against what this vendor holds for `window`."""
 
 
 @dataclass(frozen=True)
@@ -71,12 +103,11 @@ class LocalOptions:
     retry_delay: float = 1.0
     read_timeout: float = 10.0
     safety_margin: float = 15.0
-    deeper_first: bool = False
     verbose: bool = False  # logs on standard error too, not only in the log file
-    simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
-    # The simulator runs in a child process by default, so that it does not share the GIL
-    # with the pipeline it serves; in-process is cheaper to start for small test runs.
-    simulator_in_process: bool = False
+    # Started when there is no vendor_url, and the output checked against it: the simulator
+    # (in a child process, SimulatorProcess, so that it does not share the GIL with the
+    # pipeline it serves).
+    simulator: VendorStandIn | None = None
 
 
 @dataclass(frozen=True)
@@ -115,7 +146,7 @@ class LocalResult:
     limit_per_second: float
     out: Path
     manifest: Path
-    comparison: Comparison | None = None
+    comparison: OutputCheck | None = None
     auth_error: str = ""
     stalled: bool = False
     dlq_depth: int = 0
@@ -127,7 +158,7 @@ class LocalResult:
     interrupted: bool = False  # stopped by SIGINT/SIGTERM: what it held is back in its queues
     released_at_start: int = 0  # messages an earlier process left in flight, released
     waited_at_start: float = 0.0  # seconds the budget waited for the earlier calls' window
-    chart: Path | None = None  # the picture of the run (pipeline.chart), beside the manifest
+    chart: Path | None = None  # the picture of the run (pipeline.local.chart), beside the manifest
 
     @property
     def utilization(self) -> float:
@@ -177,25 +208,24 @@ def run_local(
     options: LocalOptions, on_progress: Callable[[Progress], None] | None = None
 ) -> LocalResult:
     """Harvest `options.window` into `options.out`; resume the same run if it was started."""
-    # Imported here: the handlers build their Powertools objects at import.
-    from workers import drain as drain_worker
-    from workers import kickoff as kickoff_worker
+    # Loaded here: the handlers build their Powertools objects at import.
+    drain_handler = load_handler(DRAIN_HANDLER)
+    kickoff_handler = load_handler(KICKOFF_HANDLER)
 
-    simulator: Simulator | SimulatorProcess | None = None
+    simulator = None
     url, token = options.vendor_url, options.token
     if url is None:
-        if options.simulator_in_process:
-            simulator = Simulator(options.simulator)
-        else:
-            simulator = SimulatorProcess(options.simulator)
+        if options.simulator is None:
+            raise ConfigError("a local run needs a vendor URL, or a simulator to start")
+        simulator = options.simulator
         url = simulator.start()
-        token = token or options.simulator.token
+        token = token or simulator.token
     out = options.out.resolve()
     config = Config(
         vendor_url=url,
         allow_http=options.allow_http or simulator is not None,
         token=token or "",
-        backend="local",
+        backend=Backend.LOCAL,
         rate_calls=options.rate_calls,
         rate_period=options.rate_period,
         sink=str(out),
@@ -206,7 +236,6 @@ def run_local(
         visibility_timeout=options.invocation_timeout + 60,
         retry_delay=options.retry_delay,
         read_timeout=options.read_timeout,
-        deeper_first=options.deeper_first,
     )
     lock = own(out / STATE_DIR)
     _redirect_logs(out / STATE_DIR / LOG_FILE, verbose=options.verbose)
@@ -215,7 +244,7 @@ def run_local(
     warnings.filterwarnings("ignore", category=PowertoolsUserWarning)
     saved_env = _install_env(config, token or "")
     reset_cache()
-    rt = runtime(config)
+    rt = runtime(config, build)
     run_id = options.window.run_id
     # This process owns the state: what an earlier one left in flight goes back now, and
     # the budget waits out the window of the earlier one's last calls.
@@ -226,14 +255,14 @@ def run_local(
     auth_error = ""
     stalled = False
     samples = SampleLog(out / STATE_DIR / SAMPLES_FILE)
-    scheduler = _Scheduler(rt, options, drain_worker.handler, samples)
+    scheduler = _Scheduler(rt, options, drain_handler, samples)
     scheduler.resumed_until = time.monotonic() + waited
     restore_signals = _stop_on_signals(scheduler)
     try:
         status = rt.ledger.status(run_id)
         try:
             if status is None or not status.kicked_off:
-                kickoff_worker.handler(
+                kickoff_handler(
                     {"from": options.window.from_text, "to": options.window.to_text},
                     LocalContext("kickoff", options.invocation_timeout),
                 )
@@ -250,9 +279,7 @@ def run_local(
         status = rt.ledger.status(run_id)
         comparison = None
         if simulator is not None and status is not None and status.settled:
-            comparison = compare(
-                rt.sink, run_id, simulator.ground_truth(options.window.start, options.window.end)
-            )
+            comparison = simulator.check(rt.sink, run_id, options.window)
         stats = rt.stats.snapshot()
         chart = write_chart(samples.path, out, run_id)
         return LocalResult(
@@ -294,11 +321,7 @@ class _Scheduler:
     """EventBridge and Lambda, played by threads."""
 
     def __init__(
-        self,
-        rt: Runtime,
-        options: LocalOptions,
-        handler: Callable[[dict[str, Any], Any], Any],
-        samples: SampleLog,
+        self, rt: LocalRuntime, options: LocalOptions, handler: Handler, samples: SampleLog
     ) -> None:
         self.rt = rt
         self.samples = samples
@@ -497,6 +520,13 @@ class _Scheduler:
             drains_running=self.drains_running(),
             waits=waits,
         )
+
+
+def load_handler(spec: str) -> Handler:
+    """The handler named as Lambda names it, `module.function`, imported as Lambda imports it."""
+    module, _, name = spec.rpartition(".")
+    handler: Handler = getattr(importlib.import_module(module), name)
+    return handler
 
 
 def _install_env(config: Config, token: str) -> dict[str, str | None]:

@@ -24,15 +24,12 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import lru_cache
 from itertools import repeat
 from types import TracebackType
 from typing import Any, cast
-from urllib.parse import quote, urlencode, urlsplit
 
 import requests
 from aws_lambda_powertools import Logger
-from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 from tenacity import (
     RetryCallState,
@@ -53,9 +50,19 @@ from pipeline.errors import (
     RetryableError,
     quoted,
 )
-from pipeline.inflight import CallsInFlight
-from pipeline.latency import Latency
 from pipeline.stats import CallStats
+from pipeline.vendor_api.inflight import CallsInFlight
+from pipeline.vendor_api.latency import Latency
+from pipeline.vendor_api.transport import (
+    TRANSIENT_EXCEPTIONS,
+    VendorAdapter,
+    describe_transport_error,
+    encode_query,
+    header_int,
+    header_seconds,
+    read_body,
+    vendor_path,
+)
 
 logger = Logger(service="harvest", child=True)
 
@@ -70,16 +77,6 @@ DEFAULT_RATE_LIMIT_WAIT = 1.0
 DEFAULT_MAX_PAGES = 1000
 DEFAULT_MAX_RETRY_AFTER = 60.0
 DEFAULT_MAX_PAGE_BYTES = 8 * 1024 * 1024
-# Bodies are read in chunks of this size, so that one over the cap stops being read soon.
-BODY_CHUNK_BYTES = 64 * 1024
-# Transport failures worth another attempt: refused or reset connections, connect and
-# read timeouts (a stalled vendor), bodies cut short (chunked or Content-Length errors).
-TRANSIENT_EXCEPTIONS: tuple[type[Exception], ...] = (
-    requests.exceptions.ConnectionError,
-    requests.exceptions.Timeout,
-    requests.exceptions.ChunkedEncodingError,
-    requests.exceptions.ContentDecodingError,
-)
 
 
 @dataclass(frozen=True)
@@ -88,34 +85,6 @@ class Page:
 
     items: list[dict[str, Any]]
     next_cursor: str | None
-
-
-def encode_segment(entity_id: str) -> str:
-    """`entity_id` percent-encoded as exactly one path segment (RFC 3986, unreserved literal).
-
-    "." and ".." are encoded as "%2E" / "%2E%2E": left literal they are dot-segments,
-    which any URL normaliser (urllib3's among them) resolves against the parent path.
-    PoisonError if the id is empty or not encodable (a lone surrogate).
-    """
-    if not entity_id:
-        raise PoisonError("entity id is empty")
-    try:
-        segment = quote(entity_id, safe="")
-    except UnicodeEncodeError as exc:
-        raise PoisonError(f"entity id is not valid Unicode: {entity_id!r}") from exc
-    if segment in (".", ".."):
-        segment = segment.replace(".", "%2E")
-    return segment
-
-
-def vendor_path(path_template: str, entity_id: str | None = None) -> str:
-    """The request path: `path_template` with `{id}` replaced by the encoded `entity_id`."""
-    has_slot = "{id}" in path_template
-    if has_slot != (entity_id is not None):
-        raise ValueError(f"path {path_template!r} and entity id {entity_id!r} do not fit")
-    if entity_id is None:
-        return path_template
-    return path_template.replace("{id}", encode_segment(entity_id))
 
 
 _TOKEN_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -145,73 +114,6 @@ class _AttemptFailed(Exception):
         self.cause = cause
         self.status = status
         self.retry_after = retry_after
-
-
-class _VendorAdapter(HTTPAdapter):
-    """requests' HTTPAdapter that finds the vendor's connection pool once, not per request.
-
-    HTTPAdapter parses every request's URL into a pool key and looks the pool up again, then
-    parses it once more for the request line, and fills a cookie jar nobody reads: together
-    about a fifth of the adapter's instructions per call, for one host that never changes.
-    Only documented subclassing hooks change (`get_connection_with_tls_context`,
-    `request_url`, `build_response`); `send`, which the `responses` test mocks replace, is
-    HTTPAdapter's own.
-    """
-
-    def __init__(self, base_url: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._prefix = base_url.rstrip("/") + "/"
-        parts = urlsplit(self._prefix)
-        self._origin = f"{parts.scheme}://{parts.netloc}"
-        self._pool: tuple[Any, Any] | None = None  # ((verify, cert), pool)
-
-    def _ours(self, request: requests.PreparedRequest, proxies: Mapping[str, str] | None) -> bool:
-        return not proxies and (request.url or "").startswith(self._prefix)
-
-    def request_url(
-        self, request: requests.PreparedRequest, proxies: Mapping[str, str] | None
-    ) -> str:
-        # The URL after the origin, as HTTPAdapter sends it when there is no proxy, without
-        # parsing it again.
-        if self._ours(request, proxies):
-            target = (request.url or "")[len(self._origin) :]
-            if not target.startswith("//"):
-                return target
-        return super().request_url(request, proxies)
-
-    def get_connection_with_tls_context(
-        self,
-        request: requests.PreparedRequest,
-        verify: bool | str | None,
-        proxies: Mapping[str, str] | None = None,
-        cert: Any = None,
-    ) -> Any:
-        cacheable = self._ours(request, proxies)
-        cached = self._pool  # read once: close() may clear it meanwhile
-        if cacheable and cached is not None and cached[0] == (verify, cert):
-            return cached[1]
-        pool = super().get_connection_with_tls_context(request, verify, proxies, cert)
-        if cacheable:
-            self._pool = ((verify, cert), pool)
-        return pool
-
-    def build_response(self, req: requests.PreparedRequest, resp: Any) -> requests.Response:
-        # HTTPAdapter's build_response without the cookie jar: the vendor contract has no
-        # cookies and nothing here would send them back, so parsing Set-Cookie is wasted.
-        response = requests.Response()
-        response.status_code = resp.status
-        response.headers = CaseInsensitiveDict(resp.headers)
-        response.encoding = requests.utils.get_encoding_from_headers(response.headers)
-        response.raw = resp
-        response.reason = resp.reason
-        response.url = req.url or ""
-        response.request = req
-        response.connection = self
-        return response
-
-    def close(self) -> None:
-        self._pool = None
-        super().close()
 
 
 class VendorClient:
@@ -270,7 +172,7 @@ class VendorClient:
         if self._owns_session:
             # One pool per host, big enough that every drain thread keeps its connection;
             # retries are ours (below), not urllib3's.
-            adapter = _VendorAdapter(
+            adapter = VendorAdapter(
                 self.base_url, pool_connections=4, pool_maxsize=pool_size, max_retries=0
             )
             self._session.mount("https://", adapter)
@@ -334,14 +236,9 @@ class VendorClient:
         path_template: str,
         entity_id: str | None = None,
         params: Mapping[str, str] | None = None,
-        *,
-        priority: int = 0,
     ) -> Iterator[dict[str, Any]]:
-        """Every item of a paginated listing, following `next_cursor` to the last page.
-
-        `priority` goes to the rate budget: a higher one is served first when calls wait.
-        """
-        for items in self.pages(path_template, entity_id, params, priority=priority):
+        """Every item of a paginated listing, following `next_cursor` to the last page."""
+        for items in self.pages(path_template, entity_id, params):
             yield from items
 
     def pages(
@@ -349,8 +246,6 @@ class VendorClient:
         path_template: str,
         entity_id: str | None = None,
         params: Mapping[str, str] | None = None,
-        *,
-        priority: int = 0,
     ) -> Iterator[list[dict[str, Any]]]:
         """The items of a paginated listing page by page (as `items`, one list per page).
 
@@ -361,7 +256,7 @@ class VendorClient:
         seen: set[str] = set()
         pages = 0
         while True:
-            page = self.get_page(path_template, entity_id, params, cursor=cursor, priority=priority)
+            page = self.get_page(path_template, entity_id, params, cursor=cursor)
             pages += 1
             yield page.items
             cursor = page.next_cursor
@@ -387,7 +282,6 @@ class VendorClient:
         params: Mapping[str, str] | None = None,
         *,
         cursor: str | None = None,
-        priority: int = 0,
     ) -> Page:
         """One page of a listing (the first, or the one `cursor` points at), with retries."""
         path = vendor_path(path_template, entity_id)
@@ -395,25 +289,25 @@ class VendorClient:
         if cursor is not None:
             query["cursor"] = cursor
         try:
-            url = f"{self.base_url}{path}?{_encode_query(tuple(query.items()))}"
+            url = f"{self.base_url}{path}?{encode_query(tuple(query.items()))}"
         except UnicodeEncodeError as exc:
             # JSON can carry a lone surrogate ("\ud800") in a cursor; no URL can.
             raise PoisonError(
                 f"GET {path}: a cursor or parameter is not valid Unicode: {quoted(query, 120)}"
             ) from exc
         try:
-            page: Page = self._retrying(self._attempt, url, path, priority)
+            page: Page = self._retrying(self._attempt, url, path)
         except RetryError as exc:
             raise self._give_up(path, exc) from exc.last_attempt.exception()
         return page
 
     # -- one attempt -----------------------------------------------------------------------
 
-    def _attempt(self, url: str, path: str, priority: int = 0) -> Page:
+    def _attempt(self, url: str, path: str) -> Page:
         try:
-            response, started, oversize = self._send(url, priority)
+            response, started, oversize = self._send(url)
         except TRANSIENT_EXCEPTIONS as exc:
-            raise _AttemptFailed(_describe_transport_error(exc)) from exc
+            raise _AttemptFailed(describe_transport_error(exc)) from exc
         except RateLimitedError as exc:
             # The budget is paused for longer than this call may wait (by a 429 here, in
             # another thread or, shared, in another invocation): the message waits instead.
@@ -423,10 +317,10 @@ class VendorClient:
         self._stats.add(calls=1, latency_total=elapsed)
         # The vendor counted the request when it arrived, about when it was sent: its Reset
         # runs from then, not from now, a round trip later.
-        reset = _header_seconds(response, "X-RateLimit-Reset")
+        reset = header_seconds(response, "X-RateLimit-Reset")
         self._budget.observe(
-            _header_int(response, "X-RateLimit-Limit"),
-            _header_int(response, "X-RateLimit-Remaining"),
+            header_int(response, "X-RateLimit-Limit"),
+            header_int(response, "X-RateLimit-Remaining"),
             None if reset is None else reset - elapsed,
         )
         status = response.status_code
@@ -445,7 +339,7 @@ class VendorClient:
             raise _AttemptFailed("200 with a body that is not a page", status)
         self._stats.add(failures=1)
         if status == 429:
-            retry_after = _header_seconds(response, "Retry-After")
+            retry_after = header_seconds(response, "Retry-After")
             if retry_after is None:
                 retry_after = DEFAULT_RATE_LIMIT_WAIT
             self._stats.add(rate_limited=1)
@@ -462,7 +356,7 @@ class VendorClient:
                 )
             raise _AttemptFailed("429 rate limited", status, retry_after)
         if status in RETRY_STATUSES:
-            retry_after = _header_seconds(response, "Retry-After") if status == 503 else None
+            retry_after = header_seconds(response, "Retry-After") if status == 503 else None
             if retry_after is not None and retry_after > self._max_retry_after:
                 raise RetryableError(
                     f"GET {path}: {status} with Retry-After {retry_after:g} s,"
@@ -480,7 +374,7 @@ class VendorClient:
             raise PoisonError(f"GET {path}: unexpected {status}{_vendor_message(response)}")
         raise RetryableError(f"GET {path}: unexpected {status}")
 
-    def _send(self, url: str, priority: int = 0) -> tuple[requests.Response, float, str | None]:
+    def _send(self, url: str) -> tuple[requests.Response, float, str | None]:
         """Prepare, take a budget slot, send, read the body: the slot is taken as late as
         possible, so the vendor sees the request at the time the budget counted it.
 
@@ -499,7 +393,7 @@ class VendorClient:
         request.headers = CaseInsensitiveDict(cast(Mapping[str, str], self._session.headers))
         asked = time.perf_counter()
         try:
-            stamp = self._budget.acquire(priority, self._max_retry_after)
+            stamp = self._budget.acquire(self._max_retry_after)
         finally:
             started = time.perf_counter()
             self._waits.total = self.budget_waited() + (started - asked)
@@ -517,7 +411,7 @@ class VendorClient:
             )
             # Read the body now, as Session.send would: the connection goes back to the pool,
             # and a body cut short fails here, as a transport error.
-            oversize = _read_body(response, self._max_page_bytes)
+            oversize = read_body(response, self._max_page_bytes)
         except TRANSIENT_EXCEPTIONS as exc:
             self._stats.add(calls=1, failures=1, latency_total=time.perf_counter() - started)
             if isinstance(exc, requests.exceptions.ReadTimeout):
@@ -592,38 +486,6 @@ def _failure_of(retry_state: RetryCallState) -> _AttemptFailed | None:
     return failure if isinstance(failure, _AttemptFailed) else None
 
 
-def _read_body(response: requests.Response, limit: int) -> str | None:
-    """Read the body into `response.content`, or stop at `limit` bytes and say why.
-
-    A Content-Length over the limit is refused before a byte is read; otherwise the body
-    is read in chunks (decoded, so a compressed body is measured as it will be held) and
-    reading stops once it is over. A body not read whole is dropped (`content` is empty)
-    with its connection.
-    """
-    declared = _header_int(response, "Content-Length")
-    if declared is not None and declared > limit:
-        reason = f"page of {declared:,} bytes (Content-Length) over max_page_bytes ({limit:,})"
-    else:
-        chunks = []
-        size = 0
-        for chunk in response.iter_content(BODY_CHUNK_BYTES):
-            size += len(chunk)
-            if size > limit:
-                break
-            chunks.append(chunk)
-        else:
-            # What `Response.content` caches the body in, so that it and `json()` find it.
-            response._content = b"".join(chunks)
-            return None
-        reason = (
-            f"page of more than {limit:,} bytes over max_page_bytes ({limit:,}):"
-            f" stopped reading after {size:,} bytes"
-        )
-    response.close()
-    response._content = b""
-    return reason
-
-
 def _parse_page(response: requests.Response, path: str) -> Page | None:
     """The page in a 200's body, or None if the body is not one (cut short, not JSON).
 
@@ -649,26 +511,6 @@ def _parse_page(response: requests.Response, path: str) -> Page | None:
     return Page(items=items, next_cursor=cursor)
 
 
-@lru_cache(maxsize=256)
-def _encode_query(pairs: tuple[tuple[str, str], ...]) -> str:
-    """The query string: every name and value encoded whole (a run repeats the same ones)."""
-    return urlencode(pairs, quote_via=quote, safe="")
-
-
-def _describe_transport_error(exc: Exception) -> str:
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
-        return "connect timeout"
-    if isinstance(exc, requests.exceptions.ReadTimeout):
-        return "read timeout"
-    if isinstance(
-        exc, (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError)
-    ):
-        return "truncated body"
-    if isinstance(exc, requests.exceptions.ConnectionError):
-        return "connection error"
-    return type(exc).__name__
-
-
 def _vendor_message(response: requests.Response) -> str:
     """The vendor's `message` from an error body, as a suffix; empty if there is none."""
     try:
@@ -682,25 +524,3 @@ def _vendor_message(response: requests.Response) -> str:
     # wherever it is written next (logs, SQS attributes, the ledger): escape it.
     text = str(message)[:200].encode("utf-8", "backslashreplace").decode("utf-8")
     return f": {text}"
-
-
-def _header_int(response: requests.Response, name: str) -> int | None:
-    value = response.headers.get(name)
-    if value is None:
-        return None
-    try:
-        return int(value.strip())
-    except ValueError:
-        return None
-
-
-def _header_seconds(response: requests.Response, name: str) -> float | None:
-    """A header of non-negative decimal seconds; None if missing or garbage."""
-    value = response.headers.get(name)
-    if value is None:
-        return None
-    try:
-        seconds = float(value.strip())
-    except ValueError:
-        return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None

@@ -12,10 +12,10 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from pipeline.ledger import RunStatus
-from pipeline.local import LocalResult, Progress
+from pipeline.local.scheduler import LocalResult, Progress
+from pipeline.local.waits import Wait
 from pipeline.replay import DeadLetter
 from pipeline.stages import STAGE_NAMES
-from pipeline.waits import Wait
 
 
 def progress_table(p: Progress) -> Table:

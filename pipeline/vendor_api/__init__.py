@@ -1,0 +1,1 @@
+"""The vendor API's client: one Session, the contract's error table, retries, latency."""
