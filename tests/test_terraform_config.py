@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from terraform_support import WILDCARD_RESOURCE_SIDS, plugin_dir, terraform_env
+from terraform_support import unquote as _unquote
 
 from pipeline.stages import STAGES
 
@@ -87,17 +88,6 @@ def locals_(initialized: Path) -> dict[str, Any]:
 
 
 # -- HCL, statically -----------------------------------------------------------------------
-
-
-def _unquote(value: Any) -> Any:
-    """python-hcl2 keeps string literals quoted and expressions as "${...}"; unquote literals."""
-    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
-        return value[1:-1]
-    if isinstance(value, list):
-        return [_unquote(v) for v in value]
-    if isinstance(value, dict):
-        return {_unquote(k): _unquote(v) for k, v in value.items() if not k.startswith("__")}
-    return value
 
 
 @pytest.fixture(scope="module")
