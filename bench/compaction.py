@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,9 @@ def build_run(root: Path, data_groups: int, points: int) -> int:
     """Write a complete run of `data_groups` raw objects; return the raw bytes written."""
     sink = DirectorySink(root)
     run_id = WINDOW.run_id
+    # Values as a vendor might send them (three decimals, no pattern): constant or cyclic
+    # values would make the Parquet look smaller than it will be.
+    rng = random.Random(7)
     for i in range(data_groups):
         troop, warrior = f"troop-{i // 500:03d}", f"warrior-{i // 50:05d}"
         record = {
@@ -53,7 +57,7 @@ def build_run(root: Path, data_groups: int, points: int) -> int:
             "from": WINDOW.from_text,
             "to": WINDOW.to_text,
             "points": [
-                {"ts": f"2026-11-22T{h % 24:02d}:00:00Z", "value": (i * 31 + h) % 997 / 7}
+                {"ts": f"2026-11-22T{h % 24:02d}:00:00Z", "value": round(rng.uniform(0, 1000), 3)}
                 for h in range(points)
             ],
         }
