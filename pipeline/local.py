@@ -297,7 +297,7 @@ def run_local(
 
 def _compact(rt: Runtime, run_id: str) -> str:
     """Compact a complete run to Parquet unless done already; a line for the summary."""
-    from pipeline.compact import compact_run, pending_runs
+    from pipeline.compact import CompactionError, compact_run, pending_runs
 
     try:
         if not pending_runs(rt.sink, [run_id]):
@@ -305,6 +305,8 @@ def _compact(rt: Runtime, run_id: str) -> str:
         done = compact_run(rt.sink, run_id)
     except ImportError:
         return "not compacted: pyarrow is missing (pip install 'harvest[analytics]')"
+    except CompactionError as exc:
+        return f"not compacted: {exc}"
     return f"{done.rows} points in {len(done.files)} Parquet files under {rt.sink.location}/points/"
 
 
