@@ -74,3 +74,27 @@ output "dashboard_name" {
   description = "CloudWatch dashboard name (null when enable_dashboard is false)."
   value       = one(aws_cloudwatch_dashboard.this[*].dashboard_name)
 }
+
+################################################################################
+# Analytics
+################################################################################
+
+output "glue_database_name" {
+  description = "Glue database holding the points table (Athena: SELECT ... FROM <database>.points)."
+  value       = aws_glue_catalog_database.analytics.name
+}
+
+output "points_table_name" {
+  description = "Glue table over the compacted Parquet layer (partition projection on dt)."
+  value       = aws_glue_catalog_table.points.name
+}
+
+output "points_location" {
+  description = "S3 prefix of the compacted Parquet layer (what `harvest compact --aws` writes)."
+  value       = local.points_location
+}
+
+output "athena_workgroup_name" {
+  description = "Athena workgroup to query the points table with (results encrypted, configuration enforced)."
+  value       = aws_athena_workgroup.analytics.name
+}

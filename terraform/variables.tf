@@ -473,3 +473,41 @@ variable "enable_dashboard" {
   default     = true
   nullable    = false
 }
+
+################################################################################
+# Analytics (terraform/analytics.tf)
+################################################################################
+
+variable "glue_database_name" {
+  description = "Glue database of the points table; null derives <name_prefix>_analytics (hyphens become underscores)."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.glue_database_name == null || can(regex("^[a-z_][a-z0-9_]{0,254}$", var.glue_database_name))
+    error_message = "glue_database_name must be lowercase letters, digits and underscores (Athena's rule), or null."
+  }
+}
+
+variable "analytics_first_date" {
+  description = "First date (YYYY-MM-DD, UTC) the points table's dt partition projection covers; it runs to today."
+  type        = string
+  default     = "2024-01-01"
+
+  validation {
+    condition     = can(regex("^[0-9]{4}-[0-9]{2}-[0-9]{2}$", var.analytics_first_date)) && can(formatdate("YYYY", "${var.analytics_first_date}T00:00:00Z"))
+    error_message = "analytics_first_date must be a real date written YYYY-MM-DD."
+  }
+}
+
+variable "athena_bytes_scanned_cutoff" {
+  description = "Most bytes one query in the Athena workgroup may scan before Athena cancels it."
+  type        = number
+  default     = 10737418240 # 10 GiB
+
+  validation {
+    # Athena's own minimum is 10 MB.
+    condition     = var.athena_bytes_scanned_cutoff >= 10485760
+    error_message = "athena_bytes_scanned_cutoff must be at least 10485760 (10 MB)."
+  }
+}

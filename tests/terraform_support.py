@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 # The one IAM statement allowed a "*" resource: X-Ray's write actions have no
 # resource-level permissions.
@@ -53,3 +54,14 @@ def terraform_env(*, without_aws_credentials: bool = False) -> dict[str, str]:
         ):
             env.pop(name, None)
     return env
+
+
+def unquote(value: Any) -> Any:
+    """python-hcl2 keeps string literals quoted and expressions as "${...}"; unquote literals."""
+    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
+        return value[1:-1]
+    if isinstance(value, list):
+        return [unquote(v) for v in value]
+    if isinstance(value, dict):
+        return {unquote(k): unquote(v) for k, v in value.items() if not k.startswith("__")}
+    return value

@@ -309,3 +309,55 @@ def test_replay_aws_touches_only_the_named_stage(aws: Aws) -> None:
     assert [m["Body"] for m in aws.messages("warriors")] == [warrior.to_json()]
     assert len(aws.messages("data_groups", "dlq_url")) == 1
     assert aws.messages("data_groups") == []
+
+
+# -- compact (pipeline/compact.py) --------------------------------------------------------
+
+
+def test_compact_aws_writes_parquet_to_the_bucket_once_per_complete_run(
+    aws: Aws, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pq = pytest.importorskip("pyarrow.parquet")
+    import io
+
+    from pipeline.compact import compaction_key
+    from pipeline.sinks import S3Sink, write_manifest, write_records
+
+    # GIVEN a complete run with two data groups of three points in the bucket
+    aws.record_run(dead=False)
+    sink = S3Sink(boto3.client("s3", region_name=REGION), f"s3://{BUCKET}/harvest")
+    for e in (group("d1"), group("d2")):
+        points = [{"ts": f"2024-03-01T0{h}:00:00Z", "value": h} for h in range(3)]
+        record = dict(zip(("troop_id", "warrior_id", "data_group_id"), e.path, strict=True))
+        write_records(sink, RUN, e.key, [{"run_id": RUN, **record, "points": points}])
+    write_manifest(sink, RUN, {"run_id": RUN, "status": "complete"})
+
+    # WHEN the operator compacts pending runs, twice
+    assert cli.main(["compact", "--aws"]) == 0
+    assert cli.main(["compact", "--aws"]) == 0
+
+    # THEN one Parquet file of the six points under the sink's points/ prefix; the second
+    # call finds nothing left to compact
+    said = capsys.readouterr().out
+    assert f"{RUN}: 6 points from 2 raw objects in 1 Parquet files" in said
+    assert "nothing to compact" in said
+    record = json.loads(sink.get(compaction_key(RUN)) or b"{}")
+    assert record["status"] == "complete"
+    [written] = record["files"]
+    assert written["key"] == f"points/dt=2024-03-01/{RUN}.part-00000.parquet"
+    blob = sink.get(written["key"])
+    assert blob is not None and pq.read_table(io.BytesIO(blob)).num_rows == 6
+
+
+def test_compact_aws_leaves_a_run_with_dead_letters_alone(
+    aws: Aws, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.sinks import S3Sink, write_manifest
+
+    aws.record_run(dead=True)
+    sink = S3Sink(boto3.client("s3", region_name=REGION), f"s3://{BUCKET}/harvest")
+    write_manifest(sink, RUN, {"run_id": RUN, "status": "incomplete"})
+
+    assert cli.main(["compact", "--aws"]) == 0
+    assert "nothing to compact" in capsys.readouterr().out
+    assert list(sink.keys("points/")) == []

@@ -24,6 +24,7 @@ from terraform_support import (
     plugin_dir,
     terraform_env,
 )
+from terraform_support import unquote as _unquote
 
 from pipeline.local.scheduler import DRAIN_HANDLER, KICKOFF_HANDLER, load_handler
 from pipeline.stages import STAGES
@@ -93,17 +94,6 @@ def locals_(initialized: Path) -> dict[str, Any]:
 
 
 # -- HCL, statically -----------------------------------------------------------------------
-
-
-def _unquote(value: Any) -> Any:
-    """python-hcl2 keeps string literals quoted and expressions as "${...}"; unquote literals."""
-    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
-        return value[1:-1]
-    if isinstance(value, list):
-        return [_unquote(v) for v in value]
-    if isinstance(value, dict):
-        return {_unquote(k): _unquote(v) for k, v in value.items() if not k.startswith("__")}
-    return value
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline.compact import DEFAULT_ROWS_PER_FILE
 from pipeline.config import Backend, Config
 from pipeline.errors import ConfigError, HarvestError
 from pipeline.stages import STAGE_NAMES
@@ -268,6 +269,47 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- compacted output (pipeline/compact.py, pipeline/dev/query.py) --------------------------
+
+ANALYTICS = "needs pyarrow and duckdb: pip install 'harvest[analytics]'"
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    """Compact complete runs to Parquet: --run RUN (again, if done), else every one pending."""
+    from pipeline.compact import compact_run, pending_runs
+
+    rt = _build(args, _state_config(args))
+    try:
+        run_ids = [args.run] if args.run else pending_runs(rt.sink, rt.ledger.runs())
+        if not run_ids:
+            print("nothing to compact: every complete run has been compacted")
+        for run_id in run_ids:
+            try:
+                done = compact_run(rt.sink, run_id, rows_per_file=args.rows_per_file)
+            except ImportError:
+                raise ConfigError(f"harvest compact {ANALYTICS}") from None
+            print(
+                f"{run_id}: {done.rows} points from {done.raw_objects} raw objects in"
+                f" {len(done.files)} Parquet files under {rt.sink.location}/points/"
+            )
+    finally:
+        rt.close()
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    try:
+        from pipeline.dev.query import query
+    except ImportError:
+        raise ConfigError(f"harvest query {ANALYTICS}") from None
+    try:
+        result = query(Path(args.out), args.sql)
+    except ImportError:
+        raise ConfigError(f"harvest query {ANALYTICS}") from None
+    print(result.text())
+    return 0
+
+
 STEPS = {"day": timedelta(days=1), "hour": timedelta(hours=1)}
 
 
@@ -436,6 +478,24 @@ def parser() -> argparse.ArgumentParser:
     replay.add_argument("--rate", type=float, help="at most R messages per second")
     state_args(replay)
     replay.set_defaults(func=cmd_replay)
+
+    compact = sub.add_parser(
+        "compact", help="write complete runs' points as Parquet (points/dt=YYYY-MM-DD/)"
+    )
+    compact.add_argument("--run", help="this run, even if compacted before (default: pending)")
+    compact.add_argument(
+        "--rows-per-file",
+        type=int,
+        default=DEFAULT_ROWS_PER_FILE,
+        help=f"most rows per Parquet file ({DEFAULT_ROWS_PER_FILE:,}; keep it once compacted)",
+    )
+    state_args(compact)
+    compact.set_defaults(func=cmd_compact)
+
+    query = sub.add_parser("query", help="SQL (DuckDB) over --out's Parquet as the view `points`")
+    query.add_argument("sql", help='e.g. "SELECT count(*) FROM points"')
+    query.add_argument("--out", default=DEFAULT_OUT, help="a local run's output directory")
+    query.set_defaults(func=cmd_query)
     return p
 
 

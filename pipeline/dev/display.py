@@ -110,6 +110,8 @@ def print_summary(console: Console, r: LocalResult) -> None:
         lines.append(f"  chart: {r.chart}")
     if r.comparison is not None:
         lines.append(f"  check: {r.comparison.describe()}")
+    if r.compaction:
+        lines.append(f"  parquet: {r.compaction}")
     if r.dlq_depth:
         lines.append(
             f"  {r.dlq_depth} messages dead-lettered: see `harvest dlq STAGE --out {r.out}`,"

@@ -159,6 +159,7 @@ class LocalResult:
     released_at_start: int = 0  # messages an earlier process left in flight, released
     waited_at_start: float = 0.0  # seconds the budget waited for the earlier calls' window
     chart: Path | None = None  # the picture of the run (pipeline.local.chart), beside the manifest
+    compaction: str = ""  # what compaction (pipeline.compact) made of a complete run
 
     @property
     def utilization(self) -> float:
@@ -280,6 +281,9 @@ def run_local(
         comparison = None
         if simulator is not None and status is not None and status.settled:
             comparison = simulator.check(rt.sink, run_id, options.window)
+        compaction = ""
+        if status is not None and status.complete and not scheduler.stopping.is_set():
+            compaction = _compact(rt, run_id)
         stats = rt.stats.snapshot()
         chart = write_chart(samples.path, out, run_id)
         return LocalResult(
@@ -305,6 +309,7 @@ def run_local(
             released_at_start=released,
             waited_at_start=waited,
             chart=chart,
+            compaction=compaction,
         )
     finally:
         samples.close()
@@ -315,6 +320,21 @@ def run_local(
         if simulator is not None:
             simulator.stop()
         lock.close()
+
+
+def _compact(rt: Runtime, run_id: str) -> str:
+    """Compact a complete run to Parquet unless done already; a line for the summary."""
+    from pipeline.compact import CompactionError, compact_run, pending_runs
+
+    try:
+        if not pending_runs(rt.sink, [run_id]):
+            return "compacted already (`harvest compact --run RUN` compacts again)"
+        done = compact_run(rt.sink, run_id)
+    except ImportError:
+        return "not compacted: pyarrow is missing (pip install 'harvest[analytics]')"
+    except CompactionError as exc:
+        return f"not compacted: {exc}"
+    return f"{done.rows} points in {len(done.files)} Parquet files under {rt.sink.location}/points/"
 
 
 class _Scheduler:

@@ -62,7 +62,7 @@ END = datetime(2024, 3, 2, tzinfo=UTC)
 SIMULATED = SimulatorConfig(troops=2, warriors_per_troop=2, data_groups_per_warrior=2)
 
 # Everything the provider talks to, pointed at moto.
-ENDPOINTS = "cloudwatch dynamodb events iam kms lambda logs s3 sns sqs ssm sts".split()
+ENDPOINTS = "athena cloudwatch dynamodb events glue iam kms lambda logs s3 sns sqs ssm sts".split()
 # Small, so that an entity the vendor keeps failing is dead-lettered within one invocation.
 MAX_RECEIVE_COUNT = 2
 RETRY_DELAY = 1
@@ -98,7 +98,7 @@ def override(endpoint: str) -> str:
   access_key                  = "test"
   secret_key                  = "test"
   skip_credentials_validation = true
-  skip_requesting_account_id  = true
+  skip_requesting_account_id  = false
   skip_metadata_api_check     = true
   skip_region_validation      = true
   s3_use_path_style           = true
