@@ -320,8 +320,9 @@ def test_compact_aws_writes_parquet_to_the_bucket_once_per_complete_run(
     pq = pytest.importorskip("pyarrow.parquet")
     import io
 
+    from pipeline.aws.sinks import S3Sink
     from pipeline.compact import compaction_key
-    from pipeline.sinks import S3Sink, write_manifest, write_records
+    from pipeline.sinks import write_manifest, write_records
 
     # GIVEN a complete run with two data groups of three points in the bucket
     aws.record_run(dead=False)
@@ -352,7 +353,8 @@ def test_compact_aws_writes_parquet_to_the_bucket_once_per_complete_run(
 def test_compact_aws_leaves_a_run_with_dead_letters_alone(
     aws: Aws, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from pipeline.sinks import S3Sink, write_manifest
+    from pipeline.aws.sinks import S3Sink
+    from pipeline.sinks import write_manifest
 
     aws.record_run(dead=True)
     sink = S3Sink(boto3.client("s3", region_name=REGION), f"s3://{BUCKET}/harvest")
