@@ -274,6 +274,8 @@ class Drain:
                 wait = max(0.0, min(self.wait_seconds, remaining() - safety_margin))
                 messages = self.queue.receive(BATCH, wait_seconds=wait)
                 if not messages:
+                    # Nothing more now: what waits to be recorded goes out (a run's tail).
+                    self._flush()
                     if flow.idle() and self._idle(empty_since):
                         report.stopped = StopReason.IDLE
                         break
