@@ -77,6 +77,8 @@ INITIAL_LATENCY = 0.1
 # (one BatchWriteItem holds 25), or the first has waited this long.
 FLUSH_ENTRIES = 25
 FLUSH_SECONDS = 3.0
+# However few states they carry (skips carry none), this many waiting messages are deleted.
+MAX_SETTLING = 100
 
 
 class OutcomeKind(StrEnum):
@@ -302,6 +304,10 @@ class Drain:
                         message.id in finished,
                     )
         finally:
+            # Past the loop nothing waits for company: whatever finishes from now on is
+            # recorded and deleted at once, not left for a kill at the timeout to undo.
+            self.flush_entries = 1
+            self._flush()
             pool.shutdown(wait=True)
             self._flush()
         if stop.is_set():
@@ -487,7 +493,7 @@ class Drain:
             self.stage.name,
         )
         vanished: list[str] = []
-        if message.receive_count > 1:
+        if _again(message):
             # An earlier attempt may have recorded children this listing no longer names.
             earlier = self._store(
                 self.ledger.children, envelope.run_id, self.stage.name, envelope.key
@@ -647,8 +653,11 @@ class Drain:
                 self._settling.since = time.monotonic()
             self._settling.items.extend(items)
             self._settling.states += sum(entry is not None for entry, _ in items)
-            due = self._settling.states >= self.flush_entries or len(self._settling.items) >= 100
-        if due:
+            full = len(self._settling.items) >= MAX_SETTLING
+            due = self._settling.states >= self.flush_entries
+        if full:
+            self._flush()
+        elif due:
             self._flush(whole=False)
 
     def _flush(self, older_than: float = 0.0, *, whole: bool = True) -> None:
@@ -673,10 +682,11 @@ class Drain:
                         room -= 1
                     cut += 1
                 take = waiting.items[:cut]
+                if not take:
+                    return
             rest = waiting.items[len(take) :]
-            self._settling = _Settling(
-                rest, sum(e is not None for e, _ in rest), time.monotonic() if rest else 0.0
-            )
+            # What is left keeps its age (at most that of the first taken).
+            self._settling = _Settling(rest, sum(e is not None for e, _ in rest), waiting.since)
         entries = [entry for entry, _ in take if entry is not None]
         try:
             for run_id, group in _group(entries, lambda e: e[0]).items():

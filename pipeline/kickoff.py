@@ -50,7 +50,8 @@ def kickoff(window: Window, *, client: VendorClient, queue: Queue, ledger: Ledge
     # the troops not yet listed: a finished troop's subtree is not harvested again.
     # Those sent again are marked: their subtrees are checked the same way (see the drain).
     finished = ledger.finished(run_id, FIRST_STAGE, [t.key for t in troops])
-    again = RELISTED if earlier is not None and earlier.kicked_off else {}
+    # (A run recorded before: kicked off, or a kickoff that failed after sending.)
+    again = RELISTED if earlier is not None else {}
     queue.send([Outgoing(t.to_json(), again) for t in troops if t.key not in finished])
     ledger.kicked_off(run_id)
     logger.info("run kicked off", extra={"run_id": run_id, "troops": len(troops)})

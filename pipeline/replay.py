@@ -20,6 +20,7 @@ from pipeline.queues import (
     DEAD_RECEIVES,
     ERROR_CLASS,
     ERROR_MESSAGE,
+    RELISTED,
     Message,
     Outgoing,
     Queue,
@@ -128,7 +129,9 @@ def replay(
             break
         report.seen += len(batch)
         report.reasons.update(reason_of(m) for m in batch)
-        queue.send([Outgoing(m.body, m.attributes) for m in batch])
+        # Marked, so the drain reads the ledger first: a dead letter SQS moved itself carries
+        # no attributes of ours, and its entity may be partly or wholly done.
+        queue.send([Outgoing(m.body, {**m.attributes, **RELISTED}) for m in batch])
         dlq.delete([m.receipt for m in batch])
         report.moved += len(batch)
         if rate:

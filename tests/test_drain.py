@@ -10,6 +10,7 @@ import json
 import re
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from moto import mock_aws
 import pipeline.drain as drain_module
 from pipeline.aws.queues import SqsQueue
 from pipeline.config import Config
-from pipeline.drain import FLUSH_ENTRIES, Drain, DrainReport, monotonic_deadline
+from pipeline.drain import FLUSH_ENTRIES, FLUSH_SECONDS, Drain, DrainReport, monotonic_deadline
 from pipeline.envelope import MAX_BODY_BYTES, Envelope
 from pipeline.ledger import State
 from pipeline.local.budget import PacedBudget
@@ -46,6 +47,7 @@ from pipeline.queues import (
     Queue,
     QueueError,
 )
+from pipeline.replay import replay
 from pipeline.runtime import reset_cache
 from pipeline.sinks import read_run
 from pipeline.stages import STAGE_NAMES, stage, upstream
@@ -1175,3 +1177,120 @@ def test_every_batch_is_recorded_at_once_and_every_message_looked_up_unless_econ
     assert (report.done, report.skipped) == (29, 1)
     assert sum(writes) == 29
     assert len(writes) >= 3
+
+
+def test_replayed_parent_sqs_redrove_itself_settles_what_its_first_listing_recorded(
+    pipeline: Pipeline, vendor: FakeVendor
+) -> None:
+    # GIVEN a troop whose first attempt recorded warriors w1 and w2 (w1 harvested since),
+    # then whose message SQS moved to the DLQ itself (no dead-letter attributes of ours);
+    # the vendor no longer lists w2
+    w1, w2 = (troop().child("warriors", w) for w in ("w1", "w2"))
+    pipeline.ledger.enqueued(RUN, "troops", [(troop().key, troop().path)])
+    pipeline.ledger.enqueued(
+        RUN, "warriors", [(w.key, w.path) for w in (w1, w2)], ("troops", troop().key)
+    )
+    pipeline.ledger.finish(RUN, "warriors", w1.key, State.DONE)
+    pipeline.dlqs["troops"].send([Outgoing(troop().to_json())])
+    vendor.warriors[TROOP] = ["w1"]
+
+    # WHEN the DLQ is replayed and the troops stage drains, economical (as on DynamoDB)
+    replay(pipeline.dlqs["troops"], pipeline.queues["troops"])
+    pipeline.drain("troops", economical=True).run(monotonic_deadline(5.0), 0.0)
+
+    # THEN w2 is recorded gone rather than queued for ever, and done w1 is not sent again
+    assert pipeline.counts("warriors") == (2, 1, 1, 0)
+    assert peek(pipeline.queues["warriors"]) == []
+
+
+def test_past_the_deadline_finished_messages_are_recorded_without_waiting_for_company(
+    pipeline: Pipeline, vendor: FakeVendor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN a batch of ten quick data groups, then a batch of nine quick ones and one whose
+    # write hangs until released; economical, so the first batch waits for company
+    first = [f"a{i}" for i in range(10)]
+    second = [f"b{i}" for i in range(9)]
+    for d in [*first, *second, "slow"]:
+        vendor.points[d] = [POINTS[0]]
+    slow_started, release = threading.Event(), threading.Event()
+    real_put = pipeline.sink.put
+
+    def put(key: str, blob: bytes, content_type: str) -> str:
+        if group("slow").key in key:
+            slow_started.set()
+            release.wait(10.0)
+        return real_put(key, blob, content_type)
+
+    monkeypatch.setattr(pipeline.sink, "put", put)
+    pipeline.enqueue(*(group(d) for d in first))
+    pipeline.enqueue(group("slow"), *(group(d) for d in second))
+    # the invocation reaches its safety margin once the slow one is under way
+    remaining = lambda: 0.0 if slow_started.is_set() else 10.0  # noqa: E731
+    seen: list[int] = []
+
+    def watch() -> None:
+        # WHEN the loop has stopped while the slow message still hangs
+        slow_started.wait(10.0)
+        for _ in range(60):
+            seen.append(pipeline.queues["data_groups"].depth().total)
+            if seen[-1] == 10:
+                break
+            time.sleep(0.05)
+        release.set()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    pipeline.drain("data_groups", concurrency=10, economical=True).run(remaining, 1.0)
+    watcher.join()
+
+    # THEN the first batch was recorded and deleted while the second waited on its slow one
+    # (of which those not started by the deadline were given back)
+    assert seen[-1] == 10
+    keys = [group(d).key for d in first]
+    assert pipeline.ledger.finished(RUN, "data_groups", keys) == set(keys)
+
+
+class _Recorder:
+    """A queue and ledger that only remember what was deleted and recorded."""
+
+    def __init__(self) -> None:
+        self.deleted: list[str] = []
+        self.recorded: list[Any] = []
+
+    def delete(self, receipts: Sequence[str]) -> None:
+        self.deleted.extend(receipts)
+
+    def finish_many(self, run_id: str, stage: str, entries: Sequence[Any]) -> None:
+        self.recorded.extend(entries)
+
+
+def test_a_finished_message_among_many_skips_is_recorded_within_flush_seconds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [0.0]
+    monkeypatch.setattr(drain_module, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    store = _Recorder()
+    drain = Drain(
+        stage("data_groups"),
+        queue=store,  # type: ignore[arg-type]
+        dlq=store,  # type: ignore[arg-type]
+        child_queue=None,
+        upstream=[],
+        client=None,  # type: ignore[arg-type]
+        sink=None,  # type: ignore[arg-type]
+        ledger=store,  # type: ignore[arg-type]
+        stats=None,  # type: ignore[arg-type]
+        economical=True,
+    )
+    # GIVEN one done message among skipped ones (copies of entities done already)
+    drain._settle([(("run", ("k0", State.DONE, "")), "r0")] + [(None, f"s{i}") for i in range(98)])
+
+    # WHEN more skips finish every 2 s, the loop's head looking after each
+    for t in range(1, 4):
+        now[0] = 2.0 * t
+        drain._settle([(None, f"x{t}")])
+        drain._flush(older_than=FLUSH_SECONDS)
+
+    # THEN the done one is recorded and deleted: past 100 waiting, or past FLUSH_SECONDS
+    assert "r0" in store.deleted
+    assert store.recorded == [("k0", State.DONE, "")]

@@ -4,15 +4,19 @@ still settle the run."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 import responses
 from conftest import WINDOW, local_config, settle
 
 from pipeline.config import Config
 from pipeline.dev.simulator import Simulator, SimulatorConfig
 from pipeline.envelope import Envelope
+from pipeline.kickoff import kickoff
+from pipeline.local.ledger import SqliteLedger
+from pipeline.local.queues import LocalQueueStore
 from pipeline.queues import RELISTED
 from pipeline.runtime import Runtime
 from pipeline.sinks import manifest_key
@@ -132,3 +136,34 @@ def test_kickoff_records_a_troop_with_an_invalid_id_dead_and_sends_the_rest(
     [dead] = rt.ledger.dead(WINDOW.run_id)
     assert dead.path == ("t\ud800",)
     assert "lone surrogate" in dead.error
+
+
+class _Troops:
+    """A vendor listing two troops."""
+
+    def items(self, path: str, entity_id: str | None = None) -> Iterator[dict[str, object]]:
+        return iter([{"id": "t1"}, {"id": "t2"}])
+
+
+def test_kickoff_retried_after_failing_past_its_sends_marks_what_it_sends_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN a kickoff that sent its troops, then failed before recording the run kicked off
+    # (a throttle on that last write: the operator runs it again)
+    ledger = SqliteLedger(tmp_path / "ledger.sqlite")
+    queue = LocalQueueStore(tmp_path / "queues.sqlite").queue("troops")
+
+    def throttled(run_id: str) -> None:
+        raise RuntimeError("ThrottlingException (simulated)")
+
+    with monkeypatch.context() as m:
+        m.setattr(ledger, "kicked_off", throttled)
+        with pytest.raises(RuntimeError):
+            kickoff(WINDOW, client=_Troops(), queue=queue, ledger=ledger)  # type: ignore[arg-type]
+
+    # WHEN it runs again
+    kickoff(WINDOW, client=_Troops(), queue=queue, ledger=ledger)  # type: ignore[arg-type]
+
+    # THEN the copies it sends again are marked: the drain checks them and their subtrees
+    sent = queue.receive(10)
+    assert sorted(m.attributes == RELISTED for m in sent) == [False, False, True, True]

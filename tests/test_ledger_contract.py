@@ -563,3 +563,28 @@ def test_manifest_signature_is_kept_and_follows_the_counts(ledger: Ledger) -> No
     after = ledger.status(RUN)
     assert after is not None
     assert after.manifest_signature == status.signature != after.signature
+
+
+def test_two_copies_of_one_parent_recorded_in_one_batch_count_once(ledger: Ledger) -> None:
+    # Two copies of a warrior's message (a relisting and the original) in one receive batch
+    started(ledger)
+    listing = [("g1", (*WARRIOR, "g1")), ("g2", (*WARRIOR, "g2"))]
+
+    ledger.enqueued_many(RUN, "data_groups", [(("warriors", "w"), listing)] * 2)
+
+    assert ledger.children(RUN, "warriors", "w") == {"g1", "g2"}
+    assert counts(ledger, "data_groups") == StageCounts(enqueued=2)
+
+
+def test_a_listing_of_ids_full_of_quotes_and_backslashes_is_recorded_whole(
+    ledger: Ledger,
+) -> None:
+    # Each such character is escaped twice as stored (the path's JSON inside the listing's):
+    # a listing's items must still fit DynamoDB's 400 KB
+    started(ledger)
+    ugly = [(f"{i:032x}", ('t"' * 60, "w\\" * 60, f"{i}" + '"' * 120)) for i in range(2000)]
+
+    ledger.enqueued(RUN, "data_groups", ugly, ("warriors", "w"))
+
+    assert len(ledger.children(RUN, "warriors", "w")) == 2000
+    assert counts(ledger, "data_groups") == StageCounts(enqueued=2000)

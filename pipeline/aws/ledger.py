@@ -61,9 +61,11 @@ def _listing_chunks(entities: Sequence[Entity]) -> list[list[tuple[str, str]]]:
     """(key, stored path) pairs in chunks that each fit a DynamoDB item (400 KB)."""
     chunks: list[list[tuple[str, str]]] = [[]]
     size = 0
-    for key, path in entities:
+    # By key: the same listing makes the same chunks whatever order the vendor named it in.
+    for key, path in sorted(entities):
         pair = (key, path_json(path))
-        cost = len(key) + len(pair[1]) + 8
+        # As stored: the pair's JSON (ASCII, so one byte a character), and a separator.
+        cost = len(json.dumps(pair)) + 2
         if size + cost > LISTING_CHUNK_BYTES and chunks[-1]:
             chunks.append([])
             size = 0
@@ -127,8 +129,10 @@ class DynamoLedger:
         return list(self._writers.map(write, items))
 
     def _put_all(self, items: Sequence[dict[str, Any]]) -> None:
-        """Put `items` with BatchWriteItem, 25 a request, until none is left unprocessed."""
-
+        """Put `items` with BatchWriteItem, 25 a request, until none is left unprocessed.
+        An item named twice (the same listing recorded by two copies of one parent) is put
+        once: BatchWriteItem refuses a request that names a key twice."""
+        items = list({(i["pk"]["S"], i["sk"]["S"]): i for i in items}.values())
         expires = {EXPIRES_AT: {"N": str(int(time.time() + self.retention))}}
 
         def put(chunk: Sequence[dict[str, Any]]) -> None:
