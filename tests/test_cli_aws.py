@@ -16,7 +16,7 @@ from pipeline.aws.ledger import DynamoLedger
 from pipeline.dev import cli
 from pipeline.envelope import Envelope
 from pipeline.ledger import State
-from pipeline.queues import DEAD_RECEIVES, DEAD_STAGE, ERROR_CLASS, ERROR_MESSAGE
+from pipeline.queues import DEAD_RECEIVES, DEAD_STAGE, ERROR_CLASS, ERROR_MESSAGE, RELISTED
 from pipeline.stages import STAGE_NAMES
 
 pytestmark = pytest.mark.integration
@@ -252,14 +252,15 @@ def test_replay_aws_moves_dead_letters_back_with_body_and_attributes(
     # WHEN the operator replays the data_groups DLQ
     code = cli.main(["replay", "data_groups", "--aws"])
 
-    # THEN the DLQ is empty and the queue holds the message as it was
+    # THEN the DLQ is empty and the queue holds the message as it was, marked relisted (so
+    # the drain reads the ledger before working on it)
     assert code == 0
     assert "moved 1 messages" in capsys.readouterr().out
     assert aws.messages("data_groups", "dlq_url") == []
     [moved] = aws.messages("data_groups")
     assert moved["Body"] == body
     attributes = {k: v["StringValue"] for k, v in moved["MessageAttributes"].items()}
-    assert attributes == DEAD_503
+    assert attributes == {**DEAD_503, **RELISTED}
 
 
 def test_replay_aws_dry_run_moves_nothing(aws: Aws, capsys: pytest.CaptureFixture[str]) -> None:
