@@ -28,10 +28,10 @@ What plays what:
   best phase (in AWS the first drains start 0-60 s after it). Not compressed: the drain's
   20 s idle grace (fixed in the code), the 1 s long poll (Terraform's
   `receive_wait_seconds`), the 5 s retry delay, the vendor's timeouts. Why not shorter
-  ticks: the safety margin must still cover a drain's last batch; a batch of warriors
-  records each of its children with one DynamoDB write, one after another (460 of them for
-  10 warriors of 46 data groups: 4-9 s here), and with `--tick 10` (a 5 s margin) drains
-  were killed at their timeout.
+  ticks: the safety margin must still cover a drain's last batch; when a batch of warriors
+  still recorded each child with a DynamoDB write of its own (460 for 10 warriors of 46
+  data groups: 4-9 s here; one BatchWriteItem now), drains were killed at their timeout
+  with `--tick 10` (a 5 s margin).
 - **DynamoDB**: moto servers of their own per run (`bench/aws_moto.py`: one request at a
   time, as DynamoDB's writes are atomic; queries of the ledger's shape read one partition),
   reached over HTTP by the botocore clients that `pipeline.aws.runtime.build` makes for backend
@@ -59,8 +59,7 @@ wall s        kickoff invoked (its cold start included) to the run's manifest wr
 ideal s       calls × W / L: the least time the vendor's limit allows
 util          ideal / wall
 util>out      the same from the first data group written to the end: the pace the budget
-              keeps once the fan-out (which waits on one ledger write per child) has fed
-              the last stage
+              keeps once the fan-out has fed the last stage
 429s          rate-limited responses
 q req/ent     queue requests (send, receive, delete, visibility, depth) per ledger entity
 ddb req/call  DynamoDB requests of all invocations (budget, ledger, completion checks;
@@ -84,12 +83,14 @@ exact         output equals the simulator's ground truth
 A failed invocation, a stall or an incomplete run is named after the line.
 
 Limits: moto spends 2-3 ms of CPU per DynamoDB write (plus its HTTP server's), on one core,
-and botocore 1.5-2 ms per request in the sandbox; at about 2.4 requests per call the
-ledger's moto server saturates somewhere above 100 calls/s, and then `ddb ms` rises far
-above `--ddb-ms` and every figure of that line measures moto, not the design (the 200
-calls/s lines on the 2-core development machine). The numbers move between runs by about
-a tenth (the machine is shared). The killed invocations' queue requests are lost. X-Ray
-tracing is off (Terraform turns it on); the token comes from the environment, not SSM.
+and botocore 1.5-2 ms per request in the sandbox. At the ledger's 2.4 requests per call of
+before (one write per child) its moto server saturated above about 100 calls/s; at
+0.1-0.15 now it does not (`ddb ms` stays near `--ddb-ms`; when it rises far above, that
+line measures moto, not the design). The sandboxes, moto and the simulator share the
+machine's cores, which Lambda's sandboxes would not: `cpu own/host` near 1.00 means the
+line measures the machine. The numbers move between runs by about a tenth. The killed
+invocations' queue requests are lost. X-Ray tracing is off (Terraform turns it on); the
+token comes from the environment, not SSM.
 """
 
 from __future__ import annotations
