@@ -27,7 +27,8 @@ class KickoffReport:
 def kickoff(window: Window, *, client: VendorClient, queue: Queue, ledger: Ledger) -> KickoffReport:
     """Start (or restart) the run of `window`; rerunning it is harmless, entities count once."""
     run_id = window.run_id
-    earlier = ledger.status(run_id)
+    # Whether this window was started before: one read of the run list, not the run's counts.
+    started_before = run_id in ledger.runs()
     ledger.start_run(run_id, window.from_text, window.to_text)
     found = listed(
         client.items(ROOT_PATH),
@@ -51,7 +52,7 @@ def kickoff(window: Window, *, client: VendorClient, queue: Queue, ledger: Ledge
     # Those sent again are marked: their subtrees are checked the same way (see the drain).
     finished = ledger.finished(run_id, FIRST_STAGE, [t.key for t in troops])
     # (A run recorded before: kicked off, or a kickoff that failed after sending.)
-    again = RELISTED if earlier is not None else {}
+    again = RELISTED if started_before else {}
     queue.send([Outgoing(t.to_json(), again) for t in troops if t.key not in finished])
     ledger.kicked_off(run_id)
     logger.info("run kicked off", extra={"run_id": run_id, "troops": len(troops)})

@@ -208,6 +208,19 @@ class Pipeline:
         return {k: self.sink.get(k) or b"" for k in keys}
 
 
+def count_finish_writes(pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the ledger's finish_many calls from now on, in order."""
+    writes: list[int] = []
+    real = pipeline.ledger.finish_many
+
+    def counted(run_id: str, stage: str, entries: Sequence[Any]) -> None:
+        writes.append(len(entries))
+        real(run_id, stage, entries)
+
+    monkeypatch.setattr(pipeline.ledger, "finish_many", counted)
+    return writes
+
+
 def peek(queue: Queue) -> list[Message]:
     """Every message in `queue`, received and at once released again."""
     found: list[Message] = []
@@ -1085,14 +1098,7 @@ def test_finished_messages_of_several_batches_are_recorded_in_one_write_each_25(
     ids = [f"d{i}" for i in range(30)]
     for d in ids:
         vendor.points[d] = [POINTS[0]]
-    writes: list[int] = []
-    real = pipeline.ledger.finish_many
-
-    def counted(run_id: str, stage: str, entries: Sequence[Any]) -> None:
-        writes.append(len(entries))
-        real(run_id, stage, entries)
-
-    monkeypatch.setattr(pipeline.ledger, "finish_many", counted)
+    writes = count_finish_writes(pipeline, monkeypatch)
     monkeypatch.setattr(drain_module, "FLUSH_SECONDS", 3600.0)  # however slow this host
     pipeline.enqueue(*(group(d) for d in ids))
 
@@ -1161,14 +1167,7 @@ def test_every_batch_is_recorded_at_once_and_every_message_looked_up_unless_econ
         vendor.points[d] = [POINTS[0]]
     pipeline.enqueue(*(group(d) for d in ids))
     pipeline.ledger.finish(RUN, "data_groups", group("d0").key, State.DONE)
-    writes: list[int] = []
-    real = pipeline.ledger.finish_many
-
-    def counted(run_id: str, stage: str, entries: Sequence[Any]) -> None:
-        writes.append(len(entries))
-        real(run_id, stage, entries)
-
-    monkeypatch.setattr(pipeline.ledger, "finish_many", counted)
+    writes = count_finish_writes(pipeline, monkeypatch)
 
     # WHEN the stage drains as locally (SQLite: not economical)
     report = pipeline.run("data_groups")
