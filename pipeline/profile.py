@@ -303,7 +303,9 @@ def parse(data: Mapping[str, Any], *, source: str = "") -> Profile:
         return _Reader(data, "").profile(source)
     except _Invalid as exc:
         where = f"profile {source}" if source else "profile"
-        raise ConfigError(f"{where}: {exc.key}: {exc.why}" if exc.key else f"{where}: {exc.why}")
+        raise ConfigError(
+            f"{where}: {exc.key}: {exc.why}" if exc.key else f"{where}: {exc.why}"
+        ) from None
 
 
 class _Invalid(Exception):
@@ -350,7 +352,7 @@ class _Reader:
         try:
             return enum(value)
         except ValueError:
-            known = ", ".join(e.value for e in enum)  # type: ignore[attr-defined]
+            known = ", ".join(e.value for e in enum)
             raise _Invalid(self.at(key), f"{value!r} is not one of: {known}") from None
 
     def whole(self, key: str, default: int, low: int, high: int) -> int:
