@@ -25,6 +25,15 @@ def format_instant(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def point_text(value: datetime) -> str:
+    """A point's timestamp as the output writes it when the vendor sends a number (Unix
+    seconds or milliseconds): RFC 3339 in UTC with a 'Z', and six fractional digits only
+    when there is a fraction (as vendor-api.md's points are written)."""
+    value = value.astimezone(UTC)
+    clock = value.strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{clock}.{value.microsecond:06d}Z" if value.microsecond else f"{clock}Z"
+
+
 @dataclass(frozen=True)
 class Window:
     """The half-open interval [start, end) whose data a run harvests."""
