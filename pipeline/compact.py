@@ -54,16 +54,23 @@ READ_AHEAD = 256
 READ_THREADS = 16
 FORMAT_VERSION = 1
 
-# (column, Arrow type name as `str(pa type)` prints it, Glue/Athena type). The Glue table in
-# terraform/analytics.tf declares the same columns; tests/test_compact.py holds them equal.
-COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("run_id", "string", "string"),
-    ("troop_id", "string", "string"),
-    ("warrior_id", "string", "string"),
-    ("data_group_id", "string", "string"),
-    ("ts", "timestamp[us, tz=UTC]", "timestamp"),
-    ("value", "double", "double"),
-)
+Column = tuple[str, str, str]
+
+
+def columns_for(keys: Sequence[str]) -> tuple[Column, ...]:
+    """(column, Arrow type name as `str(pa type)` prints it, Glue/Athena type) of the
+    table: the run, one id column per profile level (its key), the point. The Glue table in
+    terraform/analytics.tf declares the same columns; tests/test_compact.py holds them equal."""
+    return (
+        ("run_id", "string", "string"),
+        *((key, "string", "string") for key in keys),
+        ("ts", "timestamp[us, tz=UTC]", "timestamp"),
+        ("value", "double", "double"),
+    )
+
+
+# The default profile's (Hermes v1: troop_id, warrior_id, data_group_id).
+COLUMNS: tuple[Column, ...] = columns_for(("troop_id", "warrior_id", "data_group_id"))
 PARTITION_KEY = "dt"
 
 _EPOCH = datetime(1970, 1, 1).toordinal()
@@ -119,6 +126,7 @@ class Compaction:
     raw_objects: int = 0
     rows: int = 0
     files: tuple[CompactedFile, ...] = field(default=())
+    columns: tuple[Column, ...] = COLUMNS
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -129,7 +137,7 @@ class Compaction:
             "compression": "zstd",
             "prefix": POINTS_PREFIX,
             "partition_key": PARTITION_KEY,
-            "columns": [{"name": n, "type": arrow} for n, arrow, _ in COLUMNS],
+            "columns": [{"name": n, "type": arrow} for n, arrow, _ in self.columns],
             "rows_per_file": self.rows_per_file,
             "raw_objects": self.raw_objects,
             "rows": self.rows,
@@ -199,11 +207,14 @@ def _raw_records(sink: Sink, run_id: str) -> Iterator[tuple[str, list[dict[str, 
 class _PartitionWriter:
     """The files of one dt partition: row groups of ROW_GROUP_ROWS, files of rows_per_file."""
 
-    def __init__(self, sink: Sink, run_id: str, dt: str, rows_per_file: int) -> None:
+    def __init__(
+        self, sink: Sink, run_id: str, dt: str, rows_per_file: int, columns: Sequence[Column]
+    ) -> None:
         self.sink, self.run_id, self.dt = sink, run_id, dt
         self.rows_per_file = rows_per_file
         self.files: list[CompactedFile] = []
-        self._columns: list[list[Any]] = [[] for _ in COLUMNS]
+        self.schema = schema(columns)
+        self._columns: list[list[Any]] = [[] for _ in columns]
         self._buffer: io.BytesIO | None = None
         self._writer: pq.ParquetWriter | None = None
         self._in_file = 0  # rows of the open file, written and buffered
@@ -222,14 +233,14 @@ class _PartitionWriter:
 
         if not self._columns[0]:
             return
-        table = _table(self._columns)
+        table = _table(self._columns, self.schema)
         if self._writer is None:
             self._buffer = io.BytesIO()
             self._writer = pq.ParquetWriter(
                 self._buffer, table.schema, compression="zstd", write_statistics=True
             )
         self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
-        self._columns = [[] for _ in COLUMNS]
+        self._columns = [[] for _ in self._columns]
 
     def _close_file(self) -> None:
         self._flush_rows()
@@ -248,19 +259,18 @@ class _PartitionWriter:
         self._close_file()
 
 
-def schema() -> pa.Schema:
+def schema(columns: Sequence[Column] = COLUMNS) -> pa.Schema:
     """The Arrow schema of the compacted files."""
     import pyarrow as pa
 
     types = {"string": pa.string(), "double": pa.float64()}
     types["timestamp[us, tz=UTC]"] = pa.timestamp("us", tz="UTC")
-    return pa.schema([pa.field(name, types[arrow], nullable=False) for name, arrow, _ in COLUMNS])
+    return pa.schema([pa.field(name, types[arrow], nullable=False) for name, arrow, _ in columns])
 
 
-def _table(columns: list[list[Any]]) -> pa.Table:
+def _table(columns: list[list[Any]], target: pa.Schema) -> pa.Table:
     import pyarrow as pa
 
-    target = schema()
     arrays = [pa.array(values, type=f.type) for values, f in zip(columns, target, strict=True)]
     return pa.Table.from_arrays(arrays, schema=target)
 
@@ -271,6 +281,7 @@ def compact_run(
     *,
     rows_per_file: int = DEFAULT_ROWS_PER_FILE,
     require_complete: bool = True,
+    keys: Sequence[str] = ("troop_id", "warrior_id", "data_group_id"),
 ) -> Compaction:
     """Write the run's points as Parquet under `points/` and record them; idempotent.
 
@@ -292,25 +303,32 @@ def compact_run(
             f"run {run_id} was compacted with rows_per_file={earlier.rows_per_file}: other"
             " settings would leave its earlier files beside the new ones; keep that value"
         )
-    _write_record(sink, Compaction(run_id, CompactionStatus.IN_PROGRESS, rows_per_file))
+    columns = columns_for(keys)
+    _write_record(
+        sink, Compaction(run_id, CompactionStatus.IN_PROGRESS, rows_per_file, columns=columns)
+    )
     partitions: dict[str, _PartitionWriter] = {}
     raw_objects = rows = 0
     for _key, records in _raw_records(sink, run_id):
         raw_objects += 1
         for r in records:
-            ids = (r["run_id"], r["troop_id"], r["warrior_id"], r["data_group_id"])
+            ids = (r["run_id"], *(r[key] for key in keys))
             for point in r["points"]:
                 micros = ts_micros(point["ts"])
                 dt = _date_of(micros)
                 writer = partitions.get(dt)
                 if writer is None:
-                    writer = partitions[dt] = _PartitionWriter(sink, run_id, dt, rows_per_file)
+                    writer = partitions[dt] = _PartitionWriter(
+                        sink, run_id, dt, rows_per_file, columns
+                    )
                 writer.add((*ids, micros, float(point["value"])))
                 rows += 1
     for writer in partitions.values():
         writer.close()
     files = tuple(f for dt in sorted(partitions) for f in partitions[dt].files)
-    done = Compaction(run_id, CompactionStatus.COMPLETE, rows_per_file, raw_objects, rows, files)
+    done = Compaction(
+        run_id, CompactionStatus.COMPLETE, rows_per_file, raw_objects, rows, files, columns
+    )
     where = _write_record(sink, done)
     logger.info(
         "run compacted",

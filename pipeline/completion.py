@@ -29,7 +29,6 @@ from aws_lambda_powertools import Logger
 from pipeline.ledger import Ledger, RunStatus, State
 from pipeline.queues import Queue
 from pipeline.sinks import Sink, data_key, write_manifest
-from pipeline.stages import STAGE_NAMES
 
 logger = Logger(service="harvest", child=True)
 
@@ -131,8 +130,8 @@ def sweep_lost(
     if since is None or now - since < quiet_grace:
         return 0
     lost = 0
-    for stage in STAGE_NAMES:
-        if status.stages[stage].pending == 0:
+    for stage, counts in status.stages.items():
+        if counts.pending == 0:
             continue
         entries = [(key, State.DEAD, LOST) for key, _ in ledger.pending(status.run_id, stage)]
         lost += ledger.finish_pending(status.run_id, stage, entries)

@@ -11,6 +11,8 @@ HARVEST_RATE_CALLS         calls allowed per period (default 100)
 HARVEST_RATE_PERIOD        the period in seconds (default 1)
 HARVEST_QUEUES             JSON {stage: {"url": ..., "dlq_url": ...}} (AWS)
 HARVEST_STAGE              the stage a drain function serves
+HARVEST_PROFILE            the vendor profile: a TOML file, or the name of a packaged one
+                           (default hermes-v1; see docs/profiles.md)
 HARVEST_SINK               s3://bucket/prefix or a local directory
 HARVEST_STATE_TABLE        DynamoDB table of the run ledger and the rate budget (AWS)
 HARVEST_STATE_RETENTION_DAYS  days a ledger or budget item of the state table lives after its
@@ -41,7 +43,7 @@ from enum import StrEnum
 from typing import Any
 
 from pipeline.errors import ConfigError
-from pipeline.stages import STAGE_NAMES
+from pipeline.profile import load as load_profile
 
 ENV_PREFIX = "HARVEST_"
 # Longer than a DLQ keeps a message (14 days): a replayed message must still find its run.
@@ -73,6 +75,7 @@ class Config:
     rate_calls: int = 100
     rate_period: float = 1.0
     stage: str = ""
+    profile: str = ""
     queues: Mapping[str, QueueUrls] = field(default_factory=dict)
     sink: str = ""
     state_table: str = ""
@@ -113,8 +116,6 @@ class Config:
                 )
         if self.rate_calls < 1 or self.rate_period <= 0:
             raise ConfigError("rate limit needs calls >= 1 and a period > 0 seconds")
-        if self.stage and self.stage not in STAGE_NAMES:
-            raise ConfigError(f"unknown stage {self.stage!r}; known: {', '.join(STAGE_NAMES)}")
         if self.max_receive_count < 1 or self.concurrency < 1:
             raise ConfigError("max receive count and concurrency must be >= 1")
         if self.state_retention_days < 1:
@@ -143,13 +144,14 @@ class Config:
             raw_queues = json.loads(get("QUEUES", "{}"))
             queues = {k: QueueUrls(v["url"], v["dlq_url"]) for k, v in raw_queues.items()}
             return cls(
-                vendor_url=get("VENDOR_URL"),
+                vendor_url=get("VENDOR_URL") or profile_base_url(get("PROFILE")),
                 token=get("VENDOR_TOKEN"),
                 token_parameter=get("VENDOR_TOKEN_PARAMETER"),
                 backend=_backend(get("BACKEND", "aws")),
                 rate_calls=int(get("RATE_CALLS", "100")),
                 rate_period=float(get("RATE_PERIOD", "1")),
                 stage=get("STAGE"),
+                profile=get("PROFILE"),
                 queues=queues,
                 sink=get("SINK"),
                 state_table=get("STATE_TABLE"),
@@ -181,6 +183,7 @@ class Config:
                 "RATE_CALLS": str(self.rate_calls),
                 "RATE_PERIOD": str(self.rate_period),
                 "STAGE": self.stage,
+                "PROFILE": self.profile,
                 "QUEUES": json.dumps(
                     {k: {"url": q.url, "dlq_url": q.dlq_url} for k, q in self.queues.items()}
                 ),
@@ -202,6 +205,11 @@ class Config:
             }.items()
             if v
         }
+
+
+def profile_base_url(name_or_path: str) -> str:
+    """The base URL a profile gives, for when HARVEST_VENDOR_URL is not set ("" if none)."""
+    return load_profile(name_or_path).base_url
 
 
 def _backend(name: str) -> Backend:

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, TypeVar
 
@@ -42,6 +42,8 @@ from pipeline.errors import (
     quoted,
 )
 from pipeline.ledger import Finished, Ledger, State
+from pipeline.profile import Profile, Stage, TimeFormat
+from pipeline.profile import load as load_profile
 from pipeline.queues import (
     BATCH,
     DEAD_AT,
@@ -55,10 +57,10 @@ from pipeline.queues import (
     Queue,
 )
 from pipeline.sinks import Sink, write_records
-from pipeline.stages import Stage
 from pipeline.stats import CallStats
 from pipeline.vendor_api.client import VendorClient
 from pipeline.vendor_api.latency import Latency
+from pipeline.window import point_text
 
 logger = Logger(service="harvest", child=True)
 T = TypeVar("T")
@@ -197,11 +199,14 @@ class Drain:
         store_attempts: int = 5,
         store_backoff: float = 0.2,
         economical: bool = False,
+        profile: Profile | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if stage.child is not None and child_queue is None:
             raise ValueError(f"stage {stage.name} fans out to {stage.child} but has no child queue")
         self.stage = stage
+        # Whose stages a message body may name (a message of another stage is dead-lettered).
+        self.profile = profile if profile is not None else load_profile()
         self.queue, self.dlq, self.child_queue = queue, dlq, child_queue
         self.upstream = upstream
         self.client, self.sink, self.ledger, self.stats = client, sink, ledger, stats
@@ -288,7 +293,7 @@ class Drain:
                 flow.opened(len(messages))
                 batch = _Batch(messages)
                 # Parsed once here: the skip check needs the keys, process() the rest.
-                parsed = {m.id: _parsed(m) for m in messages}
+                parsed = {m.id: _parsed(m, self.profile) for m in messages}
                 finished = self._finished_already(messages, parsed)
                 for message in messages:
                     pool.submit(
@@ -395,7 +400,7 @@ class Drain:
         `parsed`: the message's envelope, if the caller parsed it already.
         """
         try:
-            envelope = parsed or Envelope.from_json(message.body)
+            envelope = parsed or Envelope.from_json(message.body, self.profile)
             if envelope.stage != self.stage.name:
                 raise MessageError(f"a {envelope.stage} message on the {self.stage.name} queue")
         except MessageError as exc:
@@ -441,7 +446,7 @@ class Drain:
         """Give an unprocessed message back; at its last receive, dead-letter it instead."""
         if not self._last_receive(message):
             return Outcome(message, None, kind)
-        envelope = _parsed(message)
+        envelope = _parsed(message, self.profile)
         error = f"released unprocessed at its last receive ({message.receive_count}): {why}"
         return Outcome(message, envelope, OutcomeKind.DEAD, error=error, error_class="Released")
 
@@ -488,9 +493,10 @@ class Drain:
         child_stage = self.stage.child
         assert child_stage is not None
         found = listed(
-            self.client.items(self.stage.path, envelope.entity_id),
+            self.client.items(self.stage.listing, self.stage.ids(envelope.path)),
             lambda child_id: envelope.child(child_stage, child_id),
             self.stage.name,
+            self.stage.child_level,
         )
         vanished: list[str] = []
         if _again(message):
@@ -510,26 +516,30 @@ class Drain:
         )
 
     def _harvest(self, envelope: Envelope) -> None:
+        data = self.stage.data
+        assert data is not None  # the last stage's
         window = envelope.window
         points: list[dict[str, Any]] = []
         append = points.append
-        params = {"from": window.from_text, "to": window.to_text}
-        start, end = window.start, window.end
-        # The client hands over pages whose items are all JSON objects.
-        for items in self.client.pages(self.stage.path, envelope.entity_id, params):
-            for item in items:
-                ts, value = item.get("ts"), item.get("value")
-                append({"ts": _checked_ts(ts, item, start, end), "value": _checked_value(value)})
-        troop_id, warrior_id, data_group_id = envelope.path
-        record = {
-            "run_id": envelope.run_id,
-            "troop_id": troop_id,
-            "warrior_id": warrior_id,
-            "data_group_id": data_group_id,
-            "from": window.from_text,
-            "to": window.to_text,
-            "points": points,
+        params = {
+            data.from_param: _time_param(window.start, window.from_text, data.window_format),
+            data.to_param: _time_param(window.end, window.to_text, data.window_format),
         }
+        start, end = window.start, window.end
+        ts_field, value_field, ts_format = data.ts_field, data.value_field, data.ts_format
+        # The client hands over pages whose items are all JSON objects.
+        for items in self.client.pages(self.stage.listing, self.stage.ids(envelope.path), params):
+            for item in items:
+                ts, value = item.get(ts_field), item.get(value_field)
+                append(
+                    {
+                        "ts": _checked_ts(ts, item, start, end, ts_format),
+                        "value": _checked_value(value),
+                    }
+                )
+        record: dict[str, Any] = {"run_id": envelope.run_id}
+        record.update(zip(self.stage.keys, envelope.path, strict=True))
+        record.update({"from": window.from_text, "to": window.to_text, "points": points})
         self._store(write_records, self.sink, envelope.run_id, envelope.key, [record])
 
     # -- one batch ------------------------------------------------------------------------
@@ -801,12 +811,30 @@ def _log_store_retry(state: Any) -> None:
     )
 
 
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # RFC 3339 with a UTC offset or Z (vendor-api.md: ts is RFC 3339, UTC).
 _TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:Z|[+-]\d\d:\d\d)")
 
 
-def _checked_ts(ts: object, item: Mapping[str, Any], start: datetime, end: datetime) -> str:
-    """`ts` if it is an RFC 3339 instant in [start, end); PoisonError naming the point if not."""
+def _time_param(value: datetime, text: str, form: TimeFormat) -> str:
+    """A window bound as the data call's query takes it."""
+    if form == TimeFormat.RFC3339:
+        return text
+    seconds = int(value.timestamp())
+    return str(seconds if form == TimeFormat.UNIX else seconds * 1000)
+
+
+def _checked_ts(
+    ts: object,
+    item: Mapping[str, Any],
+    start: datetime,
+    end: datetime,
+    form: TimeFormat = TimeFormat.RFC3339,
+) -> str:
+    """`ts` if it is an instant in [start, end) (RFC 3339 kept as sent; a Unix number
+    written as RFC 3339, `point_text`); PoisonError naming the point if not."""
+    if form != TimeFormat.RFC3339:
+        return _checked_epoch(ts, item, start, end, form)
     if type(ts) is not str or _TS.fullmatch(ts) is None:
         raise PoisonError(f"data point whose ts is not an RFC 3339 instant: {quoted(item, 300)}")
     try:
@@ -818,6 +846,22 @@ def _checked_ts(ts: object, item: Mapping[str, Any], start: datetime, end: datet
     if not start <= at < end:
         raise PoisonError(f"data point outside the window: {quoted(item, 300)}")
     return ts
+
+
+def _checked_epoch(
+    ts: object, item: Mapping[str, Any], start: datetime, end: datetime, form: TimeFormat
+) -> str:
+    if type(ts) not in (int, float) or not math.isfinite(ts):  # type: ignore[arg-type]
+        raise PoisonError(f"data point whose ts is not a Unix time ({form}): {quoted(item, 300)}")
+    assert isinstance(ts, int | float)
+    micros = round(ts * (1_000_000 if form == TimeFormat.UNIX else 1_000))
+    try:
+        at = EPOCH + timedelta(microseconds=micros)
+    except OverflowError:
+        raise PoisonError(f"data point whose ts is out of range: {quoted(item, 300)}") from None
+    if not start <= at < end:
+        raise PoisonError(f"data point outside the window: {quoted(item, 300)}")
+    return point_text(at)
 
 
 def _checked_value(value: object) -> int | float:
@@ -838,10 +882,10 @@ def _again(message: Message) -> bool:
     return message.receive_count > 1 or bool(message.attributes)
 
 
-def _parsed(message: Message) -> Envelope | None:
+def _parsed(message: Message, profile: Profile) -> Envelope | None:
     """The message's envelope, or None if it has none (process() says why)."""
     try:
-        return Envelope.from_json(message.body)
+        return Envelope.from_json(message.body, profile)
     except MessageError:
         return None
 

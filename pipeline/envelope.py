@@ -11,7 +11,8 @@ from functools import cached_property
 from typing import Any
 
 from pipeline.errors import MessageError, PoisonError, quoted
-from pipeline.stages import STAGE_NAMES, stage
+from pipeline.profile import Level, Missing, Profile, select
+from pipeline.profile import load as load_profile
 from pipeline.window import Window
 
 VERSION = 1
@@ -63,8 +64,9 @@ class Envelope:
         )
 
     @classmethod
-    def from_json(cls, body: str) -> Envelope:
-        """Parse and validate a message body; MessageError says what is wrong with it."""
+    def from_json(cls, body: str, profile: Profile | None = None) -> Envelope:
+        """Parse and validate a message body against the stages of `profile` (the default
+        profile if None); MessageError says what is wrong with it."""
         if len(body.encode("utf-8", "surrogatepass")) > MAX_BODY_BYTES:
             raise MessageError(f"message body over {MAX_BODY_BYTES} bytes")
         try:
@@ -77,13 +79,14 @@ class Envelope:
         if data.get("v") != VERSION:
             raise MessageError(f"unknown envelope version {data.get('v')!r}; expected {VERSION}")
         name = data.get("stage")
-        if name not in STAGE_NAMES:
+        depth = (profile or load_profile()).depth_of(name) if isinstance(name, str) else None
+        if depth is None:
             raise MessageError(f"unknown stage {name!r}")
         run_id, path = data.get("run_id"), data.get("path")
         if not isinstance(run_id, str) or not run_id:
             raise MessageError("run_id must be a non-empty string")
-        if not isinstance(path, list) or len(path) != stage(name).depth:
-            raise MessageError(f"path must be a list of {stage(name).depth} ids for {name}")
+        if not isinstance(path, list) or len(path) != depth:
+            raise MessageError(f"path must be a list of {depth} ids for {name}")
         for item in path:
             try:
                 checked_id(item)
@@ -98,6 +101,7 @@ class Envelope:
             raise MessageError(f"bad window: {exc}") from exc
         if window.run_id != run_id:
             raise MessageError(f"run_id {run_id!r} does not match its window {window.run_id!r}")
+        assert isinstance(name, str)
         return cls(run_id, name, tuple(path), window)
 
 
@@ -134,18 +138,34 @@ class Listed:
     rejected: list[tuple[str, tuple[str, ...], str]]
 
 
-def listed(items: Iterable[object], make: Callable[[str], Envelope], listing: str) -> Listed:
-    """The entities a listing names, `make` building each one's envelope from its id.
+def listed(
+    items: Iterable[object],
+    make: Callable[[str], Envelope],
+    listing: str,
+    level: Level | None = None,
+) -> Listed:
+    """The entities a listing names, `make` building each one's envelope from its id (the
+    `level`'s id field; "id" if None).
 
-    PoisonError (the whole listing is malformed) for an item without a string id.
+    PoisonError (the whole listing is malformed) for an item without a string id (or an
+    integer one, where the level takes numeric ids).
     """
     children: dict[str, Envelope] = {}
     rejected: dict[str, tuple[tuple[str, ...], str]] = {}
+    id_field = level.id_field if level is not None else "id"
+    numeric = level is not None and level.numeric_ids
     for item in items:
-        child_id = item.get("id") if isinstance(item, dict) else None
+        try:
+            raw = select(item, id_field)
+        except Missing:
+            raw = None
+        if numeric and type(raw) is int:
+            raw = str(raw)
+        child_id = raw
         if not isinstance(child_id, str) or not child_id:
+            field_name = "an id" if id_field == "id" else f"an id ({id_field})"
             raise PoisonError(
-                f"{listing} listing returned an item without an id: {quoted(item, 300)}"
+                f"{listing} listing returned an item without {field_name}: {quoted(item, 300)}"
             )
         child = make(child_id)
         try:

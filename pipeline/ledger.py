@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from pipeline.stages import STAGE_NAMES
-
 
 class State(StrEnum):
     """Where an entity of a run stands: queued until a drain finishes it done, gone or dead."""
@@ -170,8 +168,12 @@ class Ledger(Protocol):
         settled incomplete with their manifest written (a replay touches those again)."""
 
 
-def stage_counts(rows: Iterable[tuple[str, str, int]]) -> dict[str, StageCounts]:
-    tally: dict[str, dict[str, int]] = {s: {} for s in STAGE_NAMES}
+def stage_counts(
+    rows: Iterable[tuple[str, str, int]], stages: Iterable[str]
+) -> dict[str, StageCounts]:
+    """Counts per stage: every one of `stages` (the profile's, in order), and any other a
+    row names."""
+    tally: dict[str, dict[str, int]] = {s: {} for s in stages}
     for stage, state, n in rows:
         tally.setdefault(stage, {})[state] = tally.get(stage, {}).get(state, 0) + n
     return {

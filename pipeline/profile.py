@@ -163,9 +163,17 @@ class Stage:
     child: str | None
     # Length of the entity path a message of this stage carries.
     depth: int
-    # The level whose listing this stage calls (None: the data call) and this stage's own.
-    child_level: Level | None
+    # The level keys of the path's ids, in order (the placeholders of `listing.path` and
+    # the output record's id fields).
+    keys: tuple[str, ...]
     level: Level
+    # The level the listed items belong to (None for the data call), or the data call.
+    child_level: Level | None = None
+    data: DataCall | None = None
+
+    def ids(self, path: Sequence[str]) -> dict[str, str]:
+        """The placeholders of this stage's listing, from an entity path."""
+        return dict(zip(self.keys, path, strict=True))
 
 
 @dataclass(frozen=True)
@@ -243,11 +251,33 @@ def _stages(profile: Profile) -> tuple[Stage, ...]:
                 listing=child.listing if child is not None else profile.data.listing,
                 child=child.name if child is not None else None,
                 depth=i + 1,
-                child_level=child,
+                keys=tuple(lv.key for lv in profile.levels[: i + 1]),
                 level=level,
+                child_level=child,
+                data=None if child is not None else profile.data,
             )
         )
     return tuple(out)
+
+
+class Missing(KeyError):
+    """A dotted path names a field the body does not have."""
+
+
+def select(body: Any, dotted: str) -> Any:
+    """The value at `dotted` ("a.b.c") in nested JSON objects; "" is the body itself.
+
+    Missing (a KeyError) names the first field that is absent; a step into something that
+    is not an object is absent too.
+    """
+    if not dotted:
+        return body
+    value = body
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise Missing(part)
+        value = value[part]
+    return value
 
 
 def placeholders(path: str) -> tuple[str, ...]:

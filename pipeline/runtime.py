@@ -24,10 +24,11 @@ from pipeline.drain import Drain, DrainReport, Halt, StopReason
 from pipeline.errors import AuthError
 from pipeline.kickoff import KickoffReport, kickoff
 from pipeline.ledger import STAT_FIELDS, Ledger
+from pipeline.profile import PaginationKind, Profile
+from pipeline.profile import load as load_profile
 from pipeline.queues import Queue
 from pipeline.replay import ReplayReport, replay
 from pipeline.sinks import Sink
-from pipeline.stages import ROOT_PATH, STAGE_NAMES, stage, upstream
 from pipeline.stats import CallStats
 from pipeline.vendor_api.client import VendorClient
 from pipeline.window import Window
@@ -46,6 +47,8 @@ class Runtime:
     ledger: Ledger
     budget: Budget
     make_client: Callable[[], VendorClient]
+    # The vendor profile: the stages, the listings and the output's record keys.
+    profile: Profile = field(default_factory=load_profile)
     stats: CallStats = field(default_factory=CallStats)
     # How long every stage queue must look empty before entities still queued in the ledger
     # count as lost (completion.sweep_lost): the backend knows how far its counts lag.
@@ -78,13 +81,13 @@ class Runtime:
             self._client.close()
 
     def drain(self, stage_name: str) -> Drain:
-        s = stage(stage_name)
+        s = self.profile.stage(stage_name)
         return Drain(
             s,
             queue=self.queues[s.name],
             dlq=self.dlqs[s.name],
             child_queue=self.queues[s.child] if s.child else None,
-            upstream=[self.queues[u] for u in upstream(s.name)],
+            upstream=[self.queues[u] for u in self.profile.upstream(s.name)],
             client=self.client,
             sink=self.sink,
             ledger=self.ledger,
@@ -96,11 +99,16 @@ class Runtime:
             wait_seconds=self.config.wait_seconds,
             halt=self.auth_failed,
             economical=self.config.backend == Backend.AWS,
+            profile=self.profile,
         )
 
     def run_kickoff(self, window: Window) -> KickoffReport:
         report = kickoff(
-            window, client=self.client, queue=self.queues[STAGE_NAMES[0]], ledger=self.ledger
+            window,
+            client=self.client,
+            queue=self.queues[self.profile.first_stage],
+            ledger=self.ledger,
+            profile=self.profile,
         )
         self._attribute({report.run_id})
         # A listing with no troops settles at once: nothing else would notice.
@@ -117,7 +125,7 @@ class Runtime:
         if self.auth_failed.is_set():
             self._reset_client()
             try:
-                self.client.get_page(ROOT_PATH, params={"limit": "1"})
+                self._probe()
             except AuthError as exc:
                 return DrainReport(stage_name, stopped=StopReason.AUTH, auth_error=str(exc))
             self.auth_failed.clear()
@@ -133,6 +141,13 @@ class Runtime:
         report.oldest_unsettled_seconds = settlement.oldest_unsettled_seconds
         return report
 
+    def _probe(self) -> None:
+        """One cheap call: the first page of the first level's listing, one item long."""
+        root = self.profile.root
+        paging = root.pagination
+        small = paging.size_param and paging.kind not in (PaginationKind.NONE,)
+        self.client.get_page(root, params={paging.size_param: "1"} if small else None)
+
     def run_replay(
         self,
         stage_name: str,
@@ -141,7 +156,7 @@ class Runtime:
         dry_run: bool = False,
         rate: float | None = None,
     ) -> ReplayReport:
-        s = stage(stage_name)
+        s = self.profile.stage(stage_name)
         return replay(
             self.dlqs[s.name],
             self.queues[s.name],
@@ -188,8 +203,11 @@ def reset_cache() -> None:
         _cache.clear()
 
 
-def vendor_client(config: Config, token: str, budget: Budget, stats: CallStats) -> VendorClient:
-    """The vendor client of `config`: its URL, timeouts, pool and per-message bounds."""
+def vendor_client(
+    config: Config, token: str, budget: Budget, stats: CallStats, profile: Profile
+) -> VendorClient:
+    """The vendor client of `config`: its URL, timeouts, pool and per-message bounds, and
+    the profile's auth, headers and statuses."""
     return VendorClient(
         config.vendor_url,
         token,
@@ -201,4 +219,5 @@ def vendor_client(config: Config, token: str, budget: Budget, stats: CallStats) 
         max_pages=config.max_pages,
         max_retry_after=config.max_retry_after,
         max_page_bytes=config.max_page_bytes,
+        profile=profile,
     )

@@ -22,8 +22,7 @@ from pipeline.ledger import (
     stage_counts,
     storable,
 )
-from pipeline.stages import STAGE_NAMES
-from pipeline.stages import stage as stage_of
+from pipeline.profile import load as load_profile
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
@@ -111,8 +110,14 @@ class DynamoLedger:
     PARALLEL_WRITES = 16
 
     def __init__(
-        self, client: DynamoDBClient, table: str, retention_days: float = STATE_RETENTION_DAYS
+        self,
+        client: DynamoDBClient,
+        table: str,
+        retention_days: float = STATE_RETENTION_DAYS,
+        stages: Sequence[str] | None = None,
     ) -> None:
+        # The profile's stages, in order (the default profile's if None).
+        self.stages = tuple(stages) if stages is not None else load_profile().stage_names
         self._ddb = client
         self.table = table
         self.retention = retention_days * DAY
@@ -222,9 +227,10 @@ class DynamoLedger:
         }
 
     def children(self, run_id: str, parent_stage: str, parent_key: str) -> set[str]:
-        child = stage_of(parent_stage).child
-        if child is None:
+        at = self.stages.index(parent_stage)
+        if at + 1 == len(self.stages):
             return set()
+        child = self.stages[at + 1]
         return set(self._listings(run_id, child, parent_key))
 
     def _conditional_state(
@@ -343,7 +349,7 @@ class DynamoLedger:
         if item is None:
             return None
         rows: list[tuple[str, str, int]] = []
-        for stage in STAGE_NAMES:
+        for stage in self.stages:
             states = {
                 key: item["state"]["S"]
                 for key, item in self._states(run_id, stage).items()
@@ -359,7 +365,7 @@ class DynamoLedger:
             kicked_off=item.get("kicked_off", {}).get("BOOL", False),
             started_at=float(item.get("started_at", {}).get("N", "0")),
             completed_at=float(item["completed_at"]["N"]) if "completed_at" in item else None,
-            stages=stage_counts(rows),
+            stages=stage_counts(rows, self.stages),
             stats={n: int(item.get(n, {}).get("N", "0")) for n in STAT_FIELDS},
             manifest_signature=item.get("manifest_signature", {}).get("S", ""),
         )
@@ -383,7 +389,7 @@ class DynamoLedger:
 
     def dead(self, run_id: str) -> list[DeadEntity]:
         found = []
-        for stage in STAGE_NAMES:
+        for stage in self.stages:
             dead = {
                 key: item.get("error", {}).get("S", "")
                 for key, item in self._states(run_id, stage).items()

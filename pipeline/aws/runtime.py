@@ -9,8 +9,8 @@ from pipeline.aws.sinks import S3Sink
 from pipeline.aws.ssm import forget_tokens, token_from_parameter
 from pipeline.config import Config
 from pipeline.errors import ConfigError
+from pipeline.profile import load as load_profile
 from pipeline.runtime import Runtime, vendor_client
-from pipeline.stages import STAGE_NAMES
 from pipeline.stats import CallStats
 
 # How long every stage queue must look empty before entities still queued in the ledger
@@ -23,10 +23,14 @@ def build(config: Config) -> Runtime:
     import boto3
     from botocore.config import Config as BotoConfig
 
+    profile = load_profile(config.profile)
+    stages = profile.stage_names
+    if config.stage and config.stage not in stages:
+        raise ConfigError(f"unknown stage {config.stage!r}; known: {', '.join(stages)}")
     missing = [
         name
         for name, value in (
-            ("HARVEST_QUEUES", all(s in config.queues for s in STAGE_NAMES)),
+            ("HARVEST_QUEUES", all(s in config.queues for s in stages)),
             ("HARVEST_SINK", config.sink.startswith("s3://")),
             ("HARVEST_STATE_TABLE", config.state_table),
         )
@@ -56,14 +60,19 @@ def build(config: Config) -> Runtime:
     )
     return Runtime(
         config=config,
-        queues={s: SqsQueue(sqs, config.queues[s].url, s) for s in STAGE_NAMES},
-        dlqs={s: SqsQueue(sqs, config.queues[s].dlq_url, f"{s}-dlq") for s in STAGE_NAMES},
+        queues={s: SqsQueue(sqs, config.queues[s].url, s) for s in stages},
+        dlqs={s: SqsQueue(sqs, config.queues[s].dlq_url, f"{s}-dlq") for s in stages},
         sink=S3Sink(s3, config.sink),
-        ledger=DynamoLedger(ddb, config.state_table, config.state_retention_days),
+        ledger=DynamoLedger(ddb, config.state_table, config.state_retention_days, stages),
         budget=budget,
         make_client=lambda: vendor_client(
-            config, config.token or token_from_parameter(config.token_parameter), budget, stats
+            config,
+            config.token or token_from_parameter(config.token_parameter),
+            budget,
+            stats,
+            profile,
         ),
+        profile=profile,
         stats=stats,
         quiet_grace=QUIET_GRACE,
         forget_token=forget_tokens,

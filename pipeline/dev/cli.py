@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from pipeline.compact import DEFAULT_ROWS_PER_FILE
 from pipeline.config import Backend, Config
 from pipeline.errors import ConfigError, HarvestError
-from pipeline.stages import STAGE_NAMES
+from pipeline.profile import load as load_profile
 from pipeline.window import Window
 
 if TYPE_CHECKING:
@@ -38,11 +38,14 @@ def _local_config(out: str) -> Config:
         raise ConfigError(
             f"no local harvest state in {root}: run `harvest local --out {root}` first"
         )
+    # The profile the run used (its stages), as `harvest local` recorded it.
+    used = root / ".harvest" / "profile"
     return Config(
         vendor_url="https://localhost",  # a placeholder: these commands never call the vendor
         backend=Backend.LOCAL,
         sink=str(root),
         state_dir=str(root / ".harvest"),
+        profile=used.read_text().strip() if used.is_file() else "",
     )
 
 
@@ -87,8 +90,10 @@ def cmd_local(args: argparse.Namespace) -> int:
         tick=args.tick,
         concurrency=args.concurrency,
         verbose=args.verbose,
+        profile=args.profile or os.environ.get("HARVEST_PROFILE", ""),
         simulator=SimulatorProcess(
             SimulatorConfig(
+                profile=load_profile(args.profile or os.environ.get("HARVEST_PROFILE", "")),
                 troops=args.sim_troops,
                 warriors_per_troop=args.sim_warriors,
                 data_groups_per_warrior=args.sim_data_groups,
@@ -231,6 +236,7 @@ def _waits(args: argparse.Namespace, rt: Runtime) -> list[Wait]:
         now=now,
         running=live.running,
         where=f"--out {args.out}",
+        profile=rt.profile,
     )
 
 
@@ -243,10 +249,11 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     from pipeline.replay import inspect
 
     rt = _build(args, _state_config(args))
+    _known_stage(rt, args.stage)
 
     def last_error(body: str) -> str:
         try:
-            e = Envelope.from_json(body)
+            e = Envelope.from_json(body, rt.profile)
         except MessageError:
             return ""
         return rt.ledger.last_error(e.run_id, e.stage, e.key)
@@ -256,8 +263,15 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     return 0
 
 
+def _known_stage(rt: Runtime, stage: str) -> None:
+    if stage not in rt.profile.stage_names:
+        known = ", ".join(rt.profile.stage_names)
+        raise ConfigError(f"unknown stage {stage!r} (profile {rt.profile.name}: {known})")
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     rt = _build(args, _state_config(args))
+    _known_stage(rt, args.stage)
     report = rt.run_replay(args.stage, max_messages=args.max, dry_run=args.dry_run, rate=args.rate)
     verb = "would move" if args.dry_run else "moved"
     count = report.seen if args.dry_run else report.moved
@@ -285,7 +299,9 @@ def cmd_compact(args: argparse.Namespace) -> int:
             print("nothing to compact: every complete run has been compacted")
         for run_id in run_ids:
             try:
-                done = compact_run(rt.sink, run_id, rows_per_file=args.rows_per_file)
+                done = compact_run(
+                    rt.sink, run_id, rows_per_file=args.rows_per_file, keys=rt.profile.keys
+                )
             except ImportError:
                 raise ConfigError(f"harvest compact {ANALYTICS}") from None
             print(
@@ -382,6 +398,11 @@ def parser() -> argparse.ArgumentParser:
     local = sub.add_parser("local", help="harvest on this machine: embedded queues, local sink")
     local.add_argument("--vendor-url", help="a real vendor base URL (default: built-in simulator)")
     local.add_argument(
+        "--profile",
+        help="the vendor profile: a TOML file or a packaged profile's name (HARVEST_PROFILE;"
+        " default hermes-v1); the built-in simulator serves it too (docs/profiles.md)",
+    )
+    local.add_argument(
         "--verbose",
         action="store_true",
         help="show the handlers' logs here too (always in the log file)",
@@ -466,13 +487,13 @@ def parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
 
     dlq = sub.add_parser("dlq", help="list a stage's dead letters grouped by reason")
-    dlq.add_argument("stage", choices=STAGE_NAMES)
+    dlq.add_argument("stage", help="the stage (the profile's level name, e.g. troops)")
     dlq.add_argument("--limit", type=int, default=1000)
     state_args(dlq)
     dlq.set_defaults(func=cmd_dlq)
 
     replay = sub.add_parser("replay", help="move a stage's DLQ back to its queue")
-    replay.add_argument("stage", choices=STAGE_NAMES)
+    replay.add_argument("stage", help="the stage (the profile's level name, e.g. troops)")
     replay.add_argument("--max", type=int, help="move at most N messages")
     replay.add_argument("--dry-run", action="store_true", help="count and group, move nothing")
     replay.add_argument("--rate", type=float, help="at most R messages per second")

@@ -15,7 +15,6 @@ from pipeline.ledger import RunStatus
 from pipeline.local.scheduler import LocalResult, Progress
 from pipeline.local.waits import Wait
 from pipeline.replay import DeadLetter
-from pipeline.stages import STAGE_NAMES
 
 
 def progress_table(p: Progress) -> Table:
@@ -25,8 +24,7 @@ def progress_table(p: Progress) -> Table:
     )
     for column in ("stage", "queued", "in flight", "done", "gone", "dead", "progress"):
         table.add_column(column, justify="left" if column in ("stage", "progress") else "right")
-    for name in STAGE_NAMES:
-        s = p.stages[name]
+    for name, s in p.stages.items():
         finished = s.done + s.gone
         table.add_row(
             name,

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from pipeline.local.samples import Sample, read
 from pipeline.sinks import manifest_key
-from pipeline.stages import STAGE_NAMES
 
 CHART_FILE = "chart.html"
 # More samples than this (per series) are thinned to every k-th, each process's first and
@@ -60,7 +59,9 @@ def _thinned(samples: Sequence[Sample]) -> list[Sample]:
 
 def series_of(samples: Sequence[Sample]) -> Series:
     """The chart's series from a run's samples, oldest first."""
-    out = Series(queued={stage: [] for stage in STAGE_NAMES})
+    # The stages in the order the samples name them (the profile's).
+    stages = list(dict.fromkeys(name for s in samples for name in (*s.visible, *s.in_flight)))
+    out = Series(queued={stage: [] for stage in stages})
     offset = 0.0  # x of the current process's first sample
     previous: Sample | None = None
     for s in _thinned(samples):
@@ -74,7 +75,7 @@ def series_of(samples: Sequence[Sample]) -> Series:
             previous = None
         x = offset + s.at - first_at
         out.x.append(x)
-        for stage in STAGE_NAMES:
+        for stage in stages:
             out.queued[stage].append(s.queued(stage))
         out.dead.append(sum(s.dead.values()))
         out.limit = max(out.limit, s.limit)

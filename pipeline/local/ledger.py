@@ -21,6 +21,7 @@ from pipeline.ledger import (
     stage_counts,
     storable,
 )
+from pipeline.profile import load as load_profile
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -60,7 +61,9 @@ END;
 class SqliteLedger:
     """The ledger in a SQLite file; thread-safe, readable by other processes (`harvest status`)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, stages: Sequence[str] | None = None) -> None:
+        # The profile's stages, in order (the default profile's if None).
+        self.stages = tuple(stages) if stages is not None else load_profile().stage_names
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
@@ -205,7 +208,7 @@ class SqliteLedger:
             kicked_off=bool(row[2]),
             started_at=row[3],
             completed_at=row[4],
-            stages=stage_counts((s, st, n) for s, st, n in counts),
+            stages=stage_counts(((s, st, n) for s, st, n in counts), self.stages),
             stats=dict(zip(STAT_FIELDS, row[5:8], strict=True)),
             manifest_signature=row[8] or "",
         )

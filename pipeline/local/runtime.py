@@ -12,9 +12,9 @@ from pipeline.local.budget import PacedBudget
 from pipeline.local.ledger import SqliteLedger
 from pipeline.local.queues import LocalQueueStore
 from pipeline.local.sinks import DirectorySink
+from pipeline.profile import load as load_profile
 from pipeline.queues import Queue
 from pipeline.runtime import Runtime, vendor_client
-from pipeline.stages import STAGE_NAMES
 from pipeline.stats import CallStats
 
 STATE_DB = "state.sqlite"
@@ -35,10 +35,14 @@ def build(config: Config) -> LocalRuntime:
     """The local Runtime of `config`: its state in HARVEST_STATE_DIR, output in HARVEST_SINK."""
     if not config.state_dir or not config.sink:
         raise ConfigError("a local run needs HARVEST_STATE_DIR and HARVEST_SINK (directories)")
+    profile = load_profile(config.profile)
+    if config.stage and config.stage not in profile.stage_names:
+        known = ", ".join(profile.stage_names)
+        raise ConfigError(f"unknown stage {config.stage!r}; known: {known}")
     store = LocalQueueStore(Path(config.state_dir) / STATE_DB)
     queues: dict[str, Queue] = {}
     dlqs: dict[str, Queue] = {}
-    for name in STAGE_NAMES:
+    for name in profile.stage_names:
         dlq = store.queue(f"{name}-dlq")
         dlqs[name] = dlq
         # SQS's redrive sits one receive above the drain's own dead-lettering, so that it
@@ -56,9 +60,10 @@ def build(config: Config) -> LocalRuntime:
         queues=queues,
         dlqs=dlqs,
         sink=DirectorySink(config.sink),
-        ledger=SqliteLedger(Path(config.state_dir) / STATE_DB),
+        ledger=SqliteLedger(Path(config.state_dir) / STATE_DB, profile.stage_names),
         budget=budget,
-        make_client=lambda: vendor_client(config, _local_token(config), budget, stats),
+        make_client=lambda: vendor_client(config, _local_token(config), budget, stats, profile),
+        profile=profile,
         stats=stats,
         # The embedded queues' counts are exact, and one process drives a local run
         # (kickoff first): no grace.

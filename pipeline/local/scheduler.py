@@ -34,14 +34,16 @@ from pipeline.local.chart import write_chart
 from pipeline.local.runtime import LocalRuntime, build
 from pipeline.local.samples import SAMPLE_SECONDS, SAMPLES_FILE, Sample, SampleLog
 from pipeline.local.waits import Wait, local_waits, pause_wait, stalled_wait, tick_wait
+from pipeline.profile import resolve as resolve_profile
 from pipeline.queues import Depth
 from pipeline.runtime import Runtime, reset_cache, runtime
 from pipeline.sinks import Sink
-from pipeline.stages import STAGE_NAMES
 from pipeline.window import Window
 
 STATE_DIR = ".harvest"
 LOG_FILE = "harvest.log"
+# The profile file a local run used, for the commands that read its state afterwards.
+PROFILE_FILE = "profile"
 # Held (an OS file lock) by the one `harvest local` that owns a state directory.
 LOCK_FILE = "lock"
 # When this process last saw its vendor calls change (epoch seconds): a run that starts
@@ -104,6 +106,8 @@ class LocalOptions:
     read_timeout: float = 10.0
     safety_margin: float = 15.0
     verbose: bool = False  # logs on standard error too, not only in the log file
+    # The vendor profile (a file, or a packaged profile's name; "" the default).
+    profile: str = ""
     # Started when there is no vendor_url, and the output checked against it: the simulator
     # (in a child process, SimulatorProcess, so that it does not share the GIL with the
     # pipeline it serves).
@@ -237,8 +241,11 @@ def run_local(
         visibility_timeout=options.invocation_timeout + 60,
         retry_delay=options.retry_delay,
         read_timeout=options.read_timeout,
+        profile=options.profile,
     )
     lock = own(out / STATE_DIR)
+    # `harvest status`, `dlq` and `replay` read the run's stages from the profile it used.
+    (out / STATE_DIR / PROFILE_FILE).write_text(str(resolve_profile(options.profile)) + "\n")
     _redirect_logs(out / STATE_DIR / LOG_FILE, verbose=options.verbose)
     # The local "Lambdas" run concurrently in one process and so share the handlers'
     # Metrics object, which warns when two set the stage dimension (metrics are off here).
@@ -303,7 +310,7 @@ def run_local(
             comparison=comparison,
             auth_error=auth_error,
             stalled=stalled,
-            dlq_depth=sum(rt.dlqs[s].depth().total for s in STAGE_NAMES),
+            dlq_depth=sum(rt.dlqs[s].depth().total for s in rt.profile.stage_names),
             queue_requests=queue_requests,
             interrupted=scheduler.stopping.is_set(),
             released_at_start=released,
@@ -329,7 +336,7 @@ def _compact(rt: Runtime, run_id: str) -> str:
     try:
         if not pending_runs(rt.sink, [run_id]):
             return "compacted already (`harvest compact --run RUN` compacts again)"
-        done = compact_run(rt.sink, run_id)
+        done = compact_run(rt.sink, run_id, keys=rt.profile.keys)
     except ImportError:
         return "not compacted: pyarrow is missing (pip install 'harvest[analytics]')"
     except CompactionError as exc:
@@ -351,7 +358,8 @@ class _Scheduler:
         self.next_tick = 0.0
         self.options = options
         self.handler = handler
-        self.running: dict[str, list[threading.Thread]] = {s: [] for s in STAGE_NAMES}
+        stages = self.rt.profile.stage_names
+        self.running: dict[str, list[threading.Thread]] = {s: [] for s in stages}
         self.auth_error = ""
         self.stop = threading.Event()
         self.polls = 0  # depth requests made for progress, not by the drains
@@ -388,7 +396,7 @@ class _Scheduler:
             logging.getLogger("harvest").exception("drain invocation failed")
 
     def _tick(self) -> None:
-        for stage in STAGE_NAMES:
+        for stage in self.rt.profile.stage_names:
             alive = [t for t in self.running[stage] if t.is_alive()]
             if len(alive) < self.options.reserved_concurrency:
                 thread = threading.Thread(target=self._invoke, args=(stage,), daemon=True)
@@ -408,7 +416,7 @@ class _Scheduler:
     def sample(self, run_id: str, depths: Mapping[str, Depth] | None = None) -> None:
         """Append one sample of the run to the state directory's time series."""
         if depths is None:
-            depths = {s: self.rt.queues[s].depth() for s in STAGE_NAMES}
+            depths = {s: self.rt.queues[s].depth() for s in self.rt.profile.stage_names}
             self.polls += len(depths)
         stats = self.rt.stats.snapshot()
         paused_for = self.rt.budget.paused_for()
@@ -419,7 +427,7 @@ class _Scheduler:
                 started=self.started_at,
                 visible={s: d.visible for s, d in depths.items()},
                 in_flight={s: d.in_flight for s, d in depths.items()},
-                dead={s: self._dlq_depth(s) for s in STAGE_NAMES},
+                dead={s: self._dlq_depth(s) for s in self.rt.profile.stage_names},
                 calls=int(stats["calls"]),
                 rate_limited=int(stats["rate_limited"]),
                 limit=self.options.rate_calls / self.options.rate_period,
@@ -447,10 +455,11 @@ class _Scheduler:
                 self.rt.store,
                 self.rt.ledger,
                 {s: d.total for s, d in depths.items()},
-                {s: self._dlq_depth(s) for s in STAGE_NAMES},
+                {s: self._dlq_depth(s) for s in self.rt.profile.stage_names},
                 now=now,
                 running=True,
                 where=f"--out {self.rt.config.sink}",
+                profile=self.rt.profile,
             )
         return tuple(waits)
 
@@ -467,12 +476,13 @@ class _Scheduler:
             now = time.monotonic()
             self.note_last_call()
             status = self.rt.ledger.status(run_id)
-            depths = {s: self.rt.queues[s].depth() for s in STAGE_NAMES}
+            depths = {s: self.rt.queues[s].depth() for s in self.rt.profile.stage_names}
             self.polls += len(depths)
             busy = any(d.total for d in depths.values())
             settled = status is not None and status.settled
             self.peak_queued = max(self.peak_queued, sum(d.total for d in depths.values()))
-            if not self.first_output and status and status.stages[STAGE_NAMES[-1]].done:
+            leaf = self.rt.profile.stage_names[-1]
+            if not self.first_output and status and status.stages[leaf].done:
                 self.first_output = now - started
             # A settled run needs no more invocations unless redeliveries are still queued.
             if now >= self.next_tick and not self.stop.is_set() and (busy or not settled):
@@ -519,7 +529,7 @@ class _Scheduler:
     ) -> Progress:
         stats = self.rt.stats.snapshot()
         stages = {}
-        for s in STAGE_NAMES:
+        for s in self.rt.profile.stage_names:
             counts = status.stages[s] if status else None
             stages[s] = StageProgress(
                 queued=depths[s].visible,

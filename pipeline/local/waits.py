@@ -19,6 +19,7 @@ from pipeline.errors import MessageError
 from pipeline.ledger import Ledger
 from pipeline.local.queues import Hidden, LocalQueueStore
 from pipeline.local.samples import LIVE_SECONDS, Sample
+from pipeline.profile import Profile
 from pipeline.queues import Depth, Queue
 from pipeline.vendor_api.inflight import STALL_SECONDS
 
@@ -185,13 +186,15 @@ def local_waits(
     now: float,
     running: bool,
     where: str,
+    profile: Profile | None = None,
 ) -> list[Wait]:
     """What a local state directory shows: hidden messages, and dead letters nothing else
-    is queued beside (`queued` and `dead`: messages per stage queue and per DLQ)."""
+    is queued beside (`queued` and `dead`: messages per stage queue and per DLQ; message
+    bodies read against `profile`, the default if None)."""
 
     def last_error(body: str) -> str:
         try:
-            e = Envelope.from_json(body)
+            e = Envelope.from_json(body, profile)
         except MessageError:
             return ""
         return ledger.last_error(e.run_id, e.stage, e.key)

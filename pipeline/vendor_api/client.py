@@ -17,6 +17,7 @@ is poison, never taken for the last page.
 
 from __future__ import annotations
 
+import base64
 import math
 import re
 import threading
@@ -27,6 +28,7 @@ from datetime import UTC, datetime
 from itertools import repeat
 from types import TracebackType
 from typing import Any, cast
+from urllib.parse import quote
 
 import requests
 from aws_lambda_powertools import Logger
@@ -50,6 +52,15 @@ from pipeline.errors import (
     RetryableError,
     quoted,
 )
+from pipeline.profile import (
+    AuthKind,
+    Listing,
+    Missing,
+    PaginationKind,
+    Profile,
+    select,
+)
+from pipeline.profile import load as load_profile
 from pipeline.stats import CallStats
 from pipeline.vendor_api.inflight import CallsInFlight
 from pipeline.vendor_api.latency import Latency
@@ -81,10 +92,12 @@ DEFAULT_MAX_PAGE_BYTES = 8 * 1024 * 1024
 
 @dataclass(frozen=True)
 class Page:
-    """One page of a vendor listing."""
+    """One page of a vendor listing: its records, and where the next page is (a cursor from
+    the body or a header, or the URL of a Link header), if the kind of paging has one."""
 
     items: list[dict[str, Any]]
     next_cursor: str | None
+    next_url: str | None = None
 
 
 _TOKEN_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -137,6 +150,7 @@ class VendorClient:
         max_page_bytes: int = DEFAULT_MAX_PAGE_BYTES,
         session: requests.Session | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        profile: Profile | None = None,
     ) -> None:
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
@@ -148,6 +162,7 @@ class VendorClient:
             if not bound > 0:
                 raise ValueError(f"{name} must be > 0, got {bound}")
         self.base_url = base_url.rstrip("/")
+        self.profile = profile if profile is not None else load_profile()
         self._budget = budget
         self._stats = stats
         self._connect_timeout = connect_timeout
@@ -177,9 +192,22 @@ class VendorClient:
             )
             self._session.mount("https://", adapter)
             self._session.mount("http://", adapter)
-        # The token lives only in the Session's headers: never in an attribute, a message
-        # or a repr.
-        self._session.headers["Authorization"] = f"Bearer {_checked_token(token)}"
+        # The token lives only in the Session's headers (or, for an API key in the query,
+        # in `_auth_query`, kept out of every message, log and display): never in a repr.
+        self._auth_query: tuple[str, str] | None = None
+        auth = self.profile.auth
+        if auth.kind == AuthKind.BEARER:
+            self._session.headers["Authorization"] = f"Bearer {_checked_token(token)}"
+        elif auth.kind == AuthKind.HEADER:
+            self._session.headers[auth.header] = f"{auth.prefix}{_checked_token(token)}"
+        elif auth.kind == AuthKind.BASIC:
+            secret = _checked_token(token)
+            pair = f"{auth.username}:{secret}" if auth.username else secret
+            self._session.headers["Authorization"] = "Basic " + base64.b64encode(
+                pair.encode("ascii")
+            ).decode("ascii")
+        elif auth.kind == AuthKind.QUERY:
+            self._auth_query = (auth.param, _checked_token(token))
         self._session.headers["Accept"] = "application/json"
         # Requests go straight to the transport adapter (see `_send`).
         self._adapter = self._session.get_adapter(self.base_url)
@@ -209,6 +237,16 @@ class VendorClient:
     ) -> None:
         self.close()
 
+    def _shown(self, url: str) -> str:
+        """`url` as it may be displayed: without an API key carried in the query."""
+        if self._auth_query is None:
+            return url
+        return (
+            re.sub(rf"([?&]){re.escape(quote(self._auth_query[0], safe=''))}=[^&]*", r"\1", url)
+            .replace("?&", "?")
+            .replace("&&", "&")
+        )
+
     def close(self) -> None:
         """Close the Session's connections, if this client created the Session."""
         if self._owns_session:
@@ -233,81 +271,140 @@ class VendorClient:
 
     def items(
         self,
-        path_template: str,
-        entity_id: str | None = None,
+        listing: Listing | str,
+        ids: Mapping[str, str] | str | None = None,
         params: Mapping[str, str] | None = None,
     ) -> Iterator[dict[str, Any]]:
-        """Every item of a paginated listing, following `next_cursor` to the last page."""
-        for items in self.pages(path_template, entity_id, params):
+        """Every record of a paginated listing, following its pages to the last."""
+        for items in self.pages(listing, ids, params):
             yield from items
 
     def pages(
         self,
-        path_template: str,
-        entity_id: str | None = None,
+        listing: Listing | str,
+        ids: Mapping[str, str] | str | None = None,
         params: Mapping[str, str] | None = None,
     ) -> Iterator[list[dict[str, Any]]]:
-        """The items of a paginated listing page by page (as `items`, one list per page).
+        """The records of a paginated listing page by page (as `items`, one list per page).
+
+        `listing` is the profile's (a bare path template pages as the default profile
+        does); `ids` fill its placeholders, each one percent-encoded path segment (a
+        single id fills the template's one placeholder).
 
         PoisonError once the listing has more than `max_pages` pages (no call is made for
-        the one over), or when a cursor comes back that this listing has already followed.
+        the one over), when a cursor or a next link comes back that this listing has
+        already followed, or a Link header points away from the vendor's base URL.
         """
-        cursor: str | None = None
+        listing = _as_listing(listing)
+        path = vendor_path(listing.path, ids)
+        paging = listing.pagination
+        kind = paging.kind
+        query = self._first_query(listing, params)
         seen: set[str] = set()
         pages = 0
+        offset, number = 0, paging.first_page
+        next_url: str | None = None
         while True:
-            page = self.get_page(path_template, entity_id, params, cursor=cursor)
+            if kind == PaginationKind.OFFSET:
+                query[paging.offset_param] = str(offset)
+            elif kind == PaginationKind.PAGE_NUMBER:
+                query[paging.page_param] = str(number)
+            page = self._page(listing, path, query, next_url)
             pages += 1
             yield page.items
-            cursor = page.next_cursor
-            if cursor is None:
+            if kind in (PaginationKind.CURSOR, PaginationKind.HEADER_CURSOR):
+                if page.next_cursor is None:
+                    return
+                token = page.next_cursor
+                query[paging.cursor_param] = token
+            elif kind == PaginationKind.OFFSET or kind == PaginationKind.PAGE_NUMBER:
+                if len(page.items) < paging.page_size:
+                    return
+                offset += len(page.items)
+                number += 1
+                token = ""
+            elif kind == PaginationKind.LINK:
+                if page.next_url is None:
+                    return
+                token = next_url = page.next_url
+                if not next_url.startswith(self.base_url + "/"):
+                    raise PoisonError(
+                        f"GET {path}: the next page's link {quoted(next_url, 120)} is not"
+                        " under the vendor's base URL (the token is not sent elsewhere)"
+                    )
+            else:
                 return
-            if cursor in seen:
+            if token and token in seen:
+                what = "link" if kind == PaginationKind.LINK else "cursor"
                 raise PoisonError(
-                    f"GET {vendor_path(path_template, entity_id)}: the vendor returned cursor"
-                    f" {quoted(cursor, 120)} twice in one listing (page {pages}):"
-                    " following it would loop"
+                    f"GET {path}: the vendor returned {what} {quoted(token, 120)} twice in"
+                    f" one listing (page {pages}): following it would loop"
                 )
             if pages >= self._max_pages:
                 raise PoisonError(
-                    f"GET {vendor_path(path_template, entity_id)}: the listing has more than"
-                    f" {self._max_pages} pages (max_pages)"
+                    f"GET {path}: the listing has more than {self._max_pages} pages (max_pages)"
                 )
-            seen.add(cursor)
+            seen.add(token)
 
     def get_page(
         self,
-        path_template: str,
-        entity_id: str | None = None,
+        listing: Listing | str,
+        ids: Mapping[str, str] | str | None = None,
         params: Mapping[str, str] | None = None,
         *,
         cursor: str | None = None,
     ) -> Page:
         """One page of a listing (the first, or the one `cursor` points at), with retries."""
-        path = vendor_path(path_template, entity_id)
-        query = {"limit": PAGE_LIMIT, **(params or {})}
+        listing = _as_listing(listing)
+        query = self._first_query(listing, params)
         if cursor is not None:
-            query["cursor"] = cursor
+            query[listing.pagination.cursor_param] = cursor
+        return self._page(listing, vendor_path(listing.path, ids), query, None)
+
+    def _first_query(self, listing: Listing, params: Mapping[str, str] | None) -> dict[str, str]:
+        paging = listing.pagination
+        query: dict[str, str] = {}
+        if paging.kind != PaginationKind.NONE and paging.size_param:
+            query[paging.size_param] = str(paging.page_size)
+        query.update(listing.params)
+        query.update(params or {})
+        return query
+
+    def _page(
+        self, listing: Listing, path: str, query: Mapping[str, str], next_url: str | None
+    ) -> Page:
+        """One page, from `path` and `query`, or from the vendor's next link, with retries."""
+        pairs = tuple(query.items())
         try:
-            url = f"{self.base_url}{path}?{encode_query(tuple(query.items()))}"
+            if next_url is not None:
+                url = next_url
+                if self._auth_query is not None and f"{self._auth_query[0]}=" not in url:
+                    url += ("&" if "?" in url else "?") + encode_query((self._auth_query,))
+            else:
+                if self._auth_query is not None:
+                    pairs += (self._auth_query,)
+                url = f"{self.base_url}{path}?{encode_query(pairs)}"
         except UnicodeEncodeError as exc:
             # JSON can carry a lone surrogate ("\ud800") in a cursor; no URL can.
             raise PoisonError(
                 f"GET {path}: a cursor or parameter is not valid Unicode: {quoted(query, 120)}"
             ) from exc
         try:
-            page: Page = self._retrying(self._attempt, url, path)
+            page: Page = self._retrying(self._attempt, url, path, listing)
         except RetryError as exc:
             raise self._give_up(path, exc) from exc.last_attempt.exception()
         return page
 
     # -- one attempt -----------------------------------------------------------------------
 
-    def _attempt(self, url: str, path: str) -> Page:
+    def _attempt(self, url: str, path: str, listing: Listing) -> Page:
         try:
             response, started, oversize = self._send(url)
         except TRANSIENT_EXCEPTIONS as exc:
-            raise _AttemptFailed(describe_transport_error(exc)) from exc
+            # With the key in the query, the transport's message holds the URL: not chained.
+            raise _AttemptFailed(describe_transport_error(exc)) from (
+                None if self._auth_query is not None else exc
+            )
         except RateLimitedError as exc:
             # The budget is paused for longer than this call may wait (by a 429 here, in
             # another thread or, shared, in another invocation): the message waits instead.
@@ -317,17 +414,21 @@ class VendorClient:
         self._stats.add(calls=1, latency_total=elapsed)
         # The vendor counted the request when it arrived, about when it was sent: its Reset
         # runs from then, not from now, a round trip later.
-        reset = header_seconds(response, "X-RateLimit-Reset")
+        headers = self.profile.rate_limit
+        reset = header_seconds(response, headers.reset) if headers.reset else None
+        if reset is not None and headers.reset_format == "epoch":
+            reset = max(0.0, reset - time.time())
         self._budget.observe(
-            header_int(response, "X-RateLimit-Limit"),
-            header_int(response, "X-RateLimit-Remaining"),
+            header_int(response, headers.limit) if headers.limit else None,
+            header_int(response, headers.remaining) if headers.remaining else None,
             None if reset is None else reset - elapsed,
         )
         status = response.status_code
+        statuses = self.profile.statuses
         if status == 200:
             if oversize is None:
                 try:
-                    page = _parse_page(response, path)
+                    page = _parse_page(response, path, listing)
                 except PoisonError:
                     self._stats.add(failures=1)
                     raise
@@ -338,8 +439,8 @@ class VendorClient:
                 raise PoisonError(f"GET {path}: 200 {oversize}")
             raise _AttemptFailed("200 with a body that is not a page", status)
         self._stats.add(failures=1)
-        if status == 429:
-            retry_after = header_seconds(response, "Retry-After")
+        if status in statuses.rate_limited:
+            retry_after = header_seconds(response, headers.retry_after)
             if retry_after is None:
                 retry_after = DEFAULT_RATE_LIMIT_WAIT
             self._stats.add(rate_limited=1)
@@ -350,13 +451,18 @@ class VendorClient:
             if retry_after > self._max_retry_after:
                 self._announce_pause(retry_after)
                 raise RateLimitedError(
-                    f"GET {path}: 429 rate limited with Retry-After {retry_after:g} s,"
+                    f"GET {path}: {status} rate limited with Retry-After {retry_after:g} s,"
                     f" over max_retry_after ({self._max_retry_after:g} s)",
                     retry_after,
                 )
-            raise _AttemptFailed("429 rate limited", status, retry_after)
-        if status in RETRY_STATUSES:
-            retry_after = header_seconds(response, "Retry-After") if status == 503 else None
+            raise _AttemptFailed(f"{status} rate limited", status, retry_after)
+        if status in statuses.retry:
+            # A Retry-After on a 503 (vendor-api.md), or on any status the profile retries.
+            retry_after = (
+                header_seconds(response, headers.retry_after)
+                if status == 503 or statuses.retry != RETRY_STATUSES
+                else None
+            )
             if retry_after is not None and retry_after > self._max_retry_after:
                 raise RetryableError(
                     f"GET {path}: {status} with Retry-After {retry_after:g} s,"
@@ -364,12 +470,12 @@ class VendorClient:
                     retry_after,
                 )
             raise _AttemptFailed(str(status), status, retry_after)
-        if status == 400:
-            raise PoisonError(f"GET {path}: 400 bad request{_vendor_message(response)}")
-        if status == 401:
-            raise AuthError(f"GET {path}: 401 unauthorized (check the vendor token)")
-        if status == 404:
-            raise GoneError(f"GET {path}: 404 not found")
+        if status in statuses.poison:
+            raise PoisonError(f"GET {path}: {status} bad request{_vendor_message(response)}")
+        if status in statuses.auth:
+            raise AuthError(f"GET {path}: {status} unauthorized (check the vendor token)")
+        if status in statuses.gone:
+            raise GoneError(f"GET {path}: {status} not found")
         if 400 <= status < 500:
             raise PoisonError(f"GET {path}: unexpected {status}{_vendor_message(response)}")
         raise RetryableError(f"GET {path}: unexpected {status}")
@@ -397,7 +503,7 @@ class VendorClient:
         finally:
             started = time.perf_counter()
             self._waits.total = self.budget_waited() + (started - asked)
-        self.in_flight.start(url)
+        self.in_flight.start(self._shown(url))
         try:
             # Straight to the adapter, not through Session.send: no redirects, cookies, hooks
             # or proxies to resolve, and a fifth less CPU per call (bench/README).
@@ -446,7 +552,7 @@ class VendorClient:
 
     def _wait(self, retry_state: RetryCallState) -> float:
         failure = _failure_of(retry_state)
-        if failure is not None and failure.status == 429:
+        if failure is not None and failure.status in self.profile.statuses.rate_limited:
             return 0.0  # budget.pause already holds the next acquire back
         backoff: float = self._backoff(retry_state)
         if failure is not None and failure.retry_after is not None:
@@ -472,7 +578,10 @@ class VendorClient:
         failure = error.last_attempt.exception()
         cause = failure.cause if isinstance(failure, _AttemptFailed) else repr(failure)
         message = f"GET {path}: {cause} after {self._max_attempts} attempts"
-        if isinstance(failure, _AttemptFailed) and failure.status == 429:
+        if (
+            isinstance(failure, _AttemptFailed)
+            and failure.status in self.profile.statuses.rate_limited
+        ):
             retry_after = failure.retry_after or DEFAULT_RATE_LIMIT_WAIT
             return RateLimitedError(message, retry_after)
         return RetryableError(message)
@@ -486,29 +595,43 @@ def _failure_of(retry_state: RetryCallState) -> _AttemptFailed | None:
     return failure if isinstance(failure, _AttemptFailed) else None
 
 
-def _parse_page(response: requests.Response, path: str) -> Page | None:
+def _parse_page(response: requests.Response, path: str, listing: Listing) -> Page | None:
     """The page in a 200's body, or None if the body is not one (cut short, not JSON).
 
-    PoisonError if the body is a JSON object without `items` or `next_cursor`: taking it
-    for the last page would silently cut the listing short.
+    PoisonError if the body is a JSON object without the records (or, paged by a cursor in
+    the body, without the cursor field): taking it for the last page would silently cut
+    the listing short.
     """
     try:
         body = response.json()
     except (ValueError, RecursionError):  # RecursionError: nested too deep ("[" * 5000)
         return None
-    if not isinstance(body, dict):
+    paging = listing.pagination
+    if listing.records and not isinstance(body, dict):
         return None
     try:
-        items = body["items"]
-        cursor = body["next_cursor"]
-    except KeyError as missing:
+        items = select(body, listing.records)
+        cursor = select(body, paging.cursor_field) if paging.kind == PaginationKind.CURSOR else None
+    except Missing as missing:
+        if not isinstance(body, dict):
+            return None
         keys = quoted(sorted(map(str, body)), 120)
         raise PoisonError(f"GET {path}: page without {missing.args[0]} (keys: {keys})") from None
     if not isinstance(items, list) or not all(map(isinstance, items, repeat(dict))):
         return None
     if cursor is not None and not isinstance(cursor, str):
         return None
-    return Page(items=items, next_cursor=cursor)
+    next_url = None
+    if paging.kind == PaginationKind.HEADER_CURSOR:
+        cursor = response.headers.get(paging.cursor_header) or None
+    elif paging.kind == PaginationKind.LINK:
+        next_url = response.links.get("next", {}).get("url") or None
+    return Page(items=items, next_cursor=cursor, next_url=next_url)
+
+
+def _as_listing(listing: Listing | str) -> Listing:
+    """A profile's listing, or a bare path template paged as the default profile pages."""
+    return Listing(path=listing) if isinstance(listing, str) else listing
 
 
 def _vendor_message(response: requests.Response) -> str:

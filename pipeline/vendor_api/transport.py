@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from functools import lru_cache
+from string import Formatter
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -50,14 +51,23 @@ def encode_segment(entity_id: str) -> str:
     return segment
 
 
-def vendor_path(path_template: str, entity_id: str | None = None) -> str:
-    """The request path: `path_template` with `{id}` replaced by the encoded `entity_id`."""
-    has_slot = "{id}" in path_template
-    if has_slot != (entity_id is not None):
-        raise ValueError(f"path {path_template!r} and entity id {entity_id!r} do not fit")
-    if entity_id is None:
+def vendor_path(path_template: str, ids: Mapping[str, str] | str | None = None) -> str:
+    """The request path: each `{name}` of `path_template` replaced by the encoded id of
+    that name (one id alone fills the template's one placeholder)."""
+    names = [name for _, name, _, _ in Formatter().parse(path_template) if name is not None]
+    if isinstance(ids, str):
+        if len(names) != 1:
+            raise ValueError(f"path {path_template!r} and entity id {ids!r} do not fit")
+        ids = {names[0]: ids}
+    ids = ids or {}
+    if set(names) - set(ids):
+        raise ValueError(f"path {path_template!r} and ids {sorted(ids)} do not fit")
+    if not names:
         return path_template
-    return path_template.replace("{id}", encode_segment(entity_id))
+    path = path_template
+    for name in dict.fromkeys(names):
+        path = path.replace("{" + name + "}", encode_segment(ids[name]))
+    return path
 
 
 class VendorAdapter(HTTPAdapter):
