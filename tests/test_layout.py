@@ -116,6 +116,17 @@ def test_nothing_in_the_library_imports_an_entry_point_or_a_tool() -> None:
     assert wrong == []
 
 
+def test_the_pipeline_takes_its_stages_from_its_profile_not_the_default_ones() -> None:
+    # pipeline.stages names the default profile's stages, for tests and examples: code
+    # that ran with it would ignore the profile it was given.
+    wrong = sorted(
+        f"{name} imports pipeline.stages"
+        for name, path in {**PIPELINE, **modules("workers")}.items()
+        if name != "pipeline.stages" and "pipeline.stages" in set(imports(path))
+    )
+    assert wrong == []
+
+
 def test_handlers_import_nothing_of_the_terminal_tools() -> None:
     wrong = sorted(
         f"{name} imports {target}"
