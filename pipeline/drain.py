@@ -42,7 +42,7 @@ from pipeline.errors import (
     quoted,
 )
 from pipeline.ledger import Finished, Ledger, State
-from pipeline.profile import Profile, Stage, TimeFormat
+from pipeline.profile import Missing, Profile, Stage, TimeFormat, select
 from pipeline.profile import load as load_profile
 from pipeline.queues import (
     BATCH,
@@ -530,7 +530,7 @@ class Drain:
         # The client hands over pages whose items are all JSON objects.
         for items in self.client.pages(self.stage.listing, self.stage.ids(envelope.path), params):
             for item in items:
-                ts, value = item.get(ts_field), item.get(value_field)
+                ts, value = _field(item, ts_field), _field(item, value_field)
                 append(
                     {
                         "ts": _checked_ts(ts, item, start, end, ts_format),
@@ -814,6 +814,17 @@ def _log_store_retry(state: Any) -> None:
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # RFC 3339 with a UTC offset or Z (vendor-api.md: ts is RFC 3339, UTC).
 _TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:Z|[+-]\d\d:\d\d)")
+
+
+def _field(item: Mapping[str, Any], dotted: str) -> Any:
+    """A point's field (a dotted path), None if it has none (then rejected as not a number
+    or not a time)."""
+    if "." not in dotted:
+        return item.get(dotted)
+    try:
+        return select(item, dotted)
+    except Missing:
+        return None
 
 
 def _time_param(value: datetime, text: str, form: TimeFormat) -> str:

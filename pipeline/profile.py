@@ -35,8 +35,9 @@ DEFAULT_PROFILE = "hermes-v1"
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,23}")
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _HEADER = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-# Fields of every output record besides the level keys.
-RECORD_FIELDS = frozenset({"run_id", "from", "to", "points"})
+# Fields of every output record besides the level keys, and the compacted table's other
+# columns and partition key (pipeline/compact.py): no level key may be one of them.
+RECORD_FIELDS = frozenset({"run_id", "from", "to", "points", "ts", "value", "dt"})
 
 
 class PaginationKind(StrEnum):
@@ -71,7 +72,7 @@ class Pagination:
     # The query parameter carrying the page size ("" sends none).
     size_param: str = "limit"
     cursor_param: str = "cursor"
-    # Dotted path of the next cursor in the body: must be present; null (or "") is the end.
+    # Dotted path of the next cursor in the body: must be present; null is the end.
     cursor_field: str = "next_cursor"
     cursor_header: str = ""
     offset_param: str = "offset"
@@ -480,9 +481,15 @@ class _Reader:
         if not path.startswith("/"):
             raise _Invalid(self.at("path"), f"must start with '/', not {path!r}")
         try:
-            names = placeholders(path)
+            parts = list(string.Formatter().parse(path))
         except ValueError as exc:
             raise _Invalid(self.at("path"), f"bad template {path!r}: {exc}") from None
+        for literal, name, spec, conversion in parts:
+            if "{" in literal or "}" in literal:
+                raise _Invalid(self.at("path"), f"{path!r}: a literal brace is not allowed")
+            if name is not None and (spec or conversion):
+                raise _Invalid(self.at("path"), f"{{{name}}} takes no format or conversion")
+        names = placeholders(path)
         for name in names:
             if _KEY.fullmatch(name) is None:
                 raise _Invalid(self.at("path"), f"placeholder {{{name}}} is not a level key")
@@ -542,8 +549,10 @@ class _Reader:
             raise _Invalid(self.at("header"), f"not a header name: {auth.header!r}")
         if kind == AuthKind.HEADER and "header" not in self.data:
             raise _Invalid(self.at("header"), "required by type = 'header'")
-        if kind == AuthKind.QUERY and "param" not in self.data:
+        if kind == AuthKind.QUERY and not self.data.get("param"):
             raise _Invalid(self.at("param"), "required by type = 'query'")
+        if not auth.username.isascii() or ":" in auth.username:
+            raise _Invalid(self.at("username"), "must be ASCII without ':' (HTTP basic auth)")
         return auth
 
     def rate_limit(self) -> RateLimitHeaders:
@@ -603,7 +612,9 @@ def _check_tree(levels: Sequence[Level], data: DataCall) -> None:
         if level.key in keys:
             raise _Invalid(f"levels[{i}].key", f"{level.key!r} is also levels[{keys[level.key]}]")
         if level.key in RECORD_FIELDS:
-            raise _Invalid(f"levels[{i}].key", f"{level.key!r} is an output record field already")
+            raise _Invalid(
+                f"levels[{i}].key", f"{level.key!r} is an output record or table field already"
+            )
         names[level.name], keys[level.key] = i, i
     for i, listing in [
         *((i, lv.listing) for i, lv in enumerate(levels)),

@@ -126,7 +126,7 @@ def test_level_names_and_keys_are_unique_and_keys_are_not_record_fields() -> Non
     assert "levels[2].name: 'troops' is also levels[0]" in error_of(data)
     data = hermes_data()
     data["levels"][0]["key"] = "run_id"
-    assert "levels[0].key: 'run_id' is an output record field" in error_of(data)
+    assert "levels[0].key: 'run_id' is an output record or table field" in error_of(data)
 
 
 def test_a_missing_file_names_the_packaged_profiles() -> None:
@@ -152,3 +152,18 @@ def test_a_one_level_profile_is_a_single_stage_straight_to_data() -> None:
     [only] = p.stages
     assert (only.name, only.child, only.depth) == ("sensors", None, 1)
     assert only.data is p.data and only.listing.path == "/sensors/{sensor_id}/points"
+
+
+def test_a_placeholder_with_a_format_or_a_literal_brace_is_refused() -> None:
+    data = hermes_data()
+    data["levels"][1]["path"] = "/v1/troops/{troop_id!r}/warriors"
+    assert "levels[1].path: {troop_id} takes no format or conversion" in error_of(data)
+    data = hermes_data()
+    data["levels"][1]["path"] = "/v1/troops/{troop_id}/{{x}}"
+    assert "a literal brace is not allowed" in error_of(data)
+
+
+def test_a_level_key_may_not_be_a_column_of_the_compacted_table() -> None:
+    data = hermes_data()
+    data["levels"][2]["key"] = "value"
+    assert "levels[2].key: 'value' is an output record or table field" in error_of(data)

@@ -282,3 +282,20 @@ def test_an_api_key_in_the_query_is_sent_but_never_shown(
     assert query(rsps.calls[-1])["api_key"] == [TOKEN]
     assert seen and all(TOKEN not in url for url in seen)
     assert TOKEN not in caplog.text
+
+
+def test_a_relative_next_link_is_followed_from_the_pages_own_url(
+    rsps: responses.RequestsMock,
+) -> None:
+    rsps.get(
+        f"{BASE}/api/regions",
+        match=[responses.matchers.query_param_matcher({"per_page": "50"})],
+        json={"data": [{"id": "r1"}]},
+        headers={"Link": '</api/regions?per_page=50&after=r1>; rel="next"'},
+    )
+    rsps.get(
+        f"{BASE}/api/regions",
+        match=[responses.matchers.query_param_matcher({"per_page": "50", "after": "r1"})],
+        json={"data": [{"id": "r2"}]},
+    )
+    assert [r["id"] for r in client_for(FLEET).items(FLEET.root)] == ["r1", "r2"]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from pipeline.compact import DEFAULT_ROWS_PER_FILE
 from pipeline.config import Backend, Config
 from pipeline.errors import ConfigError, HarvestError
+from pipeline.profile import AuthKind
 from pipeline.profile import load as load_profile
 from pipeline.window import Window
 
@@ -38,15 +39,20 @@ def _local_config(out: str) -> Config:
         raise ConfigError(
             f"no local harvest state in {root}: run `harvest local --out {root}` first"
         )
-    # The profile the run used (its stages), as `harvest local` recorded it.
-    used = root / ".harvest" / "profile"
     return Config(
         vendor_url="https://localhost",  # a placeholder: these commands never call the vendor
         backend=Backend.LOCAL,
         sink=str(root),
         state_dir=str(root / ".harvest"),
-        profile=used.read_text().strip() if used.is_file() else "",
+        profile=_recorded_profile(root),
     )
+
+
+def _recorded_profile(root: Path) -> str:
+    """The profile a local run in `root` used, as `harvest local` recorded it; else
+    HARVEST_PROFILE, else "" (the default)."""
+    used = root / ".harvest" / "profile"
+    return used.read_text().strip() if used.is_file() else os.environ.get("HARVEST_PROFILE", "")
 
 
 def _state_config(args: argparse.Namespace) -> Config:
@@ -77,7 +83,8 @@ def cmd_local(args: argparse.Namespace) -> int:
     from pipeline.local.scheduler import LocalOptions, Progress, run_local
 
     token = args.token or os.environ.get("HARVEST_VENDOR_TOKEN")
-    if args.vendor_url and not token:
+    profile = load_profile(args.profile or os.environ.get("HARVEST_PROFILE", ""))
+    if args.vendor_url and not token and profile.auth.kind != AuthKind.NONE:
         raise ConfigError("--vendor-url needs a token: --token or HARVEST_VENDOR_TOKEN")
     options = LocalOptions(
         window=_window(args),
@@ -93,7 +100,7 @@ def cmd_local(args: argparse.Namespace) -> int:
         profile=args.profile or os.environ.get("HARVEST_PROFILE", ""),
         simulator=SimulatorProcess(
             SimulatorConfig(
-                profile=load_profile(args.profile or os.environ.get("HARVEST_PROFILE", "")),
+                profile=profile,
                 troops=args.sim_troops,
                 warriors_per_troop=args.sim_warriors,
                 data_groups_per_warrior=args.sim_data_groups,
@@ -151,6 +158,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from pipeline.dev.simulator import SimulatorConfig, serve
 
     config = SimulatorConfig(
+        profile=load_profile(args.profile or os.environ.get("HARVEST_PROFILE", "")),
         seed=args.seed,
         troops=args.troops,
         warriors_per_troop=args.warriors,
@@ -359,6 +367,7 @@ def cmd_kickoff(args: argparse.Namespace) -> int:
             backend=Backend.LOCAL,
             sink=str(root),
             state_dir=str(root / ".harvest"),
+            profile=args.profile or _recorded_profile(root),
         )
     lock = None
     if not args.aws:
@@ -455,6 +464,7 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("--truncate-rate", type=float, default=0.0)
     sim.add_argument("--gone-rate", type=float, default=0.0)
     sim.add_argument("--nasty-ids", action="store_true")
+    sim.add_argument("--profile", help="serve this vendor profile (HARVEST_PROFILE; hermes-v1)")
     sim.set_defaults(func=cmd_simulate)
 
     def state_args(cmd: argparse.ArgumentParser) -> None:
@@ -473,6 +483,9 @@ def parser() -> argparse.ArgumentParser:
     kick.add_argument("--dry-run", action="store_true", help="list the windows, start nothing")
     kick.add_argument("--vendor-url", help="the vendor (local state only)")
     kick.add_argument("--allow-http", action="store_true", help="allow a plain http:// vendor")
+    kick.add_argument(
+        "--profile", help="the vendor profile (default: the one --out's runs used, or hermes-v1)"
+    )
     state_args(kick)
     kick.set_defaults(func=cmd_kickoff)
 

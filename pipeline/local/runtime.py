@@ -12,6 +12,7 @@ from pipeline.local.budget import PacedBudget
 from pipeline.local.ledger import SqliteLedger
 from pipeline.local.queues import LocalQueueStore
 from pipeline.local.sinks import DirectorySink
+from pipeline.profile import AuthKind
 from pipeline.profile import load as load_profile
 from pipeline.queues import Queue
 from pipeline.runtime import Runtime, vendor_client
@@ -62,7 +63,13 @@ def build(config: Config) -> LocalRuntime:
         sink=DirectorySink(config.sink),
         ledger=SqliteLedger(Path(config.state_dir) / STATE_DB, profile.stage_names),
         budget=budget,
-        make_client=lambda: vendor_client(config, _local_token(config), budget, stats, profile),
+        make_client=lambda: vendor_client(
+            config,
+            config.token if profile.auth.kind == AuthKind.NONE else _local_token(config),
+            budget,
+            stats,
+            profile,
+        ),
         profile=profile,
         stats=stats,
         # The embedded queues' counts are exact, and one process drives a local run

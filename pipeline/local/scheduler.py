@@ -245,7 +245,9 @@ def run_local(
     )
     lock = own(out / STATE_DIR)
     # `harvest status`, `dlq` and `replay` read the run's stages from the profile it used.
-    (out / STATE_DIR / PROFILE_FILE).write_text(str(resolve_profile(options.profile)) + "\n")
+    (out / STATE_DIR / PROFILE_FILE).write_text(
+        str(resolve_profile(options.profile).resolve()) + "\n"
+    )
     _redirect_logs(out / STATE_DIR / LOG_FILE, verbose=options.verbose)
     # The local "Lambdas" run concurrently in one process and so share the handlers'
     # Metrics object, which warns when two set the stage dimension (metrics are off here).

@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from itertools import repeat
 from types import TracebackType
 from typing import Any, cast
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urljoin, urlsplit
 
 import requests
 from aws_lambda_powertools import Logger
@@ -78,7 +78,6 @@ from pipeline.vendor_api.transport import (
 logger = Logger(service="harvest", child=True)
 
 PAGE_LIMIT = "100"
-RETRY_STATUSES = frozenset({500, 502, 503, 504})
 # Retry-After of a 429 that lacks a usable one.
 DEFAULT_RATE_LIMIT_WAIT = 1.0
 # The bounds of one message's calls (Config: HARVEST_MAX_PAGES, _MAX_RETRY_AFTER,
@@ -98,6 +97,8 @@ class Page:
     items: list[dict[str, Any]]
     next_cursor: str | None
     next_url: str | None = None
+    # The URL the page came from (a relative next link is relative to it).
+    url: str = ""
 
 
 _TOKEN_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -326,7 +327,8 @@ class VendorClient:
             elif kind == PaginationKind.LINK:
                 if page.next_url is None:
                     return
-                token = next_url = page.next_url
+                # A relative link (RFC 8288 allows one) is relative to the page's own URL.
+                token = next_url = urljoin(page.url or self.base_url + path, page.next_url)
                 if not next_url.startswith(self.base_url + "/"):
                     raise PoisonError(
                         f"GET {path}: the next page's link {quoted(next_url, 120)} is not"
@@ -378,12 +380,17 @@ class VendorClient:
         try:
             if next_url is not None:
                 url = next_url
-                if self._auth_query is not None and f"{self._auth_query[0]}=" not in url:
+                given = parse_qs(urlsplit(url).query, keep_blank_values=True)
+                if self._auth_query is not None and self._auth_query[0] not in given:
                     url += ("&" if "?" in url else "?") + encode_query((self._auth_query,))
             else:
                 if self._auth_query is not None:
                     pairs += (self._auth_query,)
-                url = f"{self.base_url}{path}?{encode_query(pairs)}"
+                url = (
+                    f"{self.base_url}{path}?{encode_query(pairs)}"
+                    if pairs
+                    else self.base_url + path
+                )
         except UnicodeEncodeError as exc:
             # JSON can carry a lone surrogate ("\ud800") in a cursor; no URL can.
             raise PoisonError(
@@ -457,12 +464,9 @@ class VendorClient:
                 )
             raise _AttemptFailed(f"{status} rate limited", status, retry_after)
         if status in statuses.retry:
-            # A Retry-After on a 503 (vendor-api.md), or on any status the profile retries.
-            retry_after = (
-                header_seconds(response, headers.retry_after)
-                if status == 503 or statuses.retry != RETRY_STATUSES
-                else None
-            )
+            # A Retry-After (vendor-api.md: a 503 may carry one) is waited out, whichever
+            # retried status carries it.
+            retry_after = header_seconds(response, headers.retry_after)
             if retry_after is not None and retry_after > self._max_retry_after:
                 raise RetryableError(
                     f"GET {path}: {status} with Retry-After {retry_after:g} s,"
@@ -626,7 +630,7 @@ def _parse_page(response: requests.Response, path: str, listing: Listing) -> Pag
         cursor = response.headers.get(paging.cursor_header) or None
     elif paging.kind == PaginationKind.LINK:
         next_url = response.links.get("next", {}).get("url") or None
-    return Page(items=items, next_cursor=cursor, next_url=next_url)
+    return Page(items=items, next_cursor=cursor, next_url=next_url, url=response.url or "")
 
 
 def _as_listing(listing: Listing | str) -> Listing:
