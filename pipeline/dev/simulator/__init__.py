@@ -1,4 +1,5 @@
-"""The vendor simulator, split as a fake service in moto: the model (`model.py`: the tree and
+"""The vendor simulator, serving whatever vendor `SimulatorConfig.profile` describes (hermes-v1
+by default), split as a fake service in moto: the model (`model.py`: the tree, its routes and
 what it answers), the faults and rate limit (`faults.py`), the HTTP server (`server.py`)."""
 
 from pipeline.dev.simulator.model import SimulatorConfig, SimulatorStats

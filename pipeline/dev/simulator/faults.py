@@ -1,24 +1,32 @@
 """How the simulated vendor misbehaves and pushes back: injected faults and its rate limit.
 
 Faults are deterministic from the seed and the request (decoded path segments plus query),
-so a rerun sees the same faults in the same places. An error-faulty request answers 5xx (no
-Retry-After) for its first ``max_failures_per_path`` attempts; a stalling or truncating one
-misbehaves on its first attempt only. 401s and 429s are not attempts, so faults heal the
-same way however hard the client is throttled. The rate limit is a per-token sliding log.
+so a rerun sees the same faults in the same places. An error-faulty request answers 5xx (one
+of the profile's retried codes, no Retry-After) for its first ``max_failures_per_path``
+attempts; a stalling or truncating one misbehaves on its first attempt only. Refusals of the
+token (401) and of the rate limit (429) are not attempts, so faults heal the same way however
+hard the client is throttled. The rate limit is a per-token sliding log.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 import random
 import threading
 import time
 from collections import deque
 
-from pipeline.dev.simulator.model import SimulatorConfig, SimulatorStats, draw
+from pipeline.dev.simulator.model import (
+    ERROR_NAMES,
+    ERROR_STATUSES,
+    SimulatorConfig,
+    SimulatorStats,
+    draw,
+)
+from pipeline.profile import RateLimitHeaders
 
-ERROR_STATUSES = (500, 502, 503, 504)
-ERROR_NAMES = {500: "internal", 502: "bad_gateway", 503: "unavailable", 504: "gateway_timeout"}
+__all__ = ["ERROR_NAMES", "ERROR_STATUSES", "Faults", "SlidingLog", "rate_headers"]
 
 
 class Faults:
@@ -31,7 +39,8 @@ class Faults:
         self.failing: frozenset[str] = frozenset()
 
     def fail_permanently(self, entity_id: str) -> None:
-        """From now on every request whose path names this entity answers 503."""
+        """From now on every request whose path names this entity answers 503 (or the
+        profile's least retried code, if 503 means something else there)."""
         self.failing = self.failing | {entity_id}
 
     def heal(self) -> None:
@@ -140,10 +149,27 @@ class SlidingLog:
         return True
 
 
-def rate_headers(limit: int, remaining: int, reset: float) -> tuple[tuple[str, str], ...]:
-    reset_text = "0" if reset <= 0 else f"{max(reset, 0.001):.3f}"
-    return (
-        ("X-RateLimit-Limit", str(limit)),
-        ("X-RateLimit-Remaining", str(remaining)),
-        ("X-RateLimit-Reset", reset_text),
+def rate_headers(
+    limit: int,
+    remaining: int,
+    reset: float,
+    names: RateLimitHeaders | None = None,
+    now: float = 0.0,
+) -> tuple[tuple[str, str], ...]:
+    """The rate-limit headers under the profile's `names` (Hermes' by default; a name left
+    empty is not sent). The reset is decimal seconds until one more request is allowed, or
+    with reset_format "epoch" the Unix second it is allowed at, given the wall clock `now`."""
+    names = names or _HERMES_HEADERS
+    if names.reset_format == "epoch":
+        reset_text = str(math.ceil(now + reset) if reset > 0 else math.floor(now))
+    else:
+        reset_text = "0" if reset <= 0 else f"{max(reset, 0.001):.3f}"
+    headers = (
+        (names.limit, str(limit)),
+        (names.remaining, str(remaining)),
+        (names.reset, reset_text),
     )
+    return tuple((name, value) for name, value in headers if name)
+
+
+_HERMES_HEADERS = RateLimitHeaders()

@@ -1,7 +1,9 @@
-"""A local HTTP server playing the vendor API (contract v1) for tests, `harvest local`, benches.
+"""A local HTTP server playing the vendor API for tests, `harvest local`, benches: the vendor
+its profile describes (by default hermes-v1, contract v1 in vendor-api.md).
 
-The server answers what the model (`model.py`) holds, after the faults and the rate limit
-(`faults.py`) have had their say.
+The server checks the profile's auth, answers what the model (`model.py`) holds, after the
+faults and the rate limit (`faults.py`) have had their say, with the profile's status codes
+and rate-limit headers.
 
 Out-of-band endpoints, without auth and outside the rate limit:
 ``GET /_sim/truth?from=&to=`` (the ground truth), ``GET /_sim/stats``, ``GET /_sim/gone`` and
@@ -10,7 +12,8 @@ Out-of-band endpoints, without auth and outside the rate limit:
 
 from __future__ import annotations
 
-import dataclasses
+import base64
+import binascii
 import functools
 import json
 import math
@@ -18,7 +21,9 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,13 +31,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qsl, unquote
 
-from pipeline.dev.simulator.faults import (
-    ERROR_NAMES,
-    ERROR_STATUSES,
-    Faults,
-    SlidingLog,
-    rate_headers,
-)
+from pipeline.dev.simulator.faults import ERROR_NAMES, Faults, SlidingLog, rate_headers
 from pipeline.dev.simulator.model import (
     EPOCH,
     BadRequestError,
@@ -45,13 +44,11 @@ from pipeline.dev.simulator.model import (
     parse_instant,
 )
 from pipeline.dev.verify import Comparison, compare
+from pipeline.profile import AuthKind
 
 if TYPE_CHECKING:
     from pipeline.sinks import Sink
     from pipeline.window import Window
-
-_LIST_PARAMS = frozenset({"limit", "cursor"})
-_DATA_PARAMS = frozenset({"limit", "cursor", "from", "to"})
 
 
 @dataclass(frozen=True)
@@ -115,7 +112,8 @@ class _Handler(BaseHTTPRequestHandler):
             length = 0
         if length > 0:
             self.rfile.read(length)
-        response = simulator._respond(self.path, self.headers.get("Authorization"))
+        headers = {name.lower(): value for name, value in self.headers.items()}
+        response = simulator._respond(self.path, headers)
         if response.delay > 0:
             simulator._pause(response.delay)
         self.send_response(response.status)
@@ -131,7 +129,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class Simulator:
-    """The vendor API served over real HTTP on 127.0.0.1, from a deterministic tree."""
+    """The profile's vendor API served over real HTTP on 127.0.0.1, from a deterministic tree."""
 
     def __init__(
         self, config: SimulatorConfig | None = None, *, host: str = "127.0.0.1", port: int = 0
@@ -141,6 +139,7 @@ class Simulator:
         self._host = host
         self._port = port
         self.model = VendorModel(self.config)
+        self.codes = self.model.codes
         self._faults = Faults(self.config)
         self._limiter = SlidingLog(
             self.config.rate_calls,
@@ -214,7 +213,7 @@ class Simulator:
     # -- controls --------------------------------------------------------------------------
 
     def fail_permanently(self, entity_id: str) -> None:
-        """From now on every request whose path names this entity answers 503."""
+        """From now on every request whose path names this entity answers 503 (`codes.failing`)."""
         self._faults.fail_permanently(entity_id)
 
     def heal(self) -> None:
@@ -231,20 +230,23 @@ class Simulator:
 
     def ground_truth(
         self, start: datetime, end: datetime
-    ) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
-        """Every data group a correct harvest of [start, end) yields, with its points by ts."""
+    ) -> dict[tuple[str, ...], list[dict[str, Any]]]:
+        """Every leaf (Hermes: data group) a correct harvest of [start, end) yields, by its
+        path of ids (one a level), with its points by ts."""
         return self.model.ground_truth(start, end)
 
     def check(self, sink: Sink, run_id: str, window: Window) -> Comparison:
         """A run's output in `sink` against the ground truth of `window`."""
-        return compare(sink, run_id, self.ground_truth(window.start, window.end))
+        truth = self.ground_truth(window.start, window.end)
+        return compare(sink, run_id, truth, keys=self.config.profile.keys)
 
     def gone(self) -> set[tuple[str, ...]]:
         """What a harvest finds gone (see VendorModel.gone)."""
         return self.model.gone()
 
     def expected_calls(self, start: datetime, end: datetime) -> int:
-        """Calls (200 or 404) a perfect harvest of [start, end) makes with limit=page_size."""
+        """Calls (200 or gone) a perfect harvest of [start, end) makes, asking for pages of
+        the simulator's page size (see VendorModel.expected_calls)."""
         return self.model.expected_calls(start, end)
 
     # -- serving -----------------------------------------------------------------------------
@@ -252,7 +254,10 @@ class Simulator:
     def _pause(self, seconds: float) -> None:
         self._stopping.wait(seconds)
 
-    def _respond(self, target: str, authorization: str | None) -> _Response:
+    def _respond(self, target: str, headers: Mapping[str, str] | None = None) -> _Response:
+        """The answer to a GET of `target` (path and query) with `headers` (names in lower
+        case)."""
+        headers = headers or {}
         raw_path, _, raw_query = target.partition("?")
         try:
             segments: list[str] | None = [
@@ -262,8 +267,8 @@ class Simulator:
             segments = None
         if segments and segments[0] == "_sim":
             return self._respond_sim(segments, raw_query)
-        response = self._respond_vendor(segments, raw_query, authorization)
-        self.stats.record(response.status)
+        response = self._respond_vendor(segments, raw_path, raw_query, headers)
+        self.stats.record(response.status, response.status == self.codes.rate_limited)
         if self.config.latency > 0:
             response = _Response(
                 response.status,
@@ -274,46 +279,58 @@ class Simulator:
         return response
 
     def _respond_vendor(
-        self, segments: list[str] | None, raw_query: str, authorization: str | None
+        self,
+        segments: list[str] | None,
+        raw_path: str,
+        raw_query: str,
+        headers: Mapping[str, str],
     ) -> _Response:
-        token = self._token(authorization)
-        if token != self.config.token:
-            headers = rate_headers(*self._limiter.peek(token or ""))
-            return _Response(401, error_body("unauthorized"), headers)
-        accepted, limit, remaining, reset = self._limiter.acquire(token)
-        headers = rate_headers(limit, remaining, reset)
+        codes = self.codes
+        profile = self.config.profile
+        pairs, token = self._split_query(raw_query)
+        credential = self._credential(headers, token)
+        if credential is None or credential != self._expected_credential:
+            rate = self._rate_headers(*self._limiter.peek(credential or ""))
+            return _Response(codes.auth, error_body("unauthorized"), rate)
+        accepted, limit, remaining, reset = self._limiter.acquire(credential)
+        rate = self._rate_headers(limit, remaining, reset)
         if not accepted:
-            retry_after = ("Retry-After", str(max(1, math.ceil(reset))))
-            return _Response(429, error_body("rate_limited"), (*headers, retry_after))
+            retry_after = profile.rate_limit.retry_after
+            extra = ((retry_after, str(max(1, math.ceil(reset)))),) if retry_after else ()
+            return _Response(codes.rate_limited, error_body("rate_limited"), (*rate, *extra))
 
-        route = self._route(segments)
+        route = self.model.route(segments)
         if route is None:
-            return _Response(404, error_body("not_found"), headers)
-        kind, entity_id = route
-        if entity_id is not None and entity_id in self._faults.failing:
-            return _Response(503, error_body(ERROR_NAMES[503]), headers)
+            return _Response(codes.gone, error_body("not_found"), rate)
+        if any(entity_id in self._faults.failing for entity_id in route.ids.values()):
+            return _Response(
+                codes.failing, error_body(ERROR_NAMES.get(codes.failing, "error")), rate
+            )
 
         params: dict[str, str] | None = None
         problem = ""
         try:
-            params = self._params(raw_query, _DATA_PARAMS if kind == "data" else _LIST_PARAMS)
+            params = self._params(pairs, self.model.allowed[route.depth])
         except BadRequestError as exc:
             problem = str(exc)
         fault_key = dumps([segments, sorted(params.items()) if params is not None else raw_query])
         fault, attempt = self._faults.roll(fault_key)
         delay = 0.0
         if fault == "error" and attempt <= self.config.max_failures_per_path:
-            status = ERROR_STATUSES[int(draw(self.config.seed, "status", fault_key) * 4)]
-            return _Response(status, error_body(ERROR_NAMES[status]), headers)
+            errors = codes.errors
+            status = errors[int(draw(self.config.seed, "status", fault_key) * len(errors))]
+            return _Response(status, error_body(ERROR_NAMES.get(status, "error")), rate)
         if fault == "stall" and attempt == 1 and self.config.max_failures_per_path > 0:
             delay = self.config.stall_seconds
 
         if params is None:
-            return _Response(400, error_body("bad_request", problem), headers, delay)
+            return _Response(codes.poison, error_body("bad_request", problem), rate, delay)
+        origin = f"http://{headers['host']}" if headers.get("host") else self._url or ""
         try:
-            status, body = self.model.answer(kind, entity_id, params, segments or [])
+            page = self.model.answer(route, params, segments or [], origin + raw_path)
+            status, body, rate = page.status, page.body, (*rate, *page.headers)
         except BadRequestError as exc:
-            status, body = 400, error_body("bad_request", str(exc))
+            status, body = codes.poison, error_body("bad_request", str(exc))
         if (
             status == 200
             and fault == "truncate"
@@ -321,41 +338,63 @@ class Simulator:
             and self.config.max_failures_per_path > 0
         ):
             body = body[: max(1, len(body) // 2)]
-        return _Response(status, body, headers, delay)
+        return _Response(status, body, rate, delay)
 
-    @staticmethod
-    def _token(authorization: str | None) -> str | None:
-        if authorization is None:
-            return None
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            return None
-        return token
+    def _rate_headers(
+        self, limit: int, remaining: int, reset: float
+    ) -> tuple[tuple[str, str], ...]:
+        return rate_headers(limit, remaining, reset, self.config.profile.rate_limit, time.time())
 
-    @staticmethod
-    def _route(segments: list[str] | None) -> tuple[str, str | None] | None:
-        """(endpoint, entity id) for a vendor path, or None when no endpoint has that shape."""
-        if segments is None or not segments or segments[0] != "v1":
-            return None
-        if segments[1:] == ["troops"]:
-            return "troops", None
-        if len(segments) != 4 or not segments[2]:
-            return None
-        shape = (segments[1], segments[3])
-        if shape == ("troops", "warriors"):
-            return "warriors", segments[2]
-        if shape == ("warriors", "data-groups"):
-            return "data-groups", segments[2]
-        if shape == ("data-groups", "data"):
-            return "data", segments[2]
-        return None
+    @functools.cached_property
+    def _expected_credential(self) -> str:
+        """What `_credential` reads from a request carrying the right token."""
+        auth = self.config.profile.auth
+        if auth.kind == AuthKind.NONE:
+            return ""
+        if auth.kind == AuthKind.BASIC and auth.username:
+            return f"{auth.username}:{self.config.token}"
+        return self.config.token
 
-    @staticmethod
-    def _params(raw_query: str, allowed: frozenset[str]) -> dict[str, str]:
+    def _split_query(self, raw_query: str) -> tuple[list[tuple[str, str]] | None, str | None]:
+        """The query's (name, value) pairs without the auth parameter (None if the query is
+        malformed), and the token that parameter carried (None unless given once)."""
         try:
             pairs = parse_qsl(raw_query, keep_blank_values=True, errors="strict")
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise BadRequestError("malformed query string") from exc
+        except (UnicodeDecodeError, ValueError):
+            return None, None
+        auth = self.config.profile.auth
+        if auth.kind != AuthKind.QUERY:
+            return pairs, None
+        tokens = [value for name, value in pairs if name == auth.param]
+        rest = [(name, value) for name, value in pairs if name != auth.param]
+        return rest, tokens[0] if len(tokens) == 1 else None
+
+    def _credential(self, headers: Mapping[str, str], query_token: str | None) -> str | None:
+        """The credential a request carries in the profile's auth scheme, None if none."""
+        auth = self.config.profile.auth
+        if auth.kind == AuthKind.NONE:
+            return ""
+        if auth.kind == AuthKind.QUERY:
+            return query_token
+        if auth.kind == AuthKind.HEADER:
+            value = headers.get(auth.header.lower())
+            if value is None or not value.startswith(auth.prefix):
+                return None
+            return value[len(auth.prefix) :] or None
+        scheme, _, token = (headers.get("authorization") or "").partition(" ")
+        if auth.kind == AuthKind.BEARER:
+            return token if scheme.lower() == "bearer" and token else None
+        if scheme.lower() != "basic" or not token:
+            return None
+        try:
+            return base64.b64decode(token, validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            return None
+
+    @staticmethod
+    def _params(pairs: list[tuple[str, str]] | None, allowed: frozenset[str]) -> dict[str, str]:
+        if pairs is None:
+            raise BadRequestError("malformed query string")
         params: dict[str, str] = {}
         for name, value in pairs:
             if name not in allowed:
@@ -380,9 +419,10 @@ class Simulator:
                     return _Response(
                         200, dumps({"calls": self.expected_calls(start, end)}).encode()
                     )
+                keys = self.config.profile.keys
                 truth = [
-                    {"troop_id": t, "warrior_id": w, "data_group_id": d, "points": points}
-                    for (t, w, d), points in self.ground_truth(start, end).items()
+                    {**dict(zip(keys, path, strict=True)), "points": points}
+                    for path, points in self.ground_truth(start, end).items()
                 ]
                 return _Response(200, dumps(truth).encode())
         except BadRequestError as exc:
@@ -403,9 +443,9 @@ def serve(config: SimulatorConfig, host: str = "127.0.0.1", port: int = 8000) ->
 
 
 def child_main() -> None:
-    """`python -m pipeline.dev.simulator`: read a SimulatorConfig as JSON on stdin, print the URL,
-    serve until stdin closes."""
-    config = SimulatorConfig(**json.loads(sys.stdin.readline()))
+    """`python -m pipeline.dev.simulator`: read a SimulatorConfig as JSON on stdin (its profile
+    by file, `SimulatorConfig.to_json`), print the URL, serve until stdin closes."""
+    config = SimulatorConfig.from_json(sys.stdin.readline())
     simulator = Simulator(config)
     print(simulator.start(), flush=True)
     try:
@@ -437,6 +477,7 @@ class SimulatorProcess:
 
     def start(self) -> str:
         # The config (token included) goes over stdin, never argv.
+        line = self.config.to_json() + "\n"
         process = subprocess.Popen(
             [sys.executable, "-m", "pipeline.dev.simulator"],
             stdin=subprocess.PIPE,
@@ -444,7 +485,7 @@ class SimulatorProcess:
             text=True,
         )
         assert process.stdin is not None and process.stdout is not None
-        process.stdin.write(json.dumps(dataclasses.asdict(self.config)) + "\n")
+        process.stdin.write(line)
         process.stdin.flush()
         url = process.stdout.readline().strip()
         if not url.startswith("http://"):
@@ -481,14 +522,15 @@ class SimulatorProcess:
 
     def ground_truth(
         self, start: datetime, end: datetime
-    ) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
+    ) -> dict[tuple[str, ...], list[dict[str, Any]]]:
         return self._model.ground_truth(start, end)
 
     def expected_calls(self, start: datetime, end: datetime) -> int:
         return self._model.expected_calls(start, end)
 
     def check(self, sink: Sink, run_id: str, window: Window) -> Comparison:
-        return compare(sink, run_id, self.ground_truth(window.start, window.end))
+        truth = self.ground_truth(window.start, window.end)
+        return compare(sink, run_id, truth, keys=self.config.profile.keys)
 
     def __enter__(self) -> SimulatorProcess:
         self.start()
