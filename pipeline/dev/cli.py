@@ -48,6 +48,18 @@ def _local_config(out: str) -> Config:
     )
 
 
+def _fanout(text: str | None) -> tuple[int, ...]:
+    """`--sim-fanout 2,3,4` as (2, 3, 4); () if not given."""
+    if not text:
+        return ()
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(
+            f"fanout must be whole numbers separated by commas, not {text!r}"
+        ) from None
+
+
 def _recorded_profile(root: Path) -> str:
     """The profile a local run in `root` used, as `harvest local` recorded it; else
     HARVEST_PROFILE, else "" (the default)."""
@@ -101,6 +113,7 @@ def cmd_local(args: argparse.Namespace) -> int:
         simulator=SimulatorProcess(
             SimulatorConfig(
                 profile=profile,
+                fanout=_fanout(args.sim_fanout),
                 troops=args.sim_troops,
                 warriors_per_troop=args.sim_warriors,
                 data_groups_per_warrior=args.sim_data_groups,
@@ -160,6 +173,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     config = SimulatorConfig(
         profile=load_profile(args.profile or os.environ.get("HARVEST_PROFILE", "")),
         seed=args.seed,
+        fanout=_fanout(args.fanout),
         troops=args.troops,
         warriors_per_troop=args.warriors,
         data_groups_per_warrior=args.data_groups,
@@ -443,6 +457,11 @@ def parser() -> argparse.ArgumentParser:
     local.add_argument("--sim-troops", type=int, default=DEFAULT_TREE["troops"])
     local.add_argument("--sim-warriors", type=int, default=DEFAULT_TREE["warriors"])
     local.add_argument("--sim-data-groups", type=int, default=DEFAULT_TREE["data_groups"])
+    local.add_argument(
+        "--sim-fanout",
+        help="entities per level of the simulated tree, e.g. 2,3,4,5 for a 4-level profile"
+        " (default: --sim-troops, --sim-warriors, --sim-data-groups)",
+    )
     local.add_argument("--sim-latency", type=float, default=0.02, help="simulated latency (s)")
     local.add_argument("--sim-error-rate", type=float, default=0.01, help="share of 5xx faults")
     local.add_argument("--sim-gone-rate", type=float, default=0.01, help="share of gone entities")
@@ -464,6 +483,7 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("--truncate-rate", type=float, default=0.0)
     sim.add_argument("--gone-rate", type=float, default=0.0)
     sim.add_argument("--nasty-ids", action="store_true")
+    sim.add_argument("--fanout", help="entities per level, e.g. 2,3,4,5 (a profile's depth)")
     sim.add_argument("--profile", help="serve this vendor profile (HARVEST_PROFILE; hermes-v1)")
     sim.set_defaults(func=cmd_simulate)
 
