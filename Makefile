@@ -43,9 +43,10 @@ unit: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench $(ARGS)
 
-## package: build the Lambda zip (build/lambda.zip)
+## package: build the Lambda zip and the profile.json Terraform reads (build/); PROFILE=name or path/to/vendor.toml
+PROFILE ?= hermes-v1
 package: $(STAMP)
-	$(BIN)/python scripts/package.py
+	$(BIN)/python scripts/package.py --profile $(PROFILE)
 
 clean:
 	rm -rf $(VENV) .venv-checkov build harvest-out bench-out .pytest_cache .mypy_cache .ruff_cache

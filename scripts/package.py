@@ -1,12 +1,19 @@
-"""Build the Lambda deployment zip: the shipped packages plus the runtime dependencies.
+"""Build the Lambda deployment zip and the profile.json Terraform reads beside it.
 
-    python scripts/package.py [--out build/lambda.zip]
+    python scripts/package.py [--profile hermes-v1 | path/to/vendor.toml] [--out build/lambda.zip]
+
+The profile (pipeline/profile.py) is validated first: a bad one fails the build with its
+one-line error. The zip ships `profiles/` and the chosen profile (one from elsewhere as
+`profiles/<its file name>`); `profile.json` beside the zip is `Profile.describe()` plus
+`"file"`, the profile's path inside the zip, which Terraform reads for the stages, the
+Glue columns and every function's HARVEST_PROFILE.
 
 The dependencies are `[project] dependencies` of pyproject.toml minus what the Lambda
 Python runtime already provides (boto3, botocore), installed as manylinux x86_64 wheels
 for CPython 3.12. The zip is reproducible: sorted entries, fixed timestamps and fixed
 permissions, no bytecode, no pip RECORD files, so the same inputs give the same sha256
-(and Terraform's source_code_hash only changes when the code or a dependency does).
+(and Terraform's source_code_hash only changes when the code, a profile or a dependency
+does).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import json
 import re
 import subprocess
 import sys
@@ -21,7 +29,12 @@ import tempfile
 import tomllib
 import zipfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from pipeline import profile as vendor_profile
+from pipeline.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 # The project's packages that ship, each without its subpackages: the handlers, the core and
@@ -34,6 +47,12 @@ RUNTIME_PROVIDED = frozenset({"boto3", "botocore"})
 # Top-level names of those distributions and of their own dependencies that pip may still
 # pull in through another requirement; never bundled.
 RUNTIME_TOP_LEVEL = frozenset({"boto3", "botocore", "s3transfer"})
+
+# The packaged profiles, shipped under this name; the Lambda's working directory is the
+# zip's root, so HARVEST_PROFILE = "profiles/<file>" finds them.
+PROFILES = "profiles"
+# What Terraform reads (its profile_json_path), written beside the zip.
+PROFILE_JSON = "profile.json"
 
 PLATFORM = "manylinux2014_x86_64"
 PYTHON_VERSION = "3.12"
@@ -118,6 +137,51 @@ def project_files(root: Path = ROOT) -> Iterator[tuple[str, Path]]:
             yield path.relative_to(root).as_posix(), path
 
 
+@dataclass(frozen=True)
+class ChosenProfile:
+    """The profile a build ships as the default of its functions."""
+
+    profile: vendor_profile.Profile
+    path: Path  # the file it was read from
+    file: str  # its archive name, profiles/<...>: every function's HARVEST_PROFILE
+
+    def describe(self) -> dict[str, Any]:
+        """profile.json: the stages, their keys, and where the zip holds the file."""
+        return {**self.profile.describe(), "file": self.file}
+
+
+def choose_profile(name_or_path: str, root: Path = ROOT) -> ChosenProfile:
+    """The profile `name_or_path` names (pipeline.profile.load); ConfigError if invalid, or
+    if it would replace a different packaged profile of the same file name."""
+    chosen = vendor_profile.load(name_or_path)
+    path = Path(chosen.source).resolve()
+    packaged = (root / PROFILES).resolve()
+    if path.is_relative_to(packaged):
+        return ChosenProfile(chosen, path, f"{PROFILES}/{path.relative_to(packaged).as_posix()}")
+    file = f"{PROFILES}/{path.name}"
+    clash = root / file
+    if clash.is_file() and clash.read_bytes() != path.read_bytes():
+        raise ConfigError(
+            f"profile {path}: its zip name {file} is a different packaged profile; rename it"
+        )
+    return ChosenProfile(chosen, path, file)
+
+
+def profile_files(chosen: ChosenProfile, root: Path = ROOT) -> Iterator[tuple[str, Path]]:
+    """(archive name, file) for every packaged profile and the chosen one."""
+    for path in sorted((root / PROFILES).rglob("*.toml")):
+        yield path.relative_to(root).as_posix(), path
+    yield chosen.file, chosen.path
+
+
+def write_profile_json(chosen: ChosenProfile, out: Path) -> Path:
+    """Write `chosen.describe()` to `out` (atomically), stably formatted."""
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(chosen.describe(), indent=2) + "\n")
+    tmp.replace(out)
+    return out
+
+
 def write_zip(entries: Iterable[tuple[str, Path]], out: Path) -> None:
     """Write `entries` sorted, with fixed dates and modes, to `out` (atomically)."""
     by_name = dict(entries)  # the project's own files win over a same-named dependency
@@ -135,9 +199,15 @@ def write_zip(entries: Iterable[tuple[str, Path]], out: Path) -> None:
     tmp.replace(out)
 
 
-def build(out: Path, *, requirements: list[str] | None = None) -> Path:
-    """Build the zip at `out` and return it."""
+def build(
+    out: Path,
+    *,
+    requirements: list[str] | None = None,
+    chosen: ChosenProfile | None = None,
+) -> Path:
+    """Build the zip at `out`, and profile.json beside it; return the zip."""
     requirements = runtime_requirements() if requirements is None else requirements
+    chosen = choose_profile(vendor_profile.DEFAULT_PROFILE) if chosen is None else chosen
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="harvest-package-") as tmp:
         site = Path(tmp) / "site"
@@ -146,7 +216,8 @@ def build(out: Path, *, requirements: list[str] | None = None) -> Path:
         else:
             site.mkdir()
         # Project files are listed last so they override any same-named dependency file.
-        write_zip([*dependency_files(site), *project_files()], out)
+        write_zip([*dependency_files(site), *project_files(), *profile_files(chosen)], out)
+    write_profile_json(chosen, out.parent / PROFILE_JSON)
     return out
 
 
@@ -172,11 +243,23 @@ def main(argv: list[str] | None = None) -> int:
         "--out",
         type=Path,
         default=ROOT / "build" / "lambda.zip",
-        help="zip to write (default: build/lambda.zip)",
+        help="zip to write (default: build/lambda.zip); profile.json is written beside it",
+    )
+    parser.add_argument(
+        "--profile",
+        default=vendor_profile.DEFAULT_PROFILE,
+        help="vendor profile: a name in profiles/ or a TOML file"
+        f" (default: {vendor_profile.DEFAULT_PROFILE})",
     )
     args = parser.parse_args(argv)
-    zip_path = build(args.out.resolve())
-    info = describe(zip_path)
+    try:
+        chosen = choose_profile(args.profile)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    zip_path = build(args.out.resolve(), chosen=chosen)
+    info: dict[str, str | int] = {**describe(zip_path), "profile": chosen.file}
+    info["profile_json"] = str(zip_path.parent / PROFILE_JSON)
     for key, value in info.items():
         print(f"{key:14} {value}")
     if int(info["unpacked_size"]) >= LAMBDA_UNZIPPED_LIMIT:

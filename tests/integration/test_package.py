@@ -1,4 +1,5 @@
-"""scripts/package.py builds a reproducible zip that imports in a Lambda-like python3.12.
+"""scripts/package.py builds a reproducible zip that imports in a Lambda-like python3.12,
+with the vendor profile it is given, and beside it the profile.json Terraform reads.
 
 "Lambda-like": a fresh interpreter (-I -S: no site-packages, no PYTHONPATH, no user site)
 whose path holds only the unpacked zip and what the python3.12 Lambda runtime ships
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import profile as vendor_profile
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,16 +30,22 @@ LAMBDA_UNZIPPED_LIMIT = 250 * 1024 * 1024
 # boto3, botocore and their dependencies: what the Lambda runtime provides.
 RUNTIME_PACKAGES = ("boto3", "botocore", "s3transfer", "jmespath", "dateutil", "six", "urllib3")
 HANDLER_MODULES = ("workers.kickoff", "workers.drain", "workers.replay")
+FOUR_LEVELS = ROOT / "tests" / "profiles" / "fleet-4-levels.toml"
 
 
-def build(out: Path) -> Path:
-    subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "package.py"), "--out", str(out)],
-        check=True,
+def run_package(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "package.py"), "--out", str(out), *args],
+        check=False,
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def build(out: Path, *args: str) -> Path:
+    result = run_package(out, *args)
+    assert result.returncode == 0, result.stderr
     return out
 
 
@@ -81,6 +90,7 @@ def test_building_twice_gives_the_same_sha256(
 ) -> None:
     again = build(tmp_path_factory.mktemp("second") / "lambda.zip")
     assert sha256(again) == sha256(package)
+    assert sha256(again.parent / "profile.json") == sha256(package.parent / "profile.json")
 
 
 def test_entries_are_sorted_with_fixed_dates_and_modes(package: Path) -> None:
@@ -118,8 +128,56 @@ def test_unpacked_size_is_under_the_lambda_limit(package: Path) -> None:
     assert unpacked < LAMBDA_UNZIPPED_LIMIT
 
 
+def test_the_default_build_ships_the_profiles_and_describes_hermes_beside_the_zip(
+    package: Path,
+) -> None:
+    with zipfile.ZipFile(package) as zf:
+        names = zf.namelist()
+    packaged = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "profiles").rglob("*.toml"))
+    assert [n for n in names if n.startswith("profiles/")] == packaged
+    described = json.loads((package.parent / "profile.json").read_text())
+    assert described == {**vendor_profile.load().describe(), "file": "profiles/hermes-v1.toml"}
+
+
+def test_a_profile_from_elsewhere_ships_as_profiles_its_file_name(
+    package: Path, tmp_path: Path
+) -> None:
+    # WHEN the zip is built for the four-level test profile, which lives under tests/
+    out = build(tmp_path / "lambda.zip", "--profile", str(FOUR_LEVELS.relative_to(ROOT)))
+
+    # THEN it ships as profiles/fleet-4-levels.toml beside the packaged ones, unchanged
+    with zipfile.ZipFile(out) as zf:
+        assert zf.read("profiles/fleet-4-levels.toml") == FOUR_LEVELS.read_bytes()
+        profiles = {n for n in zf.namelist() if n.startswith("profiles/")}
+    with zipfile.ZipFile(package) as zf:
+        default = {n for n in zf.namelist() if n.startswith("profiles/")}
+    assert profiles == default | {"profiles/fleet-4-levels.toml"}
+    # AND profile.json names its levels, keys and that file
+    described = json.loads((tmp_path / "profile.json").read_text())
+    assert [s["name"] for s in described["stages"]] == ["regions", "sites", "devices", "channels"]
+    assert described["keys"] == ["region_id", "site_id", "device_id", "channel_id"]
+    assert described["file"] == "profiles/fleet-4-levels.toml"
+
+
+def test_a_bad_profile_fails_the_build_with_its_one_line_error(tmp_path: Path) -> None:
+    # GIVEN a profile whose second level does not expand its parent's id
+    bad = tmp_path / "vendor.toml"
+    bad.write_text(
+        FOUR_LEVELS.read_text().replace('"/api/regions/{region_id}/sites"', '"/api/sites"')
+    )
+
+    # WHEN the zip is built for it
+    result = run_package(tmp_path / "lambda.zip", "--profile", str(bad))
+
+    # THEN the build fails at once with the profile's error, naming the key, and writes nothing
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"profile {bad}: levels[1].path: missing path parameter {{region_id}}")
+    assert list(tmp_path.iterdir()) == [bad]
+
+
 def test_every_shipped_module_imports_in_a_lambda_like_interpreter(
-    unpacked: Path, tmp_path_factory: pytest.TempPathFactory
+    package: Path, unpacked: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     interpreter = python312()
     if interpreter is None:
@@ -146,9 +204,11 @@ def test_every_shipped_module_imports_in_a_lambda_like_interpreter(
         f"modules = {list(HANDLER_MODULES)!r}\n"
         "handlers = [callable(importlib.import_module(m).handler) for m in modules]\n"
         "import boto3, requests, aws_lambda_powertools\n"
+        "from pipeline import profile\n"
         "print(json.dumps({'handlers': handlers, 'files': {\n"
         "    'boto3': boto3.__file__, 'requests': requests.__file__,\n"
-        "    'powertools': aws_lambda_powertools.__file__}}))\n"
+        "    'powertools': aws_lambda_powertools.__file__,\n"
+        "    'profile': profile.from_env().source}}))\n"
     )
     # Lambda's own variables: Powertools sees it is in Lambda (the tracer patches boto3).
     env = {
@@ -159,6 +219,8 @@ def test_every_shipped_module_imports_in_a_lambda_like_interpreter(
         "LAMBDA_TASK_ROOT": str(unpacked),
         "POWERTOOLS_SERVICE_NAME": "harvest",
         "POWERTOOLS_METRICS_NAMESPACE": "Harvest",
+        # What Terraform sets on every function: profile.json's "file".
+        "HARVEST_PROFILE": json.loads((package.parent / "profile.json").read_text())["file"],
     }
 
     # WHEN every module of the zip is imported, the three handler modules among them
@@ -172,10 +234,12 @@ def test_every_shipped_module_imports_in_a_lambda_like_interpreter(
         timeout=120,
     )
 
-    # THEN they import from the zip, with boto3 from the runtime
+    # THEN they import from the zip, with boto3 from the runtime, and read the profile
+    # HARVEST_PROFILE names from the zip too
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["handlers"] == [True, True, True]
     assert report["files"]["boto3"].startswith(str(runtime))
     assert report["files"]["requests"].startswith(str(unpacked))
     assert report["files"]["powertools"].startswith(str(unpacked))
+    assert report["files"]["profile"] == str(unpacked / "profiles" / "hermes-v1.toml")
