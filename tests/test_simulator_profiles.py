@@ -106,8 +106,9 @@ UNPAGED = parsed(
     ],
     data={"path": "/units/{unit}/samples"},
 )
-# A body cursor at a nested field beside nested records, ids at a dotted path, another
-# cursor parameter, no size parameter, and extra parameters every page must carry.
+# A body cursor at a nested field beside nested records, ids and point fields at dotted
+# paths, another cursor parameter, no size parameter, and extra parameters every page must
+# carry.
 NESTED_CURSOR = parsed(
     "nested-cursor",
     pagination={
@@ -134,7 +135,12 @@ NESTED_CURSOR = parsed(
             "records": "result.books",
         },
     ],
-    data={"path": "/books/{book_id}/pages", "records": "result.points", "params": {"v": "2"}},
+    data={
+        "path": "/books/{book_id}/pages",
+        "records": "result.points",
+        "params": {"v": "2"},
+        "points": {"ts": "sample.time", "value": "sample.value"},
+    },
 )
 
 
@@ -161,7 +167,7 @@ def window_params(profile: Profile, start: datetime, end: datetime) -> dict[str,
 
 def output_point(profile: Profile, point: Mapping[str, Any]) -> dict[str, Any]:
     """A vendor's point as the output writes it."""
-    ts = point[profile.data.ts_field]
+    ts = pluck(point, profile.data.ts_field)
     if profile.data.ts_format == TimeFormat.UNIX:
         assert isinstance(ts, int | float) and not isinstance(ts, bool)
         ts = point_text(datetime.fromtimestamp(ts, UTC))
@@ -170,7 +176,7 @@ def output_point(profile: Profile, point: Mapping[str, Any]) -> dict[str, Any]:
         ts = point_text(datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ts))
     else:
         assert isinstance(ts, str)
-    return {"ts": ts, "value": point[profile.data.value_field]}
+    return {"ts": ts, "value": pluck(point, profile.data.value_field)}
 
 
 class ProfileClient:
@@ -920,11 +926,14 @@ def test_profiles_the_simulator_cannot_serve_are_refused_at_start() -> None:
     )
     overlapping = parsed("overlap", pagination={"cursor_field": "items.next"})
     partial = parsed("partial", data={"path": "/books/id-{book_id}/pages"})
+    points = {"ts": "at", "value": "at.value"}
+    crowded = parsed("crowded", data={"path": "/books/{book_id}/pages", "points": points})
 
     for profile, message in [
         (bare_cursor, "no place for cursor_field"),
-        (overlapping, "same place"),
+        (overlapping, "same place in the body"),
         (partial, "whole segment"),
+        (crowded, "same place in a point"),
     ]:
         with pytest.raises(ConfigError, match=message):
             Simulator(SimulatorConfig(profile=profile))

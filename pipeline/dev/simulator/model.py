@@ -396,7 +396,7 @@ def _pattern(path: str) -> tuple[tuple[str | None, str | None], ...]:
     for segment in path.split("/")[1:]:
         names = placeholders(segment)
         if not names:
-            out.append((segment.replace("{{", "{").replace("}}", "}"), None))
+            out.append((segment, None))
         elif segment == f"{{{names[0]}}}":
             out.append((None, names[0]))
         else:
@@ -409,6 +409,12 @@ def _pattern(path: str) -> tuple[tuple[str | None, str | None], ...]:
 
 def _check_servable(profile: Profile) -> None:
     """ConfigError for what a profile allows but no body can hold."""
+    ts, value = profile.data.ts_field.split("."), profile.data.value_field.split(".")
+    if ts[: len(value)] == value or value[: len(ts)] == ts:
+        raise ConfigError(
+            f"profile {profile.name}: points ts {profile.data.ts_field!r} and value"
+            f" {profile.data.value_field!r} are the same place in a point"
+        )
     for listing in (*(level.listing for level in profile.levels), profile.data.listing):
         p = listing.pagination
         if p.kind != PaginationKind.CURSOR:
@@ -461,8 +467,13 @@ class VendorModel:
         )
         self._patterns = tuple(_pattern(listing.path) for listing in self.listings)
         self.allowed = tuple(self._allowed(depth) for depth in range(len(self.listings)))
-        self._ts_key = dumps(profile.data.ts_field)
-        self._value_key = dumps(profile.data.value_field)
+        # Point fields as JSON keys when neither is a dotted path (Hermes': "ts", "value").
+        data = profile.data
+        self._flat_keys = (
+            None
+            if "." in data.ts_field + data.value_field
+            else (dumps(data.ts_field), dumps(data.value_field))
+        )
 
     # -- what a correct harvest yields -------------------------------------------------------
 
@@ -557,7 +568,13 @@ class VendorModel:
             ts = repr(micros / 1_000_000) if fraction else str(seconds)
         else:
             ts = str(micros // 1000)
-        return f"{{{self._ts_key}:{ts},{self._value_key}:{value!r}}}"
+        if self._flat_keys is not None:
+            ts_key, value_key = self._flat_keys
+            return f"{{{ts_key}:{ts},{value_key}:{value!r}}}"
+        point: dict[str, Any] = {}
+        _put(point, self.profile.data.ts_field, ts)
+        _put(point, self.profile.data.value_field, repr(value))
+        return _emit(point)
 
     def _output_ts(self, micros: int) -> str:
         """A point's ts as the output holds it: the vendor's RFC 3339 text as sent, or the
