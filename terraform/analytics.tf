@@ -57,25 +57,20 @@ resource "aws_glue_catalog_table" "points" {
       }
     }
 
-    # The columns of pipeline/compact.py's COLUMNS, in order (tests/test_compact.py).
+    # The columns of pipeline/compact.py's Parquet files, in order: the run, then one id
+    # per level of the profile (its output keys, from profile.json), then the point.
     columns {
       name = "run_id"
       type = "string"
     }
 
-    columns {
-      name = "troop_id"
-      type = "string"
-    }
+    dynamic "columns" {
+      for_each = local.profile.keys
 
-    columns {
-      name = "warrior_id"
-      type = "string"
-    }
-
-    columns {
-      name = "data_group_id"
-      type = "string"
+      content {
+        name = columns.value
+        type = "string"
+      }
     }
 
     columns {

@@ -20,12 +20,12 @@ resource "aws_cloudwatch_log_group" "drain" {
 }
 
 ################################################################################
-# Kickoff: lists the troops of a window and enqueues them
+# Kickoff: lists the first level's entities of a window and enqueues them
 ################################################################################
 
 resource "aws_lambda_function" "kickoff" {
   function_name = local.function_names.kickoff
-  description   = "harvest kickoff: enqueue every troop of a time window (scheduled: previous UTC day)"
+  description   = "harvest kickoff: list a time window's ${local.first_stage} and enqueue them (scheduled: previous UTC day)"
   role          = aws_iam_role.kickoff.arn
   handler       = "workers.kickoff.handler"
   runtime       = "python3.12"
@@ -81,6 +81,13 @@ resource "aws_lambda_function" "drain" {
   }
 
   lifecycle {
+    # profile_json_path's validation bounds stage names to 24 characters, name_prefix's to
+    # 24: 55 at most. Checked here too, where the name is made.
+    precondition {
+      condition     = length(local.function_names.drain[each.key]) <= 64
+      error_message = "Drain function name ${local.function_names.drain[each.key]} is longer than Lambda's 64 characters: shorten name_prefix or the stage name."
+    }
+
     precondition {
       condition     = var.drain_safety_margin < var.drain_timeout
       error_message = "drain_safety_margin must be smaller than drain_timeout."

@@ -65,7 +65,7 @@ data "aws_iam_policy_document" "state_table" {
 }
 
 # Whichever function settles a run writes its manifest, counting the run's data files
-# first; the data_groups drains write the data. Only under the sink prefix.
+# first; the last stage's drains write the data. Only under the sink prefix.
 data "aws_iam_policy_document" "sink" {
   statement {
     sid       = "WriteSink"
@@ -112,7 +112,7 @@ data "aws_iam_policy_document" "vendor_token" {
 }
 
 ################################################################################
-# Kickoff: enqueue troops
+# Kickoff: enqueue the first stage's entities
 ################################################################################
 
 data "aws_iam_policy_document" "kickoff" {
@@ -120,7 +120,7 @@ data "aws_iam_policy_document" "kickoff" {
     data.aws_iam_policy_document.xray.json,
     data.aws_iam_policy_document.state_table.json,
     data.aws_iam_policy_document.vendor_token.json,
-    # A window whose listing holds no troops settles at once, in the kickoff.
+    # A window whose first listing is empty settles at once, in the kickoff.
     data.aws_iam_policy_document.sink.json,
   ]
 
@@ -131,9 +131,9 @@ data "aws_iam_policy_document" "kickoff" {
   }
 
   statement {
-    sid       = "EnqueueTroops"
+    sid       = "EnqueueFirstStage"
     actions   = ["sqs:SendMessage"]
-    resources = [aws_sqs_queue.stage["troops"].arn]
+    resources = [aws_sqs_queue.stage[local.first_stage].arn]
   }
 }
 

@@ -15,23 +15,30 @@ data "aws_region" "current" {}
 data "aws_partition" "current" {}
 
 ################################################################################
-# Stages: troops -> warriors -> data_groups, declared once (mirrors pipeline/stages.py)
+# Stages: the vendor profile's levels, declared once in profile.json
 ################################################################################
 
 locals {
-  # `depth` orders the stages (the same numbers as pipeline/stages.py); every per-stage
-  # resource iterates this one map with for_each.
+  # scripts/package.py writes profile.json beside the zip from the profile it packages
+  # (pipeline/profile.py's Profile.describe() plus the profile's path inside the zip), so
+  # the stack and the code follow the same levels. profile_json_path's validation has
+  # checked its shape.
+  profile = jsondecode(file(var.profile_json_path))
+
+  # name => { child, depth, key }: every per-stage resource iterates this one map with
+  # for_each. `depth` is the stage's place in the fan-out (1 = the kickoff's children).
   stages = {
-    troops      = { child = "warriors", depth = 1 }
-    warriors    = { child = "data_groups", depth = 2 }
-    data_groups = { child = null, depth = 3 }
+    for stage in local.profile.stages : stage.name => {
+      child = stage.child
+      depth = stage.depth
+      key   = stage.key
+    }
   }
 
-  # Stage names in pipeline order, for the dashboard.
-  stage_order = [
-    for depth in range(1, length(local.stages) + 1) :
-    one([for name, stage in local.stages : name if stage.depth == depth])
-  ]
+  # Stage names in pipeline order (profile.json lists them so), for the kickoff's queue
+  # and the dashboard.
+  stage_order = [for stage in local.profile.stages : stage.name]
+  first_stage = local.stage_order[0]
 
   # Resource names use hyphens; the stage keys (and HARVEST_STAGE) keep the Python names.
   slug = { for name in keys(local.stages) : name => replace(name, "_", "-") }
@@ -65,7 +72,10 @@ locals {
   # The HARVEST_* contract of pipeline/config.py; every function gets exactly these
   # (drains add HARVEST_STAGE).
   function_environment = {
-    HARVEST_BACKEND                = "aws"
+    HARVEST_BACKEND = "aws"
+    # Relative to the zip's root, Lambda's working directory (pipeline/profile.py resolves
+    # a relative path against the package root too).
+    HARVEST_PROFILE                = local.profile.file
     HARVEST_VENDOR_URL             = var.vendor_url
     HARVEST_VENDOR_TOKEN_PARAMETER = local.vendor_token_parameter_name
     HARVEST_RATE_CALLS             = tostring(var.rate_calls)

@@ -195,7 +195,7 @@ locals {
   ]
 
   # A drain's metrics carry its stage as a second dimension, the kickoff's only the
-  # service: the vendor calls line sums the four series (hidden, by id).
+  # service: the vendor calls line sums every series (hidden, by id).
   vendor_call_series = merge(
     { kickoff = [local.metrics_namespace, "VendorCalls", "service", local.service_name] },
     { for name in local.stage_order : "drain_${name}" => [local.metrics_namespace, "VendorCalls", "service", local.service_name, "stage", name] },

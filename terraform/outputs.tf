@@ -1,4 +1,17 @@
 ################################################################################
+# Profile
+################################################################################
+
+output "profile" {
+  description = "The vendor profile deployed (from profile_json_path): its name, its file in the zip (HARVEST_PROFILE) and its stages in order."
+  value = {
+    name   = local.profile.name
+    file   = local.profile.file
+    stages = local.stage_order
+  }
+}
+
+################################################################################
 # Queues
 ################################################################################
 
@@ -46,7 +59,7 @@ output "drain_function_names" {
 ################################################################################
 
 output "bucket_name" {
-  description = "Output bucket the data_groups drains write to."
+  description = "Output bucket the last stage's drains write to."
   value       = aws_s3_bucket.output.id
 }
 

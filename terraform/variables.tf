@@ -296,7 +296,7 @@ variable "kickoff_schedule" {
 }
 
 variable "kickoff_timeout" {
-  description = "Timeout in seconds of the kickoff function (lists troops, enqueues them)."
+  description = "Timeout in seconds of the kickoff function (lists the first level's entities, enqueues them)."
   type        = number
   default     = 300
 
@@ -325,6 +325,52 @@ variable "lambda_zip_path" {
   validation {
     condition     = endswith(var.lambda_zip_path, ".zip")
     error_message = "lambda_zip_path must name a .zip file."
+  }
+}
+
+variable "profile_json_path" {
+  description = "Path of the profile.json scripts/package.py writes beside the zip (make package PROFILE=...): the vendor profile's stages and output keys, which every per-stage resource and the Glue columns follow, and the profile's file inside the zip (every function's HARVEST_PROFILE). Relative to the directory terraform runs in."
+  type        = string
+  default     = "../build/profile.json"
+
+  validation {
+    condition     = endswith(var.profile_json_path, ".json") && can(jsondecode(file(var.profile_json_path)))
+    error_message = "profile_json_path must name the profile.json that scripts/package.py writes beside the zip (run `make package` first)."
+  }
+
+  # A hand-edited or stale file must not deploy a broken fan-out. (`for p in [...]` names
+  # the decoded file once.)
+  validation {
+    condition = try(alltrue([
+      for p in [jsondecode(file(var.profile_json_path))] :
+      length(p.stages) >= 1
+      && length(distinct([for stage in p.stages : stage.name])) == length(p.stages)
+      && alltrue([
+        for i, stage in p.stages :
+        # pipeline/profile.py's rule: 24 + "-drain-" + 24 characters fit Lambda's 64.
+        can(regex("^[a-z][a-z0-9_]{0,23}$", stage.name))
+        && stage.depth == i + 1
+        && stage.child == try(p.stages[i + 1].name, null)
+      ])
+    ]), false)
+    error_message = "profile_json_path: the stages must be listed in order (depth 1, 2, ...), with distinct names matching [a-z][a-z0-9_]{0,23}, each one's child the next stage and the last one's null. Rebuild the file with scripts/package.py."
+  }
+
+  validation {
+    condition = try(alltrue([
+      for p in [jsondecode(file(var.profile_json_path))] :
+      [for stage in p.stages : stage.key] == p.keys
+      && length(distinct(p.keys)) == length(p.keys)
+      && alltrue([for key in p.keys : can(regex("^[A-Za-z_][A-Za-z0-9_]{0,63}$", key))])
+      # The other columns of the points table (analytics.tf).
+      && length(setintersection(toset(p.keys), ["run_id", "ts", "value", "dt"])) == 0
+    ]), false)
+    error_message = "profile_json_path: keys must be the stages' output keys in order, distinct, each a column name ([A-Za-z_][A-Za-z0-9_]{0,63}) other than run_id, ts, value and dt. Rebuild the file with scripts/package.py."
+  }
+
+  validation {
+    condition     = try(can(regex("^profiles/[^/].*\\.toml$", jsondecode(file(var.profile_json_path)).file)), false)
+    error_message = "profile_json_path: file must be the profile's path inside the zip, profiles/<name>.toml. Rebuild the file with scripts/package.py."
   }
 }
 
@@ -366,7 +412,7 @@ variable "output_bucket_name" {
 }
 
 variable "output_prefix" {
-  description = "Key prefix under which the data_groups drains write (HARVEST_SINK is s3://bucket/prefix)."
+  description = "Key prefix under which the last stage's drains write (HARVEST_SINK is s3://bucket/prefix)."
   type        = string
   default     = "harvest"
 

@@ -1,9 +1,11 @@
 """The Terraform stack is well-formed and keeps the pipeline's topology invariants.
 
 Fast and offline: `terraform fmt`/`validate` against the provider mirror, `terraform
-console` for the locals, python-hcl2 for the static shape of the resources. What only a
-deployment can show (rendered IAM policies, function environments) is checked against moto
-in tests/integration/test_terraform_apply.py.
+console` for the locals, python-hcl2 for the static shape of the resources, and one plan
+of a four-level vendor profile (`terraform test` with the real provider and no AWS:
+terraform_support.offline_plan) to show that every per-stage resource follows the
+profile's levels. What only a deployment can show is checked against moto in
+tests/integration/test_terraform_apply.py.
 """
 
 from __future__ import annotations
@@ -19,19 +21,26 @@ from typing import Any
 import pytest
 from terraform_support import (
     LOCK_FILE,
+    PLAN_ACCOUNT,
+    PLAN_BUCKET,
+    PLAN_REGION,
     WILDCARD_RESOURCE_SIDS,
     copy_stack,
+    offline_plan,
     plugin_dir,
     terraform_env,
+    write_profile_json,
 )
 from terraform_support import unquote as _unquote
 
+from pipeline import profile as vendor_profile
+from pipeline.compact import columns_for
 from pipeline.local.scheduler import DRAIN_HANDLER, KICKOFF_HANDLER, load_handler
-from pipeline.stages import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
 STACK = ROOT / "terraform"
-DUMMY_VARS = ["-var", "vendor_url=https://vendor.example"]
+DEFAULT_PROFILE = vendor_profile.load()
+FOUR_LEVELS = ROOT / "tests" / "profiles" / "fleet-4-levels.toml"
 
 # -- tools ---------------------------------------------------------------------------------
 
@@ -74,7 +83,24 @@ def initialized(tools: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 @pytest.fixture(scope="module")
-def locals_(initialized: Path) -> dict[str, Any]:
+def profile_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default profile's profile.json, as `make package` writes it beside the zip."""
+    return write_profile_json(DEFAULT_PROFILE.source, tmp_path_factory.mktemp("build") / "p.json")
+
+
+@pytest.fixture(scope="module")
+def dummy_vars(profile_json: Path) -> list[str]:
+    """The variables without a default."""
+    return [
+        "-var",
+        "vendor_url=https://vendor.example",
+        "-var",
+        f"profile_json_path={profile_json}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def locals_(initialized: Path, profile_json: Path) -> dict[str, Any]:
     """The stack's locals, evaluated with the example tfvars (which must validate)."""
     expression = (
         "jsonencode({stages = local.stages, stage_order = local.stage_order, "
@@ -84,8 +110,14 @@ def locals_(initialized: Path) -> dict[str, Any]:
         "vendor_token_parameter_name = local.vendor_token_parameter_name})"
     )
     example = STACK / "terraform.tfvars.example"
+    # Its profile_json_path (../build/profile.json) is not beside the copy in a temp dir.
     result = terraform(
-        initialized, "console", "-no-color", f"-var-file={example}", stdin=expression + "\n"
+        initialized,
+        "console",
+        "-no-color",
+        f"-var-file={example}",
+        *("-var", f"profile_json_path={profile_json}"),
+        stdin=expression + "\n",
     )
     # `console` reports invalid variables on stderr but exits 0.
     assert result.returncode == 0 and "Error" not in result.stderr, result.stderr
@@ -167,7 +199,7 @@ def test_example_tfvars_pass_every_variable_validation(locals_: dict[str, Any]) 
     assert locals_["vendor_token_parameter_name"] == "/harvest/vendor-token"
 
 
-def test_bad_variable_values_are_rejected(initialized: Path) -> None:
+def test_bad_variable_values_are_rejected(initialized: Path, dummy_vars: list[str]) -> None:
     bad = {
         "name_prefix": "Harvest_Prod",
         "drain_timeout": "1000",
@@ -176,15 +208,22 @@ def test_bad_variable_values_are_rejected(initialized: Path) -> None:
     }
     assignments = [arg for k, v in bad.items() for arg in ("-var", f"{k}={v}")]
     result = terraform(
-        initialized, "console", "-no-color", *DUMMY_VARS, *assignments, stdin="var.name_prefix\n"
+        initialized, "console", "-no-color", *dummy_vars, *assignments, stdin="var.name_prefix\n"
     )
     for name in bad:
         assert f"var.{name} is" in result.stderr, name
     assert result.stderr.count("Invalid value for variable") == len(bad)
 
 
-def test_vendor_url_must_be_https_unless_insecure_urls_are_allowed(initialized: Path) -> None:
-    plain = ["-var", "vendor_url=http://127.0.0.1:8000"]
+def test_vendor_url_must_be_https_unless_insecure_urls_are_allowed(
+    initialized: Path, profile_json: Path
+) -> None:
+    plain = [
+        "-var",
+        "vendor_url=http://127.0.0.1:8000",
+        "-var",
+        f"profile_json_path={profile_json}",
+    ]
     refused = terraform(initialized, "console", "-no-color", *plain, stdin="var.vendor_url\n")
     assert "Invalid value for variable" in refused.stderr
     assert "must start with https://" in refused.stderr
@@ -197,13 +236,51 @@ def test_vendor_url_must_be_https_unless_insecure_urls_are_allowed(initialized: 
     assert allowed.stdout.strip() == '"http://127.0.0.1:8000"'
 
 
-def test_stage_map_matches_pipeline_stages(locals_: dict[str, Any]) -> None:
-    expected = {s.name: {"child": s.child, "depth": s.depth} for s in STAGES}
+def test_stage_map_is_the_packaged_profiles_stages(locals_: dict[str, Any]) -> None:
+    expected = {
+        s.name: {"child": s.child, "depth": s.depth, "key": s.level.key}
+        for s in DEFAULT_PROFILE.stages
+    }
     assert locals_["stages"] == expected
 
 
-def test_stage_order_is_the_pipeline_order(locals_: dict[str, Any]) -> None:
-    assert locals_["stage_order"] == [s.name for s in STAGES]
+def test_stage_order_is_the_profiles_order(locals_: dict[str, Any]) -> None:
+    assert locals_["stage_order"] == list(DEFAULT_PROFILE.stage_names)
+
+
+def test_a_profile_json_that_breaks_the_fan_out_is_rejected(
+    initialized: Path, tmp_path: Path
+) -> None:
+    # GIVEN a hand-edited profile.json: stages out of order, a key that is a points column,
+    # a file outside the zip's profiles/
+    broken = {
+        "name": "broken",
+        "stages": [
+            {"name": "sites", "child": None, "depth": 2, "key": "site_id"},
+            {"name": "regions", "child": "sites", "depth": 1, "key": "ts"},
+        ],
+        "keys": ["site_id", "ts"],
+        "file": "vendor.toml",
+    }
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(broken))
+    args = ["-var", "vendor_url=https://vendor.example", "-var", f"profile_json_path={path}"]
+
+    # WHEN Terraform reads it
+    result = terraform(initialized, "console", "-no-color", *args, stdin="local.stages\n")
+
+    # THEN each of the three checks names what is wrong
+    assert result.stderr.count("Invalid value for variable") == 3, result.stderr
+    for words in ("listed in order", "other than run_id, ts", "profiles/<name>.toml"):
+        assert words in " ".join(result.stderr.split()), words
+
+
+def test_a_missing_profile_json_asks_for_make_package(initialized: Path, tmp_path: Path) -> None:
+    args = ["-var", "vendor_url=https://vendor.example"]
+    args += ["-var", f"profile_json_path={tmp_path / 'profile.json'}"]
+    result = terraform(initialized, "console", "-no-color", *args, stdin="local.stages\n")
+    assert "Invalid value for variable" in result.stderr
+    assert "run `make package` first" in " ".join(result.stderr.split())
 
 
 def test_visibility_timeout_exceeds_drain_timeout(locals_: dict[str, Any]) -> None:
@@ -371,3 +448,145 @@ def test_vendor_token_is_sensitive_and_never_output(hcl: dict[str, Any]) -> None
         value = str(body["value"])
         assert not re.search(r"var\.vendor_token\b(?!_)", value), name
         assert "aws_ssm_parameter.vendor_token" not in value, name
+
+
+# -- a plan of another vendor: four levels ---------------------------------------------------
+
+PLAN_PREFIX = "fleet"
+FOUR_LEVEL_PROFILE = vendor_profile.load(str(FOUR_LEVELS))
+LEVELS = list(FOUR_LEVEL_PROFILE.stage_names)  # regions, sites, devices, channels
+
+# Every resource made once per stage.
+PER_STAGE = (
+    "aws_sqs_queue.stage",
+    "aws_sqs_queue.dlq",
+    "aws_sqs_queue_redrive_policy.stage",
+    "aws_sqs_queue_redrive_allow_policy.dlq",
+    "aws_cloudwatch_log_group.drain",
+    "aws_iam_role.drain",
+    "aws_iam_role_policy.drain",
+    "aws_lambda_function.drain",
+    "aws_lambda_function_event_invoke_config.drain",
+    "aws_cloudwatch_event_rule.drain",
+    "aws_cloudwatch_event_target.drain",
+    "aws_lambda_permission.drain",
+    "aws_cloudwatch_metric_alarm.dlq_not_empty",
+    "aws_cloudwatch_metric_alarm.oldest_message",
+    "aws_cloudwatch_metric_alarm.drain_errors",
+)
+
+
+@pytest.fixture(scope="module")
+def four_level_plan(initialized: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """{address: planned values} of the stack deploying the four-level test profile, and
+    {"output.<name>": value} of its outputs."""
+    build = tmp_path_factory.mktemp("fleet-build")
+    (build / "lambda.zip").write_bytes(b"not read by a plan, only hashed")
+    variables = {
+        "name_prefix": PLAN_PREFIX,
+        "vendor_url": "https://fleet.example",
+        "lambda_zip_path": str(build / "lambda.zip"),
+        "profile_json_path": str(write_profile_json(str(FOUR_LEVELS), build / "profile.json")),
+    }
+    plan = offline_plan(initialized, variables, LEVELS)
+    planned = {r["address"]: r["change"]["after"] for r in plan["resource_changes"]}
+    planned.update({f"output.{k}": v.get("after") for k, v in plan["output_changes"].items()})
+    return planned
+
+
+def instances(planned: dict[str, Any], resource: str) -> dict[str, Any]:
+    """The for_each instances of `resource` in the plan, by key."""
+    return {
+        json.loads(address[len(resource) + 1 : -1]): after
+        for address, after in planned.items()
+        if address.startswith(f"{resource}[")
+    }
+
+
+def test_plan_makes_every_per_stage_resource_once_per_profile_level(
+    four_level_plan: dict[str, Any],
+) -> None:
+    for resource in PER_STAGE:
+        assert sorted(instances(four_level_plan, resource)) == sorted(LEVELS), resource
+    assert "troops" not in json.dumps(four_level_plan)
+
+
+def test_plan_names_queues_drains_and_schedules_after_the_levels(
+    four_level_plan: dict[str, Any],
+) -> None:
+    queues = instances(four_level_plan, "aws_sqs_queue.stage")
+    dlqs = instances(four_level_plan, "aws_sqs_queue.dlq")
+    drains = instances(four_level_plan, "aws_lambda_function.drain")
+    rules = instances(four_level_plan, "aws_cloudwatch_event_rule.drain")
+    for level in LEVELS:
+        assert queues[level]["name"] == f"{PLAN_PREFIX}-{level}"
+        assert dlqs[level]["name"] == f"{PLAN_PREFIX}-{level}-dlq"
+        assert drains[level]["function_name"] == f"{PLAN_PREFIX}-drain-{level}"
+        assert rules[level]["name"] == f"{PLAN_PREFIX}-drain-{level}"
+        assert rules[level]["schedule_expression"] == "rate(1 minute)"
+    assert four_level_plan["output.profile"] == {
+        "name": "fleet-4-levels",
+        "file": "profiles/fleet-4-levels.toml",
+        "stages": LEVELS,
+    }
+
+
+def test_every_function_runs_the_packaged_profile_and_knows_every_levels_queues(
+    four_level_plan: dict[str, Any],
+) -> None:
+    functions = {
+        "kickoff": four_level_plan["aws_lambda_function.kickoff"],
+        "replay": four_level_plan["aws_lambda_function.replay"],
+        **instances(four_level_plan, "aws_lambda_function.drain"),
+    }
+    queue_url = f"https://sqs.{PLAN_REGION}.amazonaws.com/{PLAN_ACCOUNT}/{PLAN_PREFIX}"
+    for name, function in functions.items():
+        [environment] = function["environment"]
+        env = environment["variables"]
+        # The path inside the zip, whose root is Lambda's working directory.
+        assert env["HARVEST_PROFILE"] == "profiles/fleet-4-levels.toml", name
+        assert env.get("HARVEST_STAGE") == (name if name in LEVELS else None)
+        assert json.loads(env["HARVEST_QUEUES"]) == {
+            level: {"url": f"{queue_url}-{level}", "dlq_url": f"{queue_url}-{level}-dlq"}
+            for level in LEVELS
+        }
+        assert env["HARVEST_SINK"] == f"s3://{PLAN_BUCKET}/harvest"
+
+
+def _statements(planned: dict[str, Any], document: str) -> dict[str, list[str]]:
+    """Sid -> resources of a policy document's own statements in the plan."""
+    return {s["sid"]: s["resources"] for s in planned[document]["statement"]}
+
+
+def test_the_kickoff_feeds_the_first_level_and_each_drain_the_next(
+    four_level_plan: dict[str, Any],
+) -> None:
+    arn = f"arn:aws:sqs:{PLAN_REGION}:{PLAN_ACCOUNT}:{PLAN_PREFIX}"
+    kickoff = _statements(four_level_plan, "data.aws_iam_policy_document.kickoff")
+    assert kickoff["EnqueueFirstStage"] == [f"{arn}-regions"]
+    for level, child in zip(LEVELS, [*LEVELS[1:], None], strict=True):
+        drain = _statements(four_level_plan, f'data.aws_iam_policy_document.drain["{level}"]')
+        assert drain["ConsumeOwnQueue"] == [f"{arn}-{level}"]
+        assert drain["DeadLetterOwnQueue"] == [f"{arn}-{level}-dlq"]
+        assert drain.get("FeedChildQueue") == ([f"{arn}-{child}"] if child else None), level
+        assert sorted(drain["WatchStageQueues"]) == sorted(f"{arn}-{s}" for s in LEVELS)
+
+
+def test_glue_columns_are_the_ones_compaction_writes_for_the_profile(
+    four_level_plan: dict[str, Any],
+) -> None:
+    [descriptor] = four_level_plan["aws_glue_catalog_table.points"]["storage_descriptor"]
+    columns = [(c["name"], c["type"]) for c in descriptor["columns"]]
+    # run_id, region_id, site_id, device_id, channel_id, ts, value
+    assert columns == [(name, glue) for name, _, glue in columns_for(FOUR_LEVEL_PROFILE.keys)]
+
+
+def test_dashboard_has_a_queue_row_and_a_vendor_calls_series_per_level(
+    four_level_plan: dict[str, Any],
+) -> None:
+    body = json.loads(four_level_plan["aws_cloudwatch_dashboard.this[0]"]["dashboard_body"])
+    titles = [w["properties"]["title"] for w in body["widgets"]]
+    assert titles[: len(LEVELS)] == [f"Queue depth: {level}" for level in LEVELS]
+    [calls] = [w for w in body["widgets"] if w["properties"]["title"] == "Vendor calls per minute"]
+    stages = [m[5] for m in calls["properties"]["metrics"] if len(m) > 6 and m[4] == "stage"]
+    assert sorted(stages) == sorted(LEVELS)

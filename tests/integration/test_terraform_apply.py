@@ -180,7 +180,8 @@ def moto_endpoint(tools: Path) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def lambda_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real deployment zip, built by scripts/package.py."""
+    """The real deployment zip for the default profile, built by scripts/package.py, with
+    the profile.json Terraform reads beside it."""
     out = tmp_path_factory.mktemp("package") / "lambda.zip"
     subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "package.py"), "--out", str(out)],
@@ -189,6 +190,13 @@ def lambda_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
         timeout=300,
     )
     return out
+
+
+@pytest.fixture(scope="module")
+def profile_json(lambda_zip: Path) -> dict[str, Any]:
+    """What scripts/package.py wrote beside the zip: the stages Terraform deployed."""
+    described: dict[str, Any] = json.loads((lambda_zip.parent / "profile.json").read_text())
+    return described
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +227,7 @@ def deployment(
         "retry_delay": RETRY_DELAY,
         "drain_timeout": DRAIN_TIMEOUT,
         "lambda_zip_path": str(lambda_zip),
+        "profile_json_path": str(lambda_zip.parent / "profile.json"),
         "log_retention_days": 1,
         "alarm_email": "oncall@example.com",
         "output_force_destroy": True,
@@ -328,7 +337,9 @@ def test_stage_queues_keep_messages_as_long_as_their_dlqs(deployment: Deployment
             assert int(attributes["MessageRetentionPeriod"]) == FOURTEEN_DAYS, (kind, stage)
 
 
-def test_function_environments_follow_the_config_contract(deployment: Deployment) -> None:
+def test_function_environments_follow_the_config_contract(
+    deployment: Deployment, profile_json: dict[str, Any]
+) -> None:
     expected_queues = {
         stage: {
             "url": deployment.outputs["queue_urls"][stage],
@@ -347,6 +358,7 @@ def test_function_environments_follow_the_config_contract(deployment: Deployment
         assert {k: env[k] for k in POWERTOOLS} == POWERTOOLS
         assert env.get("HARVEST_STAGE") == stage
         assert env["HARVEST_BACKEND"] == "aws"
+        assert env["HARVEST_PROFILE"] == profile_json["file"] == "profiles/hermes-v1.toml"
         assert env["HARVEST_VENDOR_URL"] == deployment.simulator.url
         assert json.loads(env["HARVEST_QUEUES"]) == expected_queues
         assert env["HARVEST_SINK"] == f"s3://{deployment.outputs['bucket_name']}/harvest"
@@ -470,9 +482,12 @@ def test_role_policies_name_specific_resources(deployment: Deployment) -> None:
                     assert "*" not in resources, where
 
 
-def test_only_the_last_stage_drain_feeds_no_queue(deployment: Deployment) -> None:
+def test_only_the_last_stage_drain_feeds_no_queue(
+    deployment: Deployment, profile_json: dict[str, Any]
+) -> None:
     iam = deployment.client("iam")
     arns = deployment.outputs["queue_arns"]
+    children = {s["name"]: s["child"] for s in profile_json["stages"]}
     for stage, name in deployment.outputs["drain_function_names"].items():
         document = iam.get_role_policy(RoleName=name, PolicyName="harvest")["PolicyDocument"]
         if isinstance(document, str):
@@ -483,7 +498,7 @@ def test_only_the_last_stage_drain_feeds_no_queue(deployment: Deployment) -> Non
             if "sqs:SendMessage" in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])
             for r in ([s["Resource"]] if isinstance(s["Resource"], str) else s["Resource"])
         }
-        child = {"troops": "warriors", "warriors": "data_groups"}.get(stage)
+        child = children[stage]
         expected = {deployment.outputs["dlq_arns"][stage]} | ({arns[child]} if child else set())
         assert sends == expected, stage
 
