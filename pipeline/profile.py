@@ -503,6 +503,18 @@ class _Reader:
         for k, v in params.items():
             if not isinstance(v, str):
                 raise _Invalid(self.at(f"params.{k}"), f"must be a string, not {v!r}")
+        if pagination.kind == PaginationKind.CURSOR:
+            if not records:
+                raise _Invalid(
+                    self.at("records"),
+                    "'' (the body is the list) leaves no place for the cursor in the body:"
+                    " page by header_cursor, link, offset or page_number",
+                )
+            if _overlap(records, pagination.cursor_field):
+                raise _Invalid(
+                    self.at("records"),
+                    f"{records!r} and the cursor field {pagination.cursor_field!r} overlap",
+                )
         return Listing(
             path=path, records=records, pagination=pagination, params=tuple(params.items())
         )
@@ -534,6 +546,10 @@ class _Reader:
         )
         window.done()
         points.done()
+        if _overlap(call.ts_field, call.value_field):
+            raise _Invalid(
+                "data.points", f"ts {call.ts_field!r} and value {call.value_field!r} overlap"
+            )
         return call
 
     def auth(self) -> Auth:
@@ -597,6 +613,11 @@ class _Reader:
         if 200 in seen:
             raise _Invalid(self.at(seen[200]), "200 is the answer, not an error")
         return s
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether two dotted paths name the same field, or one lies inside the other."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
 
 
 def _check_tree(levels: Sequence[Level], data: DataCall) -> None:

@@ -167,3 +167,15 @@ def test_a_level_key_may_not_be_a_column_of_the_compacted_table() -> None:
     data = hermes_data()
     data["levels"][2]["key"] = "value"
     assert "levels[2].key: 'value' is an output record or table field" in error_of(data)
+
+
+def test_fields_that_no_body_could_hold_apart_are_refused() -> None:
+    data = hermes_data()
+    data["levels"][0]["records"] = ""
+    assert "levels[0].records: '' (the body is the list) leaves no place" in error_of(data)
+    data = hermes_data()
+    data["pagination"]["cursor_field"] = "items.next"
+    assert "levels[0].records: 'items' and the cursor field 'items.next' overlap" in error_of(data)
+    data = hermes_data()
+    data["data"]["points"] = {"ts": "p", "value": "p.v"}
+    assert "data.points: ts 'p' and value 'p.v' overlap" in error_of(data)

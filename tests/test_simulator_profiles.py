@@ -919,24 +919,31 @@ def test_sizes_default_per_depth_and_fanout_must_match_the_levels() -> None:
 
 
 def test_profiles_the_simulator_cannot_serve_are_refused_at_start() -> None:
-    bare_cursor = parsed(
-        "bare-cursor",
-        levels=[{"name": "things", "key": "thing", "path": "/things", "id": "id", "records": ""}],
-        data={"path": "/things/{thing}/points"},
-    )
-    overlapping = parsed("overlap", pagination={"cursor_field": "items.next"})
+    # A profile no body could answer is refused when it is read (tests/test_profile.py);
+    # one the client can follow but the simulator does not serve, when it starts.
     partial = parsed("partial", data={"path": "/books/id-{book_id}/pages"})
-    points = {"ts": "at", "value": "at.value"}
-    crowded = parsed("crowded", data={"path": "/books/{book_id}/pages", "points": points})
+    with pytest.raises(ConfigError, match="whole segment"):
+        Simulator(SimulatorConfig(profile=partial))
 
-    for profile, message in [
-        (bare_cursor, "no place for cursor_field"),
-        (overlapping, "same place in the body"),
-        (partial, "whole segment"),
-        (crowded, "same place in a point"),
-    ]:
+
+def test_profiles_no_body_could_answer_are_refused_when_read() -> None:
+    points = {"ts": "at", "value": "at.value"}
+    cases: list[tuple[dict[str, Any], str]] = [
+        (
+            {
+                "levels": [
+                    {"name": "things", "key": "thing", "path": "/things", "id": "id", "records": ""}
+                ],
+                "data": {"path": "/things/{thing}/points"},
+            },
+            "leaves no place for the cursor",
+        ),
+        ({"pagination": {"cursor_field": "items.next"}}, "overlap"),
+        ({"data": {"path": "/books/{book_id}/pages", "points": points}}, "overlap"),
+    ]
+    for changes, message in cases:
         with pytest.raises(ConfigError, match=message):
-            Simulator(SimulatorConfig(profile=profile))
+            parsed("refused", **changes)
 
 
 def test_truth_endpoint_rows_are_keyed_by_the_profiles_level_keys(simulator: Serve) -> None:
