@@ -4,7 +4,6 @@ names and status codes, against `responses` mocks."""
 from __future__ import annotations
 
 import base64
-import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 import responses
+from test_vendor import FakeBudget
 
 from pipeline import profile
 from pipeline.envelope import Envelope, listed
@@ -29,31 +29,11 @@ FLEET = profile.load(str(ROOT / "tests" / "profiles" / "fleet-4-levels.toml"))
 ORBIT = profile.load(str(ROOT / "tests" / "profiles" / "orbit-offset-apikey.toml"))
 
 
-class Budget:
-    def __init__(self) -> None:
-        self.observed: list[tuple[Any, ...]] = []
-
-    def acquire(self, max_pause: float = math.inf) -> float:
-        return 0.0
-
-    def paused_for(self) -> float:
-        return 0.0
-
-    def arrived(self, stamp: float, at: float) -> None:
-        pass
-
-    def pause(self, seconds: float) -> None:
-        pass
-
-    def observe(self, limit: int | None, remaining: int | None, reset: float | None) -> None:
-        self.observed.append((limit, remaining, reset))
-
-
-def client_for(p: Profile, budget: Budget | None = None) -> VendorClient:
+def client_for(p: Profile, budget: FakeBudget | None = None) -> VendorClient:
     return VendorClient(
         BASE,
         TOKEN,
-        budget or Budget(),
+        budget or FakeBudget(),
         CallStats(),
         max_attempts=2,
         sleep=lambda s: None,
@@ -164,14 +144,14 @@ def test_profile_status_codes_mean_what_it_says(rsps: responses.RequestsMock) ->
 def test_rate_limit_headers_are_read_under_the_profiles_names(
     rsps: responses.RequestsMock,
 ) -> None:
-    budget = Budget()
+    budget = FakeBudget()
     rsps.get(
         f"{BASE}/v2/accounts",
         json={"results": []},
         headers={"RateLimit-Limit": "50", "RateLimit-Remaining": "49", "RateLimit-Reset": "1"},
     )
     list(client_for(ORBIT, budget).items(ORBIT.root))
-    [(limit, remaining, reset)] = budget.observed
+    [(_, limit, remaining, reset)] = [e for e in budget.events if e[0] == "observe"]
     assert (limit, remaining) == (50, 49) and reset is not None and reset <= 1
 
 
