@@ -51,6 +51,12 @@ class Scenario:
     concurrency: int = 64  # HARVEST_CONCURRENCY's default: a ceiling, rate × latency decides
     reserved_concurrency: int = 2
     rate_period: float = 1.0
+    # Faults (SimulatorConfig): 5xx, stalls of stall_seconds, and the lag of a request's
+    # arrival stamp in the vendor's sliding log (a loaded network, as a strict vendor sees it).
+    error_rate: float = 0.0
+    stall_rate: float = 0.0
+    stall_seconds: float = 20.0
+    arrival_jitter: float = 0.0
 
     def scaled(self, factor: float) -> Scenario:
         return Scenario(**{**asdict(self), "data_groups": max(1, round(self.data_groups * factor))})
@@ -63,6 +69,23 @@ SCENARIOS = [
     # The talk's design: one call at a time per drain, one drain per stage.
     Scenario("baseline 1-at-a-time", 4, 8, 46, 50, 50, 0.2, concurrency=1, reserved_concurrency=1),
     Scenario("10k FIFO", 10, 10, 100, 200, 200, 0.02),
+    # A slow vendor: 40 calls must be in flight to keep 100/s (Little's law).
+    Scenario("2k@100/s 400ms", 10, 10, 20, 100, 100, 0.4),
+    # 5xx bursts and 20 s stalls on 1% of first attempts at 30 ms typical latency: the
+    # read timeout, not the stall, bounds what a stalled call holds.
+    Scenario(
+        "stalls 1% @100/s 30ms",
+        4,
+        6,
+        25,
+        100,
+        100,
+        0.03,
+        error_rate=0.02,
+        stall_rate=0.01,
+    ),
+    # A strict sliding-window vendor whose arrival stamps lag by up to 5 ms.
+    Scenario("jitter 5ms @200/s", 10, 10, 30, 200, 200, 0.02, arrival_jitter=0.005),
 ]
 
 HEADER = (
@@ -112,6 +135,10 @@ def run_one(scenario: Scenario) -> dict[str, object]:
                         rate_calls=scenario.vendor_calls,
                         rate_period=scenario.rate_period,
                         latency=scenario.latency,
+                        error_rate=scenario.error_rate,
+                        stall_rate=scenario.stall_rate,
+                        stall_seconds=scenario.stall_seconds,
+                        arrival_jitter=scenario.arrival_jitter,
                     )
                 ),
             )

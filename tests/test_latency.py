@@ -34,6 +34,19 @@ def test_read_timeout_follows_a_fast_vendor_down_to_the_floor() -> None:
     assert latency.read_timeout == TAIL_FLOOR
 
 
+def test_read_timeout_is_learned_from_a_runs_first_calls() -> None:
+    # GIVEN the upstream listings of a run, answered in 30 ms: fewer calls than a recompute
+    # period, but enough to know
+    latency = Latency(read_timeout=10.0)
+    for _ in range(MIN_SAMPLES):
+        latency.observe(0.03)
+
+    # THEN the first data calls already get the earned timeout: a stall among them costs
+    # the floor, not the configured 10 s (a stall at a run's start held it that long)
+    assert MIN_SAMPLES < RECOMPUTE_EVERY
+    assert latency.read_timeout == TAIL_FLOOR
+
+
 def test_read_timeout_is_a_multiple_of_the_95th_percentile_capped_by_the_configured() -> None:
     slow = Latency(read_timeout=10.0)
     slower = Latency(read_timeout=10.0)

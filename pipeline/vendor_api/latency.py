@@ -25,11 +25,14 @@ from collections import deque
 TAIL_FACTOR = 10.0
 TAIL_FLOOR = 1.0
 # Recent calls the percentile and mean are taken over, and how often they are recomputed
-# (sorting a few hundred floats every 64 calls costs well under a microsecond per call).
+# (sorting a few hundred floats every 64 calls costs well under a microsecond per call);
+# until that many calls have been seen, after every call: a run's first calls (the
+# upstream listings) set the timeout that its first data calls get.
 WINDOW = 512
 RECOMPUTE_EVERY = 64
-# Below this many samples the configured timeout holds: too little is known.
-MIN_SAMPLES = 50
+# Below this many samples the configured timeout holds: too little is known. A timeout
+# learned too short corrects itself: a timed-out call counts as twice its timeout.
+MIN_SAMPLES = 16
 
 
 class Latency:
@@ -48,7 +51,7 @@ class Latency:
         with self._lock:
             self._samples.append(seconds)
             self._since += 1
-            if self._since >= RECOMPUTE_EVERY or self._mean is None:
+            if self._since >= RECOMPUTE_EVERY or len(self._samples) <= RECOMPUTE_EVERY:
                 self._recompute()
 
     def timed_out(self) -> None:
