@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import ROUND_FLOOR, Decimal
 from enum import StrEnum
 from typing import Any, TypeVar
 
@@ -862,17 +863,20 @@ def _checked_ts(
 def _checked_epoch(
     ts: object, item: Mapping[str, Any], start: datetime, end: datetime, form: TimeFormat
 ) -> str:
-    if type(ts) not in (int, float) or not math.isfinite(ts):  # type: ignore[arg-type]
+    """A Unix time (seconds or milliseconds) in [start, end), written as RFC 3339. Cut to
+    the microsecond downwards, in decimal (a float's shortest form): a point just before
+    the window's end stays before it."""
+    if type(ts) not in (int, float) or (type(ts) is float and not math.isfinite(ts)):
         raise PoisonError(f"data point whose ts is not a Unix time ({form}): {quoted(item, 300)}")
-    assert isinstance(ts, int | float)
-    micros = round(ts * (1_000_000 if form == TimeFormat.UNIX else 1_000))
-    try:
-        at = EPOCH + timedelta(microseconds=micros)
-    except OverflowError:
-        raise PoisonError(f"data point whose ts is out of range: {quoted(item, 300)}") from None
-    if not start <= at < end:
+    scale = 1_000_000 if form == TimeFormat.UNIX else 1_000
+    micros = int((Decimal(repr(ts)) * scale).to_integral_value(rounding=ROUND_FLOOR))
+    if not _micros(start) <= micros < _micros(end):
         raise PoisonError(f"data point outside the window: {quoted(item, 300)}")
-    return point_text(at)
+    return point_text(EPOCH + timedelta(microseconds=micros))
+
+
+def _micros(value: datetime) -> int:
+    return (value - EPOCH) // timedelta(microseconds=1)
 
 
 def _checked_value(value: object) -> int | float:

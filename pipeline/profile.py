@@ -35,6 +35,7 @@ DEFAULT_PROFILE = "hermes-v1"
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,23}")
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _HEADER = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_TOKEN_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 # Fields of every output record besides the level keys, and the compacted table's other
 # columns and partition key (pipeline/compact.py): no level key may be one of them.
 RECORD_FIELDS = frozenset({"run_id", "from", "to", "points", "ts", "value", "dt"})
@@ -302,7 +303,11 @@ def resolve(name_or_path: str = "") -> Path:
         if candidate.is_file():
             return candidate
     known = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.toml")))
-    raise ConfigError(f"profile {text!r}: no such file (packaged profiles: {known})")
+    raise ConfigError(
+        f"profile {text!r}: no such file (packaged profiles: {known}; a deployed function's"
+        " HARVEST_PROFILE names its place in the zip: on your machine, set HARVEST_PROFILE"
+        " to the profile's own file)"
+    )
 
 
 def load(name_or_path: str = "") -> Profile:
@@ -480,6 +485,10 @@ class _Reader:
         path = self.text("path")
         if not path.startswith("/"):
             raise _Invalid(self.at("path"), f"must start with '/', not {path!r}")
+        if "?" in path or "#" in path:
+            raise _Invalid(
+                self.at("path"), f"{path!r} holds a query or fragment: put parameters in params"
+            )
         try:
             parts = list(string.Formatter().parse(path))
         except ValueError as exc:
@@ -523,6 +532,11 @@ class _Reader:
         name = self.text("name", pattern=_NAME)
         if "id" not in self.data:
             raise _Invalid(self.at("id"), "missing (required): the field holding each record's id")
+        if not self.data.get("id"):
+            raise _Invalid(self.at("id"), "must name the field holding each record's id")
+        if name.endswith("_dlq"):
+            # Its queue would be named as the DLQ of a stage called like its prefix.
+            raise _Invalid(self.at("name"), f"{name!r} ends in _dlq, which DLQ names use")
         return Level(
             name=name,
             key=self.text("key", pattern=_KEY),
@@ -546,6 +560,11 @@ class _Reader:
         )
         window.done()
         points.done()
+        for key, value in (("points.ts", call.ts_field), ("points.value", call.value_field)):
+            if not value:
+                raise _Invalid(f"data.{key}", "must name a field of each point")
+        if call.from_param == call.to_param:
+            raise _Invalid("data.window", f"from and to are both {call.from_param!r}")
         if _overlap(call.ts_field, call.value_field):
             raise _Invalid(
                 "data.points", f"ts {call.ts_field!r} and value {call.value_field!r} overlap"
@@ -565,6 +584,8 @@ class _Reader:
             raise _Invalid(self.at("header"), f"not a header name: {auth.header!r}")
         if kind == AuthKind.HEADER and "header" not in self.data:
             raise _Invalid(self.at("header"), "required by type = 'header'")
+        if not auth.prefix.isascii() or _TOKEN_UNSAFE.search(auth.prefix):
+            raise _Invalid(self.at("prefix"), "must be printable ASCII (it goes in a header)")
         if kind == AuthKind.QUERY and not self.data.get("param"):
             raise _Invalid(self.at("param"), "required by type = 'query'")
         if not auth.username.isascii() or ":" in auth.username:
@@ -630,13 +651,16 @@ def _check_tree(levels: Sequence[Level], data: DataCall) -> None:
             raise _Invalid(
                 f"levels[{i}].name", f"{level.name!r} is also levels[{names[level.name]}]"
             )
-        if level.key in keys:
-            raise _Invalid(f"levels[{i}].key", f"{level.key!r} is also levels[{keys[level.key]}]")
-        if level.key in RECORD_FIELDS:
+        if level.key.lower() in keys:
+            raise _Invalid(
+                f"levels[{i}].key", f"{level.key!r} is also levels[{keys[level.key.lower()]}]"
+            )
+        if level.key.lower() in RECORD_FIELDS:
             raise _Invalid(
                 f"levels[{i}].key", f"{level.key!r} is an output record or table field already"
             )
-        names[level.name], keys[level.key] = i, i
+        # Case-blind: Glue and Athena column names are.
+        names[level.name], keys[level.key.lower()] = i, i
     for i, listing in [
         *((i, lv.listing) for i, lv in enumerate(levels)),
         (len(levels), data.listing),

@@ -128,6 +128,10 @@ class Runtime:
                 self._probe()
             except AuthError as exc:
                 return DrainReport(stage_name, stopped=StopReason.AUTH, auth_error=str(exc))
+            except Exception:
+                # Not a 401 (a vendor refusing the one-item page, a 5xx): the token may be
+                # fixed, and the messages themselves say what else is wrong.
+                logger.warning("the token check after a 401 failed otherwise", exc_info=True)
             self.auth_failed.clear()
         report = self.drain(stage_name).run(remaining, self.config.safety_margin)
         self._attribute(report.runs)

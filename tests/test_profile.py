@@ -179,3 +179,24 @@ def test_fields_that_no_body_could_hold_apart_are_refused() -> None:
     data = hermes_data()
     data["data"]["points"] = {"ts": "p", "value": "p.v"}
     assert "data.points: ts 'p' and value 'p.v' overlap" in error_of(data)
+
+
+def test_settings_that_would_poison_every_message_are_refused() -> None:
+    cases: list[tuple[str, Any, str]] = [
+        ("levels.1.path", "/v1/troops/{troop_id}/warriors?kind=a", "holds a query or fragment"),
+        ("levels.2.id", "", "levels[2].id: must name the field"),
+        ("data.points", {"ts": ""}, "data.points.ts: must name a field"),
+        ("data.window", {"from": "t", "to": "t"}, "data.window: from and to are both 't'"),
+        ("auth", {"type": "header", "header": "X-Key", "prefix": "Key\n"}, "auth.prefix"),
+        ("levels.2.key", "Troop_ID", "levels[2].key: 'Troop_ID' is also levels[0]"),
+        ("levels.2.key", "DT", "is an output record or table field"),
+        ("levels.1.name", "troops_dlq", "ends in _dlq"),
+    ]
+    for dotted, value, expected in cases:
+        data = copy.deepcopy(hermes_data())
+        *path, last = dotted.split(".")
+        table: Any = data
+        for part in path:
+            table = table[int(part)] if part.isdigit() else table[part]
+        table[int(last) if last.isdigit() else last] = value
+        assert expected in error_of(data), dotted

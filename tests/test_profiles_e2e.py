@@ -17,8 +17,17 @@ from moto import mock_aws
 from pipeline import profile
 from pipeline.aws.sinks import S3Sink
 from pipeline.dev.simulator import Simulator, SimulatorConfig, SimulatorProcess
-from pipeline.local.scheduler import LocalContext, LocalOptions, run_local
+from pipeline.drain import _checked_epoch
+from pipeline.errors import ConfigError, PoisonError
+from pipeline.local.scheduler import (
+    LocalContext,
+    LocalOptions,
+    claim_profile,
+    recorded_profile,
+    run_local,
+)
 from pipeline.local.sinks import DirectorySink
+from pipeline.profile import TimeFormat
 from pipeline.runtime import reset_cache
 from pipeline.sinks import read_run
 
@@ -161,3 +170,31 @@ def test_the_handlers_on_moto_harvest_another_vendor_exactly(
         assert sim.stats.rate_limited == 0
         record = next(iter(read_run(sink, RUN)))
         assert list(record) == ["run_id", *config.profile.keys, "from", "to", "points"]
+
+
+def test_a_local_state_directory_keeps_the_profile_its_runs_use(tmp_path: Path) -> None:
+    # GIVEN an --out whose runs are of the 4-level profile
+    out = tmp_path / "out"
+    claim_profile(out / ".harvest", str(PROFILES["fleet-4-levels"][0]))
+
+    # WHEN `harvest local` is asked to run another profile there
+    with pytest.raises(ConfigError, match="holds runs of the profile .*fleet-4-levels"):
+        run_local(
+            LocalOptions(window=WINDOW, out=out, profile="hermes-v1", simulator=SimulatorProcess())
+        )
+
+    # THEN nothing started: no queue, no ledger, and the record is unchanged
+    assert sorted(p.name for p in (out / ".harvest").iterdir()) == ["profile"]
+    assert recorded_profile(out / ".harvest").endswith("fleet-4-levels.toml")
+
+
+def test_unix_times_are_cut_to_the_microsecond_downwards_and_kept_in_the_window() -> None:
+    start, end = WINDOW.start, WINDOW.end
+    last = end.timestamp() - 0.0000004  # 0.4 microseconds before the end
+    assert _checked_epoch(last, {}, start, end, TimeFormat.UNIX).endswith("T23:59:59.999999Z")
+    assert _checked_epoch(
+        int(start.timestamp() * 1000) + 300, {}, start, end, TimeFormat.UNIX_MS
+    ) == ("2024-03-01T00:00:00.300000Z")
+    for bad in (10**400, end.timestamp(), float("inf"), True):
+        with pytest.raises(PoisonError):
+            _checked_epoch(bad, {"ts": bad}, start, end, TimeFormat.UNIX)

@@ -16,7 +16,7 @@ from test_vendor import FakeBudget
 
 from pipeline import profile
 from pipeline.envelope import Envelope, listed
-from pipeline.errors import AuthError, GoneError, PoisonError
+from pipeline.errors import AuthError, GoneError, PoisonError, RetryableError
 from pipeline.profile import Profile
 from pipeline.stats import CallStats
 from pipeline.vendor_api.client import VendorClient
@@ -279,3 +279,68 @@ def test_a_relative_next_link_is_followed_from_the_pages_own_url(
         json={"data": [{"id": "r2"}]},
     )
     assert [r["id"] for r in client_for(FLEET).items(FLEET.root)] == ["r1", "r2"]
+
+
+def test_an_api_key_echoed_by_the_vendor_never_reaches_an_error_message(
+    rsps: responses.RequestsMock,
+) -> None:
+    # GIVEN a vendor taking its key in the query that echoes it in a looping next link,
+    # and one that echoes it in a 400's message
+    p = small({"type": "link"}, type="query", param="api_key")
+    loop = f'<{BASE}/things?page=2&api_key={TOKEN}>; rel="next"'
+    rsps.get(f"{BASE}/things", json={"items": []}, headers={"Link": loop})
+    with pytest.raises(PoisonError) as looped:
+        list(client_for(p).items(p.root))
+    rsps.replace(
+        responses.GET,
+        f"{BASE}/things",
+        status=400,
+        json={"message": f"bad request GET /things?api_key={TOKEN}"},
+    )
+    with pytest.raises(PoisonError) as refused:
+        list(client_for(p).items(p.root))
+
+    # THEN the errors say what happened, with the key masked
+    assert "twice in one listing" in str(looped.value) and "400 bad request" in str(refused.value)
+    assert TOKEN not in str(looped.value) and TOKEN not in str(refused.value)
+    assert "api_key=***" in str(looped.value)
+
+
+def test_a_next_link_with_a_blanked_key_gets_the_configured_one(
+    rsps: responses.RequestsMock,
+) -> None:
+    p = small({"type": "link"}, type="query", param="api_key")
+    rsps.get(
+        f"{BASE}/things",
+        match=[responses.matchers.query_param_matcher({"api_key": TOKEN, "limit": "100"})],
+        json={"items": [{"id": "a"}]},
+        headers={"Link": f'<{BASE}/things?after=a&api_key=>; rel="next"'},
+    )
+    rsps.get(
+        f"{BASE}/things",
+        match=[responses.matchers.query_param_matcher({"after": "a", "api_key": TOKEN})],
+        json={"items": [{"id": "b"}]},
+    )
+    assert [t["id"] for t in client_for(p).items(p.root)] == ["a", "b"]
+
+
+def test_an_empty_cursor_returned_twice_is_a_loop(rsps: responses.RequestsMock) -> None:
+    rsps.get(f"{BASE}/things", json={"items": [], "next_cursor": ""})
+    p = small({"type": "cursor"})
+    with pytest.raises(PoisonError, match="twice in one listing"):
+        list(client_for(p).items(p.root))
+    assert len(rsps.calls) == 2
+
+
+def test_a_gone_status_past_the_first_page_is_retried_not_taken_for_the_entity_gone(
+    rsps: responses.RequestsMock,
+) -> None:
+    # GIVEN a full first page, then a 404 for the next one (a page past the end, or an
+    # expired cursor)
+    p = small({"type": "page_number", "page_size": 2, "size_param": "per_page"})
+    rsps.get(f"{BASE}/things", json={"items": [{"id": "a"}, {"id": "b"}]})
+    rsps.get(f"{BASE}/things", status=404)
+    # THEN the listing is read again later (and dead-lettered with this reason if it stays
+    # so), not recorded gone with the pages already read thrown away
+    with pytest.raises(RetryableError, match="404 not found on page 2"):
+        list(client_for(p).items(p.root))

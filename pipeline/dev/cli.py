@@ -61,10 +61,12 @@ def _fanout(text: str | None) -> tuple[int, ...]:
 
 
 def _recorded_profile(root: Path) -> str:
-    """The profile a local run in `root` used, as `harvest local` recorded it; else
+    """The profile the local runs in `root` use, as `harvest local` recorded it; else
     HARVEST_PROFILE, else "" (the default)."""
-    used = root / ".harvest" / "profile"
-    return used.read_text().strip() if used.is_file() else os.environ.get("HARVEST_PROFILE", "")
+    from pipeline.local.scheduler import recorded_profile
+
+    recorded = recorded_profile(root.resolve() / ".harvest")
+    return recorded or os.environ.get("HARVEST_PROFILE", "")
 
 
 def _state_config(args: argparse.Namespace) -> Config:
@@ -95,7 +97,9 @@ def cmd_local(args: argparse.Namespace) -> int:
     from pipeline.local.scheduler import LocalOptions, Progress, run_local
 
     token = args.token or os.environ.get("HARVEST_VENDOR_TOKEN")
-    profile = load_profile(args.profile or os.environ.get("HARVEST_PROFILE", ""))
+    # The profile given, else the one --out's runs use, else HARVEST_PROFILE, else hermes-v1.
+    profile_name = args.profile or _recorded_profile(Path(args.out))
+    profile = load_profile(profile_name)
     if args.vendor_url and not token and profile.auth.kind != AuthKind.NONE:
         raise ConfigError("--vendor-url needs a token: --token or HARVEST_VENDOR_TOKEN")
     options = LocalOptions(
@@ -109,7 +113,7 @@ def cmd_local(args: argparse.Namespace) -> int:
         tick=args.tick,
         concurrency=args.concurrency,
         verbose=args.verbose,
-        profile=args.profile or os.environ.get("HARVEST_PROFILE", ""),
+        profile=profile_name,
         simulator=SimulatorProcess(
             SimulatorConfig(
                 profile=profile,
@@ -385,9 +389,10 @@ def cmd_kickoff(args: argparse.Namespace) -> int:
         )
     lock = None
     if not args.aws:
-        from pipeline.local.scheduler import own
+        from pipeline.local.scheduler import claim_profile, own
 
         lock = own(Path(args.out) / ".harvest")  # no `harvest local` may run meanwhile
+        claim_profile(Path(args.out).resolve() / ".harvest", config.profile)
     rt = _build(args, config)
     started = skipped = 0
     try:

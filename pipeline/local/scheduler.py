@@ -217,6 +217,8 @@ def run_local(
     drain_handler = load_handler(DRAIN_HANDLER)
     kickoff_handler = load_handler(KICKOFF_HANDLER)
 
+    # Before anything starts: a state directory serves one profile.
+    check_profile(options.out.resolve() / STATE_DIR, options.profile)
     simulator = None
     url, token = options.vendor_url, options.token
     if url is None:
@@ -245,9 +247,7 @@ def run_local(
     )
     lock = own(out / STATE_DIR)
     # `harvest status`, `dlq` and `replay` read the run's stages from the profile it used.
-    (out / STATE_DIR / PROFILE_FILE).write_text(
-        str(resolve_profile(options.profile).resolve()) + "\n"
-    )
+    claim_profile(out / STATE_DIR, options.profile)
     _redirect_logs(out / STATE_DIR / LOG_FILE, verbose=options.verbose)
     # The local "Lambdas" run concurrently in one process and so share the handlers'
     # Metrics object, which warns when two set the stage dimension (metrics are off here).
@@ -552,6 +552,35 @@ class _Scheduler:
             drains_running=self.drains_running(),
             waits=waits,
         )
+
+
+def recorded_profile(state_dir: Path) -> str:
+    """The profile file the runs in `state_dir` use ("" if none is recorded yet)."""
+    path = state_dir / PROFILE_FILE
+    return path.read_text().strip() if path.is_file() else ""
+
+
+def check_profile(state_dir: Path, profile: str) -> str:
+    """The profile file `profile` names, if the runs in `state_dir` use it or none is
+    recorded; ConfigError if they use another: their queued messages and pending entities
+    are of its stages, which another profile's drains would never see (and would sweep as
+    lost)."""
+    chosen = str(resolve_profile(profile).resolve())
+    recorded = recorded_profile(state_dir)
+    if recorded and recorded != chosen:
+        raise ConfigError(
+            f"{state_dir.parent} holds runs of the profile {recorded}, not {chosen}: give"
+            " that one (--profile or HARVEST_PROFILE), or another --out"
+        )
+    return chosen
+
+
+def claim_profile(state_dir: Path, profile: str) -> None:
+    """Record the profile of the runs in `state_dir` (`check_profile` first): `harvest
+    status`, `dlq`, `replay` and `kickoff` with `--out` read their stages from it."""
+    chosen = check_profile(state_dir, profile)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / PROFILE_FILE).write_text(chosen + "\n")
 
 
 def load_handler(spec: str) -> Handler:

@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from itertools import repeat
 from types import TracebackType
 from typing import Any, cast
-from urllib.parse import parse_qs, quote, urljoin, urlsplit
+from urllib.parse import parse_qsl, quote, quote_plus, urljoin, urlsplit, urlunsplit
 
 import requests
 from aws_lambda_powertools import Logger
@@ -47,6 +47,7 @@ from pipeline.errors import (
     AuthError,
     ConfigError,
     GoneError,
+    HarvestError,
     PoisonError,
     RateLimitedError,
     RetryableError,
@@ -286,6 +287,18 @@ class VendorClient:
         ids: Mapping[str, str] | str | None = None,
         params: Mapping[str, str] | None = None,
     ) -> Iterator[list[dict[str, Any]]]:
+        """`_pages`, with the API key masked in any error it raises."""
+        try:
+            yield from self._pages(listing, ids, params)
+        except HarvestError as exc:
+            raise self._scrubbed(exc) from None if self._auth_query is not None else exc.__cause__
+
+    def _pages(
+        self,
+        listing: Listing | str,
+        ids: Mapping[str, str] | str | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> Iterator[list[dict[str, Any]]]:
         """The records of a paginated listing page by page (as `items`, one list per page).
 
         `listing` is the profile's (a bare path template pages as the default profile
@@ -310,7 +323,17 @@ class VendorClient:
                 query[paging.offset_param] = str(offset)
             elif kind == PaginationKind.PAGE_NUMBER:
                 query[paging.page_param] = str(number)
-            page = self._page(listing, path, query, next_url)
+            try:
+                page = self._page(listing, path, query, next_url)
+            except GoneError as exc:
+                if pages == 0:
+                    raise
+                # The listing was found: a gone status on a later page is an expired cursor
+                # or a page past the end, not the entity gone; read the listing again (a
+                # vendor that always answers so ends in the DLQ with this reason).
+                raise RetryableError(
+                    f"{exc} on page {pages + 1} of a listing whose first page was found"
+                ) from exc
             pages += 1
             yield page.items
             if kind in (PaginationKind.CURSOR, PaginationKind.HEADER_CURSOR):
@@ -336,7 +359,7 @@ class VendorClient:
                     )
             else:
                 return
-            if token and token in seen:
+            if kind not in (PaginationKind.OFFSET, PaginationKind.PAGE_NUMBER) and token in seen:
                 what = "link" if kind == PaginationKind.LINK else "cursor"
                 raise PoisonError(
                     f"GET {path}: the vendor returned {what} {quoted(token, 120)} twice in"
@@ -347,6 +370,21 @@ class VendorClient:
                     f"GET {path}: the listing has more than {self._max_pages} pages (max_pages)"
                 )
             seen.add(token)
+
+    def _scrubbed(self, exc: Exception) -> Exception:
+        """`exc` with the API key (in the query, for `query` auth) masked in its message: a
+        vendor may echo it in a next link or an error body."""
+        if self._auth_query is not None:
+            secret = self._auth_query[1]
+            forms = {secret, quote(secret, safe=""), quote_plus(secret)}
+            masked = []
+            for arg in exc.args:
+                if isinstance(arg, str):
+                    for form in forms:
+                        arg = arg.replace(form, "***")
+                masked.append(arg)
+            exc.args = tuple(masked)
+        return exc
 
     def get_page(
         self,
@@ -361,7 +399,10 @@ class VendorClient:
         query = self._first_query(listing, params)
         if cursor is not None:
             query[listing.pagination.cursor_param] = cursor
-        return self._page(listing, vendor_path(listing.path, ids), query, None)
+        try:
+            return self._page(listing, vendor_path(listing.path, ids), query, None)
+        except HarvestError as exc:
+            raise self._scrubbed(exc) from None if self._auth_query is not None else exc.__cause__
 
     def _first_query(self, listing: Listing, params: Mapping[str, str] | None) -> dict[str, str]:
         paging = listing.pagination
@@ -380,9 +421,16 @@ class VendorClient:
         try:
             if next_url is not None:
                 url = next_url
-                given = parse_qs(urlsplit(url).query, keep_blank_values=True)
-                if self._auth_query is not None and self._auth_query[0] not in given:
-                    url += ("&" if "?" in url else "?") + encode_query((self._auth_query,))
+                if self._auth_query is not None:
+                    # The key as configured, whatever the link carries for it (a vendor may
+                    # echo it, blank it or mask it).
+                    parts = urlsplit(url)
+                    kept = tuple(
+                        (k, v)
+                        for k, v in parse_qsl(parts.query, keep_blank_values=True)
+                        if k != self._auth_query[0]
+                    )
+                    url = urlunsplit(parts._replace(query=encode_query((*kept, self._auth_query))))
             else:
                 if self._auth_query is not None:
                     pairs += (self._auth_query,)
