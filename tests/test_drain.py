@@ -29,6 +29,7 @@ from pipeline.aws.queues import SqsQueue
 from pipeline.config import Config
 from pipeline.drain import FLUSH_ENTRIES, FLUSH_SECONDS, Drain, DrainReport, monotonic_deadline
 from pipeline.envelope import MAX_BODY_BYTES, Envelope
+from pipeline.errors import RetryableError
 from pipeline.ledger import State
 from pipeline.local.budget import PacedBudget
 from pipeline.local.ledger import SqliteLedger
@@ -1293,3 +1294,30 @@ def test_a_finished_message_among_many_skips_is_recorded_within_flush_seconds(
     # THEN the done one is recorded and deleted: past 100 waiting, or past FLUSH_SECONDS
     assert "r0" in store.deleted
     assert store.recorded == [("k0", State.DONE, "")]
+
+
+def test_a_token_check_after_a_401_that_fails_otherwise_does_not_keep_the_drains_stopped(
+    tmp_path: Path,
+    simulator: Callable[..., Any],
+    local_runtime: Callable[[Config], Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN a run kicked off, drains stopped by a 401, and a vendor that then refuses the
+    # one-item check page for another reason (a 5xx, a page size it does not take)
+    sim = simulator(troops=2, warriors_per_troop=1, data_groups_per_warrior=1)
+    rt = local_runtime(local_config(tmp_path, sim.url))
+    rt.run_kickoff(WINDOW)
+    rt.auth_failed.stop("GET /v1/troops: 401 unauthorized")
+
+    def refused() -> None:
+        raise RetryableError("GET /v1/troops: 503 after 4 attempts")
+
+    monkeypatch.setattr(rt, "_probe", refused)
+
+    # WHEN the next drain invocation comes
+    report = rt.run_drain("troops", monotonic_deadline(5))
+
+    # THEN it drains: the check says nothing about the token, the messages say the rest
+    assert report.stopped != "auth"
+    assert report.done == 2
+    assert not rt.auth_failed.is_set()
