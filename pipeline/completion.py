@@ -153,9 +153,20 @@ def settle_runs(
     now: float | None = None,
 ) -> Settlement:
     """Check every open run and those `touched`: sweep lost entities, write manifests,
-    measure the oldest one still unsettled (the "run not settled in time" alarm)."""
+    measure the oldest one still unsettled (the "run not settled in time" alarm).
+
+    While any stage queue holds a message, no run is read in full: a run's status is a
+    read of every entity it has (a query over tens of thousands of items in DynamoDB, at
+    the end of every drain invocation), and nothing can be swept meanwhile. Every open run
+    counts as unsettled then, aged from the run list; a run that has settled is found when
+    the queues are empty (SQS's counts lag by up to a minute).
+    """
     now = time.time() if now is None else now
-    runs = ledger.open_runs(since=now - OPEN_RUN_DAYS * 86400)
+    starts = ledger.open_run_starts(since=now - OPEN_RUN_DAYS * 86400)
+    if any(q.depth().total for q in queues):
+        oldest = max((now - started for started in starts.values()), default=0.0)
+        return Settlement(len(starts), len(starts), oldest, 0)
+    runs = list(starts)
     runs += sorted(set(touched) - set(runs))
     unsettled, oldest, lost = 0, 0.0, 0
     for run_id in runs:

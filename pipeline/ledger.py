@@ -167,6 +167,10 @@ class Ledger(Protocol):
         """Runs started after `since` (epoch seconds) that have neither completed nor
         settled incomplete with their manifest written (a replay touches those again)."""
 
+    def open_run_starts(self, since: float) -> dict[str, float]:
+        """`open_runs` with when each started (epoch seconds), oldest first: read from the
+        run list alone, without a run's entities."""
+
 
 def stage_counts(
     rows: Iterable[tuple[str, str, int]], stages: Iterable[str]

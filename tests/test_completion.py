@@ -144,3 +144,33 @@ def test_oldest_unsettled_run_age_is_reported(
 
     # THEN the age the "not settled in time" alarm watches is that hour
     assert result.oldest_unsettled_seconds == pytest.approx(3600)
+
+
+def test_no_run_is_read_in_full_while_a_stage_queue_holds_a_message(
+    ledger: SqliteLedger, queues: list[Queue], sink: DirectorySink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN a run whose last troop is done (settled) while another message waits in a queue
+    ledger.enqueued(RUN, "troops", [("t1", ("t1",))])
+    ledger.finish(RUN, "troops", "t1", State.DONE)
+    queues[1].send([Outgoing("{}")])
+    reads: list[str] = []
+    real_status = ledger.status
+
+    def status(run_id: str) -> object:
+        reads.append(run_id)
+        return real_status(run_id)
+
+    monkeypatch.setattr(ledger, "status", status)
+
+    # WHEN the runs are checked (the end of every drain invocation)
+    busy = settle_runs(ledger, sink, queues, quiet_grace=GRACE, now=2000.0)
+
+    # THEN no status was read (in DynamoDB, a query over every entity of the run), the run
+    # counts as unsettled; once the queues are empty it completes
+    assert reads == [] and (busy.open_runs, busy.unsettled) == (1, 1)
+    assert manifest(sink) is None
+    [waiting] = queues[1].receive(10)
+    queues[1].delete([waiting.receipt])
+    quiet = settle_runs(ledger, sink, queues, quiet_grace=GRACE, now=2001.0)
+    assert reads == [RUN] and quiet.unsettled == 0
+    assert manifest(sink) is not None

@@ -537,6 +537,8 @@ def test_open_runs_are_recent_and_neither_completed_nor_reported(
 
     assert ledger.open_runs(since=0) == ["old", "open"]
     assert ledger.open_runs(since=clock.now - 50) == ["open"]
+    # with when each started, from the run list alone
+    assert ledger.open_run_starts(since=0) == {"old": clock.now - 100, "open": clock.now}
 
 
 def test_mark_quiet_keeps_the_first_time_until_reset(ledger: Ledger) -> None:

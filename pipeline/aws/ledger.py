@@ -475,10 +475,13 @@ class DynamoLedger:
         return [i["sk"]["S"] for i in self._run_items()]
 
     def open_runs(self, since: float) -> list[str]:
-        return [
-            i["sk"]["S"]
+        return list(self.open_run_starts(since))
+
+    def open_run_starts(self, since: float) -> dict[str, float]:
+        return {
+            i["sk"]["S"]: float(i.get("started_at", {}).get("N", "0"))
             for i in reversed(self._run_items())
             if "completed_at" not in i
             and "manifest_signature" not in i
             and float(i.get("started_at", {}).get("N", "0")) >= since
-        ]
+        }

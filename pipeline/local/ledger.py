@@ -264,10 +264,13 @@ class SqliteLedger:
         return [r[0] for r in rows]
 
     def open_runs(self, since: float) -> list[str]:
+        return list(self.open_run_starts(since))
+
+    def open_run_starts(self, since: float) -> dict[str, float]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT run_id FROM runs WHERE completed_at IS NULL AND started_at >= ?"
-                " AND manifest_signature IS NULL ORDER BY started_at",
+                "SELECT run_id, started_at FROM runs WHERE completed_at IS NULL"
+                " AND started_at >= ? AND manifest_signature IS NULL ORDER BY started_at",
                 (since,),
             ).fetchall()
-        return [r[0] for r in rows]
+        return {r[0]: float(r[1]) for r in rows}
