@@ -906,6 +906,21 @@ UNEXERCISED: dict[tuple[str, str], str] = {
 }
 
 
+_STATUS_WHEN_QUIET = (
+    "a run's status (its meta item first) is read only by a drain that finds every stage "
+    "queue empty while the run is open (settle_runs); in this harvest the troops and "
+    "warriors drains always find data groups still queued, and the run closes in the "
+    "data_groups drain."
+)
+
+# (function, statement Sid, action) -> why one action of a grant the harvest uses otherwise
+# stays unexercised.
+UNEXERCISED_ACTIONS: dict[tuple[str, str, str], str] = {
+    ("drain:troops", "StateTable", "dynamodb:GetItem"): _STATUS_WHEN_QUIET,
+    ("drain:warriors", "StateTable", "dynamodb:GetItem"): _STATUS_WHEN_QUIET,
+}
+
+
 def role_grants(deployment: Deployment, function: str) -> list[Grant]:
     """Every (action, resource) the inline policies of `function`'s role allow, read from IAM."""
     iam, lam = deployment.client("iam"), deployment.client("lambda")
@@ -931,6 +946,8 @@ def test_every_call_a_function_makes_is_granted_and_every_grant_is_used(
         for grant in granted:
             if grant.action.startswith(RUNTIME_SERVICES) or (key, grant.sid) in UNEXERCISED:
                 continue
+            if (key, grant.sid, grant.action) in UNEXERCISED_ACTIONS:
+                continue
             if not any(grant.covers(c.action, c.resource) for c in used):
                 problems.append(f"{key}: {grant.sid} grants {grant.action} on {grant.resource}")
     assert not problems, "not granted, or granted but unused:\n" + "\n".join(problems)
@@ -941,6 +958,11 @@ def test_grants_the_harvest_cannot_exercise_are_still_granted(deployment: Deploy
     for (key, sid), reason in UNEXERCISED.items():
         function = deployment.function_names[key]
         assert any(g.sid == sid for g in role_grants(deployment, function)), (key, sid, reason)
+    for (key, sid, action), reason in UNEXERCISED_ACTIONS.items():
+        function = deployment.function_names[key]
+        assert any(
+            g.sid == sid and g.action == action for g in role_grants(deployment, function)
+        ), (key, sid, action, reason)
 
 
 def _widget_series(widget: dict[str, Any]) -> set[tuple[str, str, tuple[tuple[str, str], ...]]]:
