@@ -149,7 +149,7 @@ class Runtime:
         """One cheap call: the first page of the first level's listing, one item long."""
         root = self.profile.root
         paging = root.pagination
-        small = paging.size_param and paging.kind not in (PaginationKind.NONE,)
+        small = paging.size_param and paging.kind != PaginationKind.NONE
         self.client.get_page(root, params={paging.size_param: "1"} if small else None)
 
     def run_replay(

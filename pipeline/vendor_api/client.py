@@ -241,13 +241,7 @@ class VendorClient:
 
     def _shown(self, url: str) -> str:
         """`url` as it may be displayed: without an API key carried in the query."""
-        if self._auth_query is None:
-            return url
-        return (
-            re.sub(rf"([?&]){re.escape(quote(self._auth_query[0], safe=''))}=[^&]*", r"\1", url)
-            .replace("?&", "?")
-            .replace("&&", "&")
-        )
+        return url if self._auth_query is None else _without_param(url, self._auth_query[0])
 
     def close(self) -> None:
         """Close the Session's connections, if this client created the Session."""
@@ -291,7 +285,8 @@ class VendorClient:
         try:
             yield from self._pages(listing, ids, params)
         except HarvestError as exc:
-            raise self._scrubbed(exc) from None if self._auth_query is not None else exc.__cause__
+            self._scrubbed(exc)
+            raise
 
     def _pages(
         self,
@@ -371,9 +366,9 @@ class VendorClient:
                 )
             seen.add(token)
 
-    def _scrubbed(self, exc: Exception) -> Exception:
-        """`exc` with the API key (in the query, for `query` auth) masked in its message: a
-        vendor may echo it in a next link or an error body."""
+    def _scrubbed(self, exc: Exception) -> None:
+        """Mask the API key (in the query, for `query` auth) in `exc`'s message: a vendor
+        may echo it in a next link or an error body."""
         if self._auth_query is not None:
             secret = self._auth_query[1]
             forms = {secret, quote(secret, safe=""), quote_plus(secret)}
@@ -384,7 +379,6 @@ class VendorClient:
                         arg = arg.replace(form, "***")
                 masked.append(arg)
             exc.args = tuple(masked)
-        return exc
 
     def get_page(
         self,
@@ -402,7 +396,8 @@ class VendorClient:
         try:
             return self._page(listing, vendor_path(listing.path, ids), query, None)
         except HarvestError as exc:
-            raise self._scrubbed(exc) from None if self._auth_query is not None else exc.__cause__
+            self._scrubbed(exc)
+            raise
 
     def _first_query(self, listing: Listing, params: Mapping[str, str] | None) -> dict[str, str]:
         paging = listing.pagination
@@ -424,13 +419,7 @@ class VendorClient:
                 if self._auth_query is not None:
                     # The key as configured, whatever the link carries for it (a vendor may
                     # echo it, blank it or mask it).
-                    parts = urlsplit(url)
-                    kept = tuple(
-                        (k, v)
-                        for k, v in parse_qsl(parts.query, keep_blank_values=True)
-                        if k != self._auth_query[0]
-                    )
-                    url = urlunsplit(parts._replace(query=encode_query((*kept, self._auth_query))))
+                    url = _without_param(url, self._auth_query[0], self._auth_query)
             else:
                 if self._auth_query is not None:
                     pairs += (self._auth_query,)
@@ -679,6 +668,13 @@ def _parse_page(response: requests.Response, path: str, listing: Listing) -> Pag
     elif paging.kind == PaginationKind.LINK:
         next_url = response.links.get("next", {}).get("url") or None
     return Page(items=items, next_cursor=cursor, next_url=next_url, url=response.url or "")
+
+
+def _without_param(url: str, name: str, then: tuple[str, str] | None = None) -> str:
+    """`url` without the query parameter `name` (and with the pair `then` added last)."""
+    parts = urlsplit(url)
+    kept = tuple((k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != name)
+    return urlunsplit(parts._replace(query=encode_query((*kept, *([then] if then else [])))))
 
 
 def _as_listing(listing: Listing | str) -> Listing:
