@@ -10,6 +10,7 @@ import gzip
 import json
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -251,3 +252,15 @@ def test_decode_lines_reverses_encode_lines_when_values_hold_line_separators() -
 def test_s3_sink_rejects_url_when_not_s3_bucket_form(s3: S3Client, url: str) -> None:
     with pytest.raises(ValueError, match="s3://bucket/prefix"):
         S3Sink(s3, url)
+
+
+def test_directory_sink_puts_of_one_key_from_many_threads_leave_one_whole_object(
+    tmp_path: Path,
+) -> None:
+    # GIVEN drains finishing a run at once, each writing the manifest with other lengths
+    sink = DirectorySink(tmp_path)
+    blobs = [json.dumps({"n": "x" * n}).encode() for n in range(1, 200)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda b: sink.put("runs/r/manifest.json", b, "application/json"), blobs))
+    # THEN the file is one of them, whole (not a longer one's tail after a shorter one)
+    assert sink.get("runs/r/manifest.json") in blobs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,12 +14,16 @@ class DirectorySink:
     Files are written in place, not through a temporary file and a rename (which costs six
     times as much per file): a drain that dies mid-write has not deleted its message, so
     the file is written again, whole, on redelivery; the manifest marks a finished run.
+    A put replaces the file whole, as an S3 PUT does: the drains of one process (the only
+    one a state directory admits) write under one lock, so two of them finishing a run at
+    once cannot interleave their manifests.
     """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.location = str(self.root)
         self._made: set[str] = set()
+        self._lock = threading.Lock()
 
     def put(self, key: str, blob: bytes, content_type: str) -> str:
         path = os.path.join(self.location, key)
@@ -26,11 +31,12 @@ class DirectorySink:
         if parent not in self._made:
             os.makedirs(parent, exist_ok=True)
             self._made.add(parent)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, blob)
-        finally:
-            os.close(fd)
+        with self._lock:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, blob)
+            finally:
+                os.close(fd)
         return path
 
     def get(self, key: str) -> bytes | None:
