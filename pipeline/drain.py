@@ -80,6 +80,9 @@ INITIAL_LATENCY = 0.1
 # (one BatchWriteItem holds 25), or the first has waited this long.
 FLUSH_ENTRIES = 25
 FLUSH_SECONDS = 3.0
+# While a drain's own work runs it does not long-poll (a run's tail would wait for it); after
+# a receive came back short of a batch, the longest wait on that work before the next look.
+TAIL_POLL_SECONDS = 0.1
 # However few states they carry (skips carry none), this many waiting messages are deleted.
 MAX_SETTLING = 100
 
@@ -256,6 +259,7 @@ class Drain:
         # Set by a 401 here or, through the Runtime, in any drain sharing this process.
         stop = self.halt if self.halt is not None else Halt()
         empty_since = 0.0  # when the queue was first found empty, if it still is
+        last_got = BATCH  # messages the last receive returned
         pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"drain-{self.stage.name}")
         try:
             while not stop.is_set():
@@ -280,11 +284,22 @@ class Drain:
                 ):
                     continue
                 wait = max(0.0, min(self.wait_seconds, remaining() - safety_margin))
+                if not flow.idle() or self._settling.items:
+                    # While this drain's own work runs or waits to be recorded, no long poll:
+                    # at a run's tail the last of that work is what the run waits for, and a
+                    # long poll on the empty queue would notice its end up to `wait_seconds`
+                    # late. After a short answer, wait on the work (briefly) between looks.
+                    wait = 0.0
+                    if last_got < BATCH:
+                        flow.wait_until_idle(timeout=TAIL_POLL_SECONDS)
                 messages = self.queue.receive(BATCH, wait_seconds=wait)
+                last_got = len(messages)
                 if not messages:
-                    # Nothing more now: what waits to be recorded goes out (a run's tail).
-                    self._flush()
-                    if flow.idle() and self._idle(empty_since):
+                    # Nothing more now: what waits to be recorded goes out (a run's tail),
+                    # whole ledger batches only while this drain's own work still runs.
+                    idle = flow.idle()
+                    self._flush(whole=idle)
+                    if idle and self._idle(empty_since):
                         report.stopped = StopReason.IDLE
                         break
                     empty_since = empty_since or time.monotonic()
@@ -793,12 +808,16 @@ class _Flow:
     def closed(self) -> None:
         with self._cond:
             self._open -= 1
-            if self._has_room():
+            if self._open == 0 or self._has_room():
                 self._cond.notify()
 
     def idle(self) -> bool:
         with self._cond:
             return self._open == 0
+
+    def wait_until_idle(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._open == 0, timeout)
 
 
 def _log_store_retry(state: Any) -> None:

@@ -1321,3 +1321,38 @@ def test_a_token_check_after_a_401_that_fails_otherwise_does_not_keep_the_drains
     assert report.stopped != "auth"
     assert report.done == 2
     assert not rt.auth_failed.is_set()
+
+
+def test_at_a_runs_tail_the_drain_does_not_long_poll_while_its_own_work_runs(
+    pipeline: Pipeline, vendor: FakeVendor
+) -> None:
+    # GIVEN ten data groups (one full receive batch: nothing says the queue is now empty)
+    # whose calls take 0.3 s each, and a drain whose long poll (30 s) would outlast them
+    ids = [f"d{i}" for i in range(10)]
+    for d in ids:
+        vendor.points[d] = [POINTS[0]]
+    vendor.on_call = lambda _count: time.sleep(0.3)
+    pipeline.enqueue(*(group(d) for d in ids))
+    drain = pipeline.drain("data_groups", concurrency=10)
+    drain.wait_seconds = 30.0
+    queue = pipeline.queues["data_groups"]
+    real_receive = queue.receive
+    waits: list[float] = []  # what each receive was allowed to wait
+
+    def receive(max_messages: int = 10, wait_seconds: float = 0.0) -> list[Message]:
+        waits.append(wait_seconds)
+        return real_receive(max_messages, wait_seconds)
+
+    queue.receive = receive  # type: ignore[method-assign]
+
+    # WHEN it drains them
+    report = drain.run(monotonic_deadline(60.0), 0.0)
+
+    # THEN all are done and it stopped idle; the receive that took the batch was the only
+    # one allowed to wait: while the work ran, no receive waited (a long poll of the empty
+    # queue would have held the run's end by up to 30 s)
+    assert report.done == 10 and report.stopped == "idle"
+    assert waits[0] == 30.0
+    assert len(waits) >= 2
+    assert all(wait == 0.0 for wait in waits[1:])
+    assert pipeline.counts("data_groups") == (10, 10, 0, 0)
