@@ -70,9 +70,10 @@ def manifest(status: RunStatus, ledger: Ledger, sink: Sink) -> dict[str, Any]:
         "calls": status.stats.get("calls", 0),
         "rate_limited": status.stats.get("rate_limited", 0),
         "retries": status.stats.get("retries", 0),
+        # Read only when there are some: in DynamoDB it is another query over every entity.
         "dead": [
             {"stage": d.stage, "path": list(d.path), "error": d.error}
-            for d in ledger.dead(status.run_id)
+            for d in (ledger.dead(status.run_id) if status.dead else ())
         ],
     }
 

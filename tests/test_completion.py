@@ -174,3 +174,23 @@ def test_no_run_is_read_in_full_while_a_stage_queue_holds_a_message(
     quiet = settle_runs(ledger, sink, queues, quiet_grace=GRACE, now=2001.0)
     assert reads == [RUN] and quiet.unsettled == 0
     assert manifest(sink) is not None
+
+
+def test_a_complete_runs_manifest_reads_no_dead_entities(
+    ledger: SqliteLedger, queues: list[Queue], sink: DirectorySink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN a run whose every troop is done, and a ledger that counts reads of the dead (in
+    # DynamoDB another query over every entity of the run)
+    ledger.enqueued(RUN, "troops", [("t1", ("t1",)), ("t2", ("t2",))])
+    ledger.finish_many(RUN, "troops", [("t1", State.DONE, ""), ("t2", State.GONE, "")])
+    reads: list[str] = []
+    real_dead = ledger.dead
+    monkeypatch.setattr(ledger, "dead", lambda run_id: reads.append(run_id) or real_dead(run_id))
+
+    # WHEN a drain checks the open runs
+    settle_runs(ledger, sink, queues, quiet_grace=GRACE, now=2000.0)
+
+    # THEN the manifest says complete with no dead, and the dead were never read
+    written = manifest(sink)
+    assert written is not None and (written["status"], written["dead"]) == ("complete", [])
+    assert reads == []
