@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,3 +54,83 @@ def test_aws_mode_harvests_exactly_and_fills_every_column(tmp_path: Path) -> Non
     assert result["ddb_per_call"] > 0 and result["gbs_per_1k"] > 0
     assert result["cold"] >= 4  # the kickoff and each stage's drain started a sandbox
     assert line(scenario.name, result).startswith("tiny ")
+
+
+def test_partition_queries_answered_by_the_bench_page_as_motos_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    boto3 = pytest.importorskip("boto3")
+    moto = pytest.importorskip("moto")
+    from moto.dynamodb.responses import DynamoHandler
+
+    from bench.aws_moto import fast_partition_queries
+
+    def pages(ddb: Any, **extra: Any) -> list[dict[str, Any]]:
+        found = []
+        for page in ddb.get_paginator("query").paginate(
+            TableName="t",
+            KeyConditionExpression="pk = :pk",
+            ExpressionAttributeValues={":pk": {"S": "run#data"}},
+            ConsistentRead=True,
+            **extra,
+        ):
+            found.append({k: page.get(k) for k in ("Items", "Count", "LastEvaluatedKey")})
+        return found
+
+    with moto.mock_aws():
+        # GIVEN a partition of 3 MB (three 1 MB pages and a bit) beside another partition
+        ddb = boto3.client("dynamodb", region_name="us-east-1")
+        ddb.create_table(
+            TableName="t",
+            KeySchema=[
+                {"AttributeName": "pk", "KeyType": "HASH"},
+                {"AttributeName": "sk", "KeyType": "RANGE"},
+            ],
+            AttributeDefinitions=[
+                {"AttributeName": "pk", "AttributeType": "S"},
+                {"AttributeName": "sk", "AttributeType": "S"},
+            ],
+            BillingMode="PAY_PER_REQUEST",
+        )
+        for pk, n in (("run#data", 3100), ("run#other", 30)):
+            for i in range(0, n, 25):
+                ddb.batch_write_item(
+                    RequestItems={
+                        "t": [
+                            {
+                                "PutRequest": {
+                                    "Item": {
+                                        "pk": {"S": pk},
+                                        "sk": {"S": f"k{j:05d}"},
+                                        "state": {"S": "done"},
+                                        "pad": {"S": "x" * 1000},
+                                        "n": {"N": str(j)},
+                                    }
+                                }
+                            }
+                            for j in range(i, min(i + 25, n))
+                        ]
+                    }
+                )
+        projected = {
+            "ProjectionExpression": "sk, #s",
+            "ExpressionAttributeNames": {"#s": "state"},
+        }
+        motos = pages(ddb), pages(ddb, **projected)
+        calls = []
+        moto_query = DynamoHandler.query
+
+        def counted(self: Any) -> Any:
+            calls.append(1)
+            return moto_query(self)
+
+        monkeypatch.setattr(DynamoHandler, "query", counted)
+
+        # WHEN the bench's moto answers the same queries
+        fast_partition_queries()
+        answered = pages(ddb), pages(ddb, **projected)
+
+        # THEN the pages are moto's, item for item and key for key, and moto made none
+        assert [len(p) for p in motos] == [4, 4]
+        assert answered == motos
+        assert calls == []
