@@ -24,14 +24,20 @@ What plays what:
   the visibility timeout (timeout + 60 s) and the kickoff timeout (300 s) shrink with it,
   so invocations overlap as in AWS (each ends 1.5 ticks after it starts at the latest; a
   busy stage has one or two running). A tick that finds its function at its reserved
-  concurrency is dropped (throttled). The first tick comes as the kickoff returns: the
-  best phase (in AWS the first drains start 0-60 s after it). Not compressed: the drain's
-  20 s idle grace (fixed in the code), the 1 s long poll (Terraform's
-  `receive_wait_seconds`), the 5 s retry delay, the vendor's timeouts. Why not shorter
+  concurrency is dropped (throttled). The first tick comes `--phase` ticks (default 0.5,
+  the average: EventBridge's minute has nothing to do with the kickoff's) after the
+  kickoff starts. Not compressed: the drain's 20 s idle grace (fixed in the code), the
+  1 s long poll (Terraform's `receive_wait_seconds`), the 5 s retry delay, the vendor's
+  timeouts. Why not shorter
   ticks: the safety margin must still cover a drain's last batch; when a batch of warriors
   still recorded each child with a DynamoDB write of its own (460 for 10 warriors of 46
   data groups: 4-9 s here; one BatchWriteItem now), drains were killed at their timeout
   with `--tick 10` (a 5 s margin).
+- **Lambda's Invoke API** (`LambdaService`, asynchronous invocations only): the kickoff
+  starts every drain and a drain out of time starts its successor (HARVEST_DRAIN_FUNCTIONS,
+  reached through AWS_ENDPOINT_URL_LAMBDA). A throttled event is retried after 1, 2, 4, ...
+  s and dropped once older than the drains' event age (60 s, compressed).
+  `--no-start-drains` leaves it out: only the schedule starts drains, as before.
 - **DynamoDB**: moto servers of their own per run (`bench/aws_moto.py`: one request at a
   time, as DynamoDB's writes are atomic; queries of the ledger's shape read one partition),
   reached over HTTP by the botocore clients that `pipeline.aws.runtime.build` makes for backend
@@ -120,6 +126,7 @@ DRAIN_TIMEOUT = 120.0
 SAFETY_MARGIN = 30.0
 VISIBILITY_EXTRA = 60.0  # visibility timeout = drain timeout + 60
 KICKOFF_TIMEOUT = 300.0
+EVENT_MAX_AGE = 60.0  # maximum_event_age_in_seconds of the drains' asynchronous events
 RECEIVE_WAIT = 1.0  # receive_wait_seconds
 RETRY_DELAY = 5.0
 MEMORY_MB = 256
@@ -211,6 +218,12 @@ class Settings:
     sqs_ms: float = 15.0
     s3_ms: float = 20.0
     timeline: bool = False  # print calls per second and queue depths, one line a second
+    # When the schedule's first tick comes after the kickoff starts, in ticks: EventBridge's
+    # minute has no relation to the kickoff's, so on average half of one.
+    phase: float = 0.5
+    # The kickoff starts the drains and a drain out of time starts its successor
+    # (HARVEST_DRAIN_FUNCTIONS); off: only the schedule starts them, as before.
+    start_drains: bool = True
 
     @property
     def compression(self) -> float:
@@ -436,6 +449,85 @@ class Function:
             sandbox.close()
 
 
+class LambdaService:
+    """Lambda's Invoke API for asynchronous invocations (InvocationType Event), on loopback.
+
+    The sandboxes' botocore reaches it through AWS_ENDPOINT_URL_LAMBDA: the kickoff starts
+    the drains and a drain its successor as in AWS. An event is accepted (202) and its
+    invocation started at once if the function has room under its reserved concurrency;
+    otherwise it is retried as Lambda retries throttled events, after 1, 2, 4, ... s (not
+    compressed), and dropped once older than the event age Terraform allows (60 s,
+    compressed).
+    """
+
+    def __init__(self, functions: dict[str, Function], max_age: float) -> None:
+        import http.server
+
+        self.functions = functions
+        self.max_age = max_age
+        self.accepted = 0
+        self.dropped = 0
+        # (retry due, accepted at, this delay, function, event) of throttled events
+        self._pending: list[tuple[float, float, float, Function, dict[str, Any]]] = []
+        self._lock = threading.Lock()
+        service = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            disable_nagle_algorithm = True
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                parts = self.path.split("/")  # /2015-03-31/functions/NAME/invocations
+                function = service.functions.get(parts[3] if len(parts) > 4 else "")
+                if function is None or self.headers.get("X-Amz-Invocation-Type") != "Event":
+                    self._answer(404, b'{"Type":"User","message":"not served here"}')
+                    return
+                self._answer(202, b"")
+                service.accept(function, json.loads(body or b"{}"))
+
+            def _answer(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def accept(self, function: Function, event: dict[str, Any]) -> None:
+        with self._lock:
+            self.accepted += 1
+        if not function.invoke_async(event):
+            now = time.monotonic()
+            with self._lock:
+                self._pending.append((now + 1.0, now, 1.0, function, event))
+
+    def retry(self) -> None:
+        """Start the throttled events whose retry is due, or drop them when too old."""
+        now = time.monotonic()
+        with self._lock:
+            due = [p for p in self._pending if p[0] <= now]
+            self._pending = [p for p in self._pending if p[0] > now]
+        for _, since, delay, function, event in due:
+            if now - since > self.max_age:
+                with self._lock:
+                    self.dropped += 1
+            elif not function.invoke_async(event):
+                with self._lock:
+                    self._pending.append((now + 2 * delay, since, 2 * delay, function, event))
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
 class MotoServer:
     """A fresh moto server (`bench/aws_moto.py`) for one run."""
 
@@ -566,6 +658,8 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
         )
         if scenario.concurrency is not None:
             config = config.with_(concurrency=scenario.concurrency)
+        if settings.start_drains:
+            config = config.with_(drain_functions={s: f"drain-{s}" for s in STAGE_NAMES})
         sandbox_settings = SandboxSettings(
             queue_db=str(work / "queues.sqlite"),
             sink_dir=str(sink_dir),
@@ -620,6 +714,12 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
         functions = [kickoff, *drains.values()]
         for function in functions:
             stack.callback(function.close)
+        lambda_service = LambdaService(
+            {f.name: f for f in drains.values()}, EVENT_MAX_AGE / settings.compression
+        )
+        stack.callback(lambda_service.close)
+        for function in functions:
+            function.env["AWS_ENDPOINT_URL_LAMBDA"] = lambda_service.url
 
         manifest = sink_dir / manifest_key(run_id)
         data_dir = manifest.parent / "data"
@@ -631,7 +731,8 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
         kicked = kickoff.invoke({"from": window.from_text, "to": window.to_text})
         if kicked.error:
             raise RuntimeError(f"kickoff failed: {kicked.error}")
-        next_tick, settled_at, first_output, stalled = time.monotonic(), 0.0, 0.0, False
+        next_tick = max(time.monotonic(), started + settings.phase * settings.tick)
+        settled_at, first_output, stalled = 0.0, 0.0, False
         calls_before_output = 0
         timeline: list[dict[str, Any]] = []
         next_sample = started
@@ -648,9 +749,11 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
                 calls_before_output = int(simulator.stats()["requests"])
             # A settled run needs no more invocations unless redeliveries are still queued.
             busy = not settled or any(store.queue(s).depth().total for s in STAGE_NAMES)
-            if now >= next_tick and busy:
-                for function in drains.values():
-                    function.invoke_async({})
+            lambda_service.retry()
+            if now >= next_tick:
+                if busy:
+                    for function in drains.values():
+                        function.invoke_async({})
                 next_tick += settings.tick
             if not busy and not any(f.running for f in drains.values()):
                 break
@@ -824,6 +927,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="instead of the scenarios, one of a harvest's size (35,000 calls at 100/s)",
     )
     group.add_argument(
+        "--phase",
+        type=float,
+        default=defaults.phase,
+        help="when the schedule's first tick comes after the kickoff starts, in ticks"
+        f" (default {defaults.phase:g}: the average)",
+    )
+    group.add_argument(
+        "--no-start-drains",
+        dest="start_drains",
+        action="store_false",
+        help="only the schedule starts drains (no HARVEST_DRAIN_FUNCTIONS): the kickoff does"
+        " not start them, a drain out of time starts no successor",
+    )
+    group.add_argument(
         "--timeline",
         action="store_true",
         help="after each line, calls per second and each stage's queue, one line a second",
@@ -838,13 +955,17 @@ def main(args: argparse.Namespace, scratch: str | None) -> int:
         sqs_ms=args.sqs_ms,
         s3_ms=args.s3_ms,
         timeline=args.timeline,
+        phase=args.phase,
+        start_drains=args.start_drains,
     )
     print(
         f"# AWS mode, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, python {sys.version.split()[0]}:"
         f" tick {settings.tick:g} s for 60 s, drain timeout {settings.drain_timeout:g} s,"
         f" margin {settings.safety_margin:g} s, {settings.memory_mb} MB;"
         f" DynamoDB >= {settings.ddb_ms:g} ms, SQS +{settings.sqs_ms:g} ms,"
-        f" S3 +{settings.s3_ms:g} ms"
+        f" S3 +{settings.s3_ms:g} ms; first tick {settings.phase:g} tick after the kickoff,"
+        f" drains started by the kickoff and by each other:"
+        f" {'yes' if settings.start_drains else 'no'}"
     )
     print(HEADER, flush=True)
     failed = False

@@ -11,6 +11,9 @@ HARVEST_RATE_CALLS         calls allowed per period (default 100)
 HARVEST_RATE_PERIOD        the period in seconds (default 1)
 HARVEST_QUEUES             JSON {stage: {"url": ..., "dlq_url": ...}} (AWS)
 HARVEST_STAGE              the stage a drain function serves
+HARVEST_DRAIN_FUNCTIONS    JSON {stage: drain function name} (AWS): the kickoff starts every
+                           drain at once, and a drain that runs out of time with work left
+                           starts its successor, instead of both waiting for the schedule
 HARVEST_PROFILE            the vendor profile: a TOML file, or the name of a packaged one
                            (default hermes-v1; see docs/profiles.md)
 HARVEST_SINK               s3://bucket/prefix or a local directory
@@ -77,6 +80,7 @@ class Config:
     stage: str = ""
     profile: str = ""
     queues: Mapping[str, QueueUrls] = field(default_factory=dict)
+    drain_functions: Mapping[str, str] = field(default_factory=dict)
     sink: str = ""
     state_table: str = ""
     state_retention_days: int = STATE_RETENTION_DAYS
@@ -153,6 +157,7 @@ class Config:
                 stage=get("STAGE"),
                 profile=get("PROFILE"),
                 queues=queues,
+                drain_functions=_names(json.loads(get("DRAIN_FUNCTIONS", "{}"))),
                 sink=get("SINK"),
                 state_table=get("STATE_TABLE"),
                 state_retention_days=whole("STATE_RETENTION_DAYS", cls.state_retention_days),
@@ -187,6 +192,9 @@ class Config:
                 "QUEUES": json.dumps(
                     {k: {"url": q.url, "dlq_url": q.dlq_url} for k, q in self.queues.items()}
                 ),
+                "DRAIN_FUNCTIONS": json.dumps(dict(self.drain_functions))
+                if self.drain_functions
+                else "",
                 "SINK": self.sink,
                 "STATE_TABLE": self.state_table,
                 "STATE_RETENTION_DAYS": str(self.state_retention_days),
@@ -210,6 +218,15 @@ class Config:
 def profile_base_url(name_or_path: str) -> str:
     """The base URL a profile gives, for when HARVEST_VENDOR_URL is not set ("" if none)."""
     return load_profile(name_or_path).base_url
+
+
+def _names(raw: object) -> dict[str, str]:
+    """HARVEST_DRAIN_FUNCTIONS: a JSON object of strings."""
+    if not isinstance(raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v for k, v in raw.items()
+    ):
+        raise ConfigError("HARVEST_DRAIN_FUNCTIONS must be a JSON object of stage to function name")
+    return dict(raw)
 
 
 def _backend(name: str) -> Backend:

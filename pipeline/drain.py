@@ -141,6 +141,8 @@ class DrainReport:
     auth_error: str = ""
     # Age of the oldest run not settled yet, seen after the drain (0: none).
     oldest_unsettled_seconds: float = 0.0
+    # Out of time with work left, it started the next invocation of its stage at once.
+    successor_started: bool = False
     runs: set[str] = field(default_factory=set)
     # Batches finish on several threads at once.
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -222,6 +224,7 @@ class Drain:
         self.retry_delay = retry_delay
         self.wait_seconds = wait_seconds
         self.idle_grace = idle_grace
+        self._expect_until = 0.0  # see run(expect_work=)
         self.halt = halt
         # Economical (DynamoDB): finished messages are recorded 25 a write, and only a message
         # that may repeat (`_again`) is looked up. Else (SQLite, where a write or read costs
@@ -244,9 +247,17 @@ class Drain:
 
     # -- the loop -------------------------------------------------------------------------
 
-    def run(self, remaining: Callable[[], float], safety_margin: float) -> DrainReport:
-        """Drain until `remaining()` falls to `safety_margin`, the stage is idle, or a 401."""
+    def run(
+        self, remaining: Callable[[], float], safety_margin: float, *, expect_work: bool = False
+    ) -> DrainReport:
+        """Drain until `remaining()` falls to `safety_margin`, the stage is idle, or a 401.
+
+        `expect_work`: started by a kickoff that may not have sent anything yet (or whose
+        messages SQS's counts do not show yet): until it receives a message, empty queues
+        here and upstream do not stop it before `idle_grace` seconds.
+        """
         report = DrainReport(self.stage.name)
+        self._expect_until = time.monotonic() + self.idle_grace if expect_work else 0.0
         # Most scheduled invocations find nothing to do (between harvests): say so after a
         # few depth reads, before paying for a long poll.
         if self.halt is not None and self.halt.is_set():
@@ -305,6 +316,7 @@ class Drain:
                     empty_since = empty_since or time.monotonic()
                     continue
                 empty_since = 0.0
+                self._expect_until = 0.0  # the work it was started for has shown up
                 report.received += len(messages)
                 flow.opened(len(messages))
                 batch = _Batch(messages)
@@ -360,6 +372,8 @@ class Drain:
             return False
         if empty_since and time.monotonic() - empty_since >= self.idle_grace:
             return True
+        if time.monotonic() < self._expect_until:
+            return False
         return all(q.depth().total == 0 for q in self.upstream)
 
     def _work(

@@ -24,6 +24,8 @@ class KickoffReport:
     troops: int
     window_from: str
     window_to: str
+    # Drain invocations started with it (Runtime.start_drains), not waiting for the schedule.
+    drains_started: int = 0
 
 
 def kickoff(

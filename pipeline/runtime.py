@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import TypeVar, cast
 
 from aws_lambda_powertools import Logger
@@ -35,6 +35,10 @@ from pipeline.window import Window
 
 logger = Logger(service="harvest", child=True)
 
+# A drain invocation's event says who started it, when it is not the schedule.
+STARTED_BY_KICKOFF = "kickoff"
+STARTED_BY_SUCCESSOR = "successor"
+
 
 @dataclass
 class Runtime:
@@ -55,6 +59,10 @@ class Runtime:
     quiet_grace: float = 0.0
     # Drops a token the backend keeps cached, so that the next client reads it again.
     forget_token: Callable[[], None] = field(default=lambda: None, repr=False)
+    # Starts an invocation of a stage's drain now, not waiting for its schedule (AWS: its
+    # function, invoked asynchronously), with the reason as its event's `started_by`; None
+    # where the drains run all the time (locally).
+    start_drain: Callable[[str, str], None] | None = field(default=None, repr=False)
     _client: VendorClient | None = field(default=None, init=False, repr=False)
     _client_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _attributed: dict[str, float] = field(default_factory=dict, init=False, repr=False)
@@ -102,7 +110,28 @@ class Runtime:
             profile=self.profile,
         )
 
+    def start_drains(self, stages: Sequence[str], started_by: str) -> int:
+        """Start an invocation of each stage's drain now; how many were started. One that
+        fails to start costs only the wait for its schedule (at most a minute)."""
+        if self.start_drain is None:
+            return 0
+        started = 0
+        for stage in stages:
+            try:
+                self.start_drain(stage, started_by)
+                started += 1
+            except Exception as exc:
+                logger.warning(
+                    "could not start a drain now; it starts on its schedule",
+                    extra={"stage": stage, "started_by": started_by, "error": repr(exc)},
+                )
+        return started
+
     def run_kickoff(self, window: Window) -> KickoffReport:
+        # The drains start now, their cold starts beside the listing below, rather than at
+        # their next scheduled minute (on average half a minute of the harvest); they wait
+        # for its messages (expect_work).
+        started = self.start_drains(self.profile.stage_names, STARTED_BY_KICKOFF)
         report = kickoff(
             window,
             client=self.client,
@@ -113,10 +142,17 @@ class Runtime:
         self._attribute({report.run_id})
         # A listing with no troops settles at once: nothing else would notice.
         check_completion(self.ledger, self.sink, report.run_id)
-        return report
+        return replace(report, drains_started=started)
 
-    def run_drain(self, stage_name: str, remaining: Callable[[], float]) -> DrainReport:
+    def run_drain(
+        self, stage_name: str, remaining: Callable[[], float], started_by: str = ""
+    ) -> DrainReport:
         """One drain invocation, then the run bookkeeping: call counts and completion.
+
+        `started_by` is its event's: a kickoff's drains wait for the kickoff's messages. A
+        drain that runs out of time with messages still waiting starts its successor now
+        (at most its reserved concurrency run; the service holds the rest back), rather
+        than leaving the stage to the next scheduled minute.
 
         After a 401 every drain of this process stops; the next invocation first makes one
         cheap call with a freshly read token, and receives nothing unless it succeeds, so a
@@ -133,7 +169,15 @@ class Runtime:
                 # fixed, and the messages themselves say what else is wrong.
                 logger.warning("the token check after a 401 failed otherwise", exc_info=True)
             self.auth_failed.clear()
-        report = self.drain(stage_name).run(remaining, self.config.safety_margin)
+        report = self.drain(stage_name).run(
+            remaining, self.config.safety_margin, expect_work=started_by == STARTED_BY_KICKOFF
+        )
+        if (
+            report.stopped == StopReason.DEADLINE
+            and self.start_drain is not None
+            and self.queues[stage_name].depth().visible
+        ):
+            report.successor_started = self.start_drains([stage_name], STARTED_BY_SUCCESSOR) == 1
         self._attribute(report.runs)
         settlement = settle_runs(
             self.ledger,

@@ -98,7 +98,9 @@ resource "aws_lambda_function" "drain" {
 }
 
 # A scheduled drain is never retried: the next minute's run picks up the same messages,
-# and a throttled event older than a minute is stale.
+# and a throttled event older than a minute is stale. The same holds for a drain the
+# kickoff or a predecessor started (pipeline/runtime.py): Lambda retries it while it is
+# throttled, until it is a minute old.
 resource "aws_lambda_function_event_invoke_config" "drain" {
   for_each = local.stages
 

@@ -135,6 +135,13 @@ data "aws_iam_policy_document" "kickoff" {
     actions   = ["sqs:SendMessage"]
     resources = [aws_sqs_queue.stage[local.first_stage].arn]
   }
+
+  # The drains start with the kickoff, not at their next scheduled minute.
+  statement {
+    sid       = "StartDrains"
+    actions   = ["lambda:InvokeFunction"]
+    resources = values(local.drain_function_arns)
+  }
 }
 
 resource "aws_iam_role_policy" "kickoff" {
@@ -186,6 +193,13 @@ data "aws_iam_policy_document" "drain" {
     sid       = "DeadLetterOwnQueue"
     actions   = ["sqs:SendMessage"]
     resources = [aws_sqs_queue.dlq[each.key].arn]
+  }
+
+  # Out of time with work left, a drain starts its own successor at once.
+  statement {
+    sid       = "StartSuccessor"
+    actions   = ["lambda:InvokeFunction"]
+    resources = [local.drain_function_arns[each.key]]
   }
 
   dynamic "statement" {

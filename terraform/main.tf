@@ -52,6 +52,11 @@ locals {
     replay  = "${var.name_prefix}-replay"
     drain   = { for name in keys(local.stages) : name => "${var.name_prefix}-drain-${local.slug[name]}" }
   }
+  # Built from the names: a drain's own policy names its function, which depends on it.
+  drain_function_arns = {
+    for name, function in local.function_names.drain :
+    name => "arn:${local.partition}:lambda:${local.region}:${local.account_id}:function:${function}"
+  }
 
   # A received message stays hidden for the whole drain invocation plus a minute, so an
   # invocation that is still working never sees its own messages reappear.
@@ -86,6 +91,9 @@ locals {
         dlq_url = aws_sqs_queue.dlq[name].url
       }
     })
+    # The kickoff starts every drain at once; a drain out of time with work left starts
+    # its successor (lambda:InvokeFunction, iam.tf). Names, not ARNs: no cycle.
+    HARVEST_DRAIN_FUNCTIONS      = jsonencode(local.function_names.drain)
     HARVEST_SINK                 = local.sink
     HARVEST_STATE_TABLE          = aws_dynamodb_table.state.name
     HARVEST_STATE_RETENTION_DAYS = tostring(var.state_retention_days)

@@ -112,6 +112,7 @@ def test_vendor_bound_that_is_not_a_whole_number_is_a_config_error(variable: str
         {},
         {"vendor_url": HTTP, "allow_http": True},
         {"max_pages": 7, "max_retry_after": 12.5, "max_page_bytes": 1234},
+        {"drain_functions": {"troops": "h-drain-troops", "warriors": "h-drain-warriors"}},
     ],
 )
 def test_to_env_and_from_env_round_trip(changes: dict[str, Any]) -> None:
@@ -130,8 +131,14 @@ def test_module_docstring_documents_every_new_variable() -> None:
         "HARVEST_MAX_PAGE_BYTES",
     } <= documented
     # and every name to_env writes is documented
-    full = Config(vendor_url=HTTP, allow_http=True, stage="troops")
+    full = Config(vendor_url=HTTP, allow_http=True, stage="troops", drain_functions={"troops": "f"})
     assert set(full.to_env()) <= documented
+
+
+@pytest.mark.parametrize("value", ['["h-drain-troops"]', '{"troops": 3}', '{"troops": ""}'])
+def test_drain_functions_that_are_not_stage_to_name_are_a_config_error(value: str) -> None:
+    with pytest.raises(ConfigError, match="HARVEST_DRAIN_FUNCTIONS must be a JSON object"):
+        Config.from_env({"HARVEST_VENDOR_URL": HTTPS, "HARVEST_DRAIN_FUNCTIONS": value})
 
 
 # -- harvest local -------------------------------------------------------------------------

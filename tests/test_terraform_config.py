@@ -551,6 +551,9 @@ def test_every_function_runs_the_packaged_profile_and_knows_every_levels_queues(
             for level in LEVELS
         }
         assert env["HARVEST_SINK"] == f"s3://{PLAN_BUCKET}/harvest"
+        assert json.loads(env["HARVEST_DRAIN_FUNCTIONS"]) == {
+            level: f"{PLAN_PREFIX}-drain-{level}" for level in LEVELS
+        }
 
 
 def _statements(planned: dict[str, Any], document: str) -> dict[str, list[str]]:
@@ -562,6 +565,7 @@ def test_the_kickoff_feeds_the_first_level_and_each_drain_the_next(
     four_level_plan: dict[str, Any],
 ) -> None:
     arn = f"arn:aws:sqs:{PLAN_REGION}:{PLAN_ACCOUNT}:{PLAN_PREFIX}"
+    function = f"arn:aws:lambda:{PLAN_REGION}:{PLAN_ACCOUNT}:function:{PLAN_PREFIX}"
     kickoff = _statements(four_level_plan, "data.aws_iam_policy_document.kickoff")
     assert kickoff["EnqueueFirstStage"] == [f"{arn}-regions"]
     for level, child in zip(LEVELS, [*LEVELS[1:], None], strict=True):
@@ -570,6 +574,10 @@ def test_the_kickoff_feeds_the_first_level_and_each_drain_the_next(
         assert drain["DeadLetterOwnQueue"] == [f"{arn}-{level}-dlq"]
         assert drain.get("FeedChildQueue") == ([f"{arn}-{child}"] if child else None), level
         assert sorted(drain["WatchStageQueues"]) == sorted(f"{arn}-{s}" for s in LEVELS)
+        # A drain may start its own successor, and no other function.
+        assert drain["StartSuccessor"] == [f"{function}-drain-{level}"]
+    # The kickoff may start every level's drain, and nothing else.
+    assert sorted(kickoff["StartDrains"]) == sorted(f"{function}-drain-{s}" for s in LEVELS)
 
 
 def test_glue_columns_are_the_ones_compaction_writes_for_the_profile(

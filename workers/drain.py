@@ -29,7 +29,11 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     metrics.add_dimension(name="stage", value=stage)
     rt = runtime(config)
     before = rt.stats.snapshot()
-    report = rt.run_drain(stage, lambda: context.get_remaining_time_in_millis() / 1000)
+    report = rt.run_drain(
+        stage,
+        lambda: context.get_remaining_time_in_millis() / 1000,
+        started_by=str((event or {}).get("started_by") or ""),
+    )
     if len(report.runs) == 1:
         logger.set_correlation_id(next(iter(report.runs)))
     publish(metrics, before, rt.stats.snapshot())

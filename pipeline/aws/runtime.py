@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+
 from pipeline.aws.budget import DynamoBudget
 from pipeline.aws.ledger import DynamoLedger
 from pipeline.aws.queues import SqsQueue
@@ -58,6 +61,25 @@ def build(config: Config) -> Runtime:
         config.rate_period,
         retention_days=config.state_retention_days,
     )
+    start_drain: Callable[[str, str], None] | None = None
+    if config.drain_functions:
+        # Two attempts, short timeouts: a drain not started now starts on its schedule.
+        lam = session.client(
+            "lambda",
+            config=BotoConfig(
+                connect_timeout=2, read_timeout=5, retries={"mode": "standard", "max_attempts": 2}
+            ),
+        )
+
+        def invoke_drain(stage: str, started_by: str) -> None:
+            lam.invoke(
+                FunctionName=config.drain_functions[stage],
+                InvocationType="Event",
+                Payload=json.dumps({"started_by": started_by}).encode(),
+            )
+
+        start_drain = invoke_drain
+
     return Runtime(
         config=config,
         queues={s: SqsQueue(sqs, config.queues[s].url, s) for s in stages},
@@ -76,4 +98,5 @@ def build(config: Config) -> Runtime:
         stats=stats,
         quiet_grace=QUIET_GRACE,
         forget_token=forget_tokens,
+        start_drain=start_drain,
     )

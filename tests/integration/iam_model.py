@@ -23,6 +23,7 @@ IAM_ACTIONS = {
     "s3:ListObjectsV2": "s3:ListBucket",
     "s3:HeadObject": "s3:GetObject",
     "s3:HeadBucket": "s3:ListBucket",
+    "lambda:Invoke": "lambda:InvokeFunction",
 }
 
 
@@ -54,6 +55,10 @@ def resource_arns(service: str, params: Mapping[str, Any], region: str, account:
         return [
             f"arn:aws:ssm:{region}:{account}:parameter/{str(n).lstrip('/')}" for n in names
         ] or ["*"]
+    if service == "lambda" and "FunctionName" in params:
+        name = str(params["FunctionName"])
+        arn = f"arn:aws:lambda:{region}:{account}:function:{name}"
+        return [name if name.startswith("arn:") else arn]
     if service == "kms" and "KeyId" in params:
         key = str(params["KeyId"])
         return [key if key.startswith("arn:") else f"arn:aws:kms:{region}:{account}:key/{key}"]

@@ -39,6 +39,7 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 import requests
@@ -58,11 +59,17 @@ class AwsLikeIAMRequest(access_control.IAMRequest):
         if resource != "*":  # moto found the resource itself (SQS, STS, IAM)
             super().check_action_permitted(resource)
             return
-        # DynamoDB, SSM and KMS speak JSON: the request body holds the names.
-        try:
-            params = json.loads(self._body) if isinstance(self._body, str | bytes) else {}
-        except ValueError:
-            params = {}
+        params: Any
+        if self._service_name == "lambda":
+            # Lambda names the function in the path: /2015-03-31/functions/NAME/invocations
+            _, _, rest = self._path.partition("/functions/")
+            params = {"FunctionName": unquote(rest.split("/", 1)[0])} if rest else {}
+        else:
+            # DynamoDB, SSM and KMS speak JSON: the request body holds the names.
+            try:
+                params = json.loads(self._body) if isinstance(self._body, str | bytes) else {}
+            except ValueError:
+                params = {}
         if not isinstance(params, dict):
             params = {}
         for arn in resource_arns(self._service_name, params, self._region, self.account_id):

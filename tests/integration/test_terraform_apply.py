@@ -42,6 +42,7 @@ import boto3
 import pytest
 from aws_calls import CallRecorder
 from iam_model import Grant, grants
+from moto.core.config import default_user_config
 from moto_iam import authorise_like_aws, enforced
 from terraform_support import WILDCARD_RESOURCE_SIDS, copy_stack, plugin_dir, terraform_env
 
@@ -173,6 +174,10 @@ def moto_endpoint(tools: Path) -> Iterator[str]:
         with pytest.MonkeyPatch.context() as mp:
             # Enforcement stays off (moto's default) except around each handler call.
             authorise_like_aws(mp)
+            # The kickoff and the drains start drains (an asynchronous Invoke): moto's
+            # docker-less Lambda accepts and does not run them (the test runs the handlers).
+            # Set before any function exists: it is another backend.
+            mp.setitem(default_user_config["lambda"], "use_docker", False)
             yield f"http://127.0.0.1:{port}"
     finally:
         server.stop()
@@ -361,6 +366,9 @@ def test_function_environments_follow_the_config_contract(
         assert env["HARVEST_PROFILE"] == profile_json["file"] == "profiles/hermes-v1.toml"
         assert env["HARVEST_VENDOR_URL"] == deployment.simulator.url
         assert json.loads(env["HARVEST_QUEUES"]) == expected_queues
+        assert (
+            json.loads(env["HARVEST_DRAIN_FUNCTIONS"]) == deployment.outputs["drain_function_names"]
+        )
         assert env["HARVEST_SINK"] == f"s3://{deployment.outputs['bucket_name']}/harvest"
         assert env["HARVEST_SINK"] == deployment.outputs["sink"]
         assert env["HARVEST_STATE_TABLE"] == deployment.outputs["state_table_name"]
@@ -870,6 +878,22 @@ def test_iam_is_enforced_on_the_function_sessions(
         )
         != "allowed"
     )
+    # A drain may start its own successor, not another stage's drain
+    start = {"InvocationType": "Event", "Payload": b"{}"}
+    assert (
+        attempt(
+            drains["troops"],
+            "lambda",
+            lambda c: c.invoke(FunctionName=drains["warriors"], **start),
+        )
+        != "allowed"
+    )
+    assert (
+        attempt(
+            drains["troops"], "lambda", lambda c: c.invoke(FunctionName=drains["troops"], **start)
+        )
+        == "allowed"
+    )
     # Writing outside the sink prefix is refused even to the drain that writes the data
     assert (
         attempt(
@@ -895,8 +919,15 @@ _EMPTY_WINDOW = (
     "empty (the run settles at once); the simulator always lists troops."
 )
 
+_SUCCESSOR = (
+    "a drain starts its successor only when it runs out of time with messages still "
+    "waiting; this harvest's drains always finish their queue (tests/test_start_drains.py "
+    "covers the successor)."
+)
+
 # (function, statement Sid) -> why a grant the harvest cannot exercise stays.
 UNEXERCISED: dict[tuple[str, str], str] = {
+    **{(f"drain:{stage}", "StartSuccessor"): _SUCCESSOR for stage in STAGE_NAMES},
     ("kickoff", "WriteSink"): _EMPTY_WINDOW,
     ("kickoff", "ListSink"): _EMPTY_WINDOW,
     ("drain:troops", "WriteSink"): _MANIFEST_ELSEWHERE,
