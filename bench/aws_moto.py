@@ -101,9 +101,17 @@ def fast_partition_queries() -> None:
         partition = table.items.get(DynamoType(values[match[2]]), {})
         items: list[dict[str, Any]] = []
         size, last = 0, None
-        for item in sorted(partition.values(), key=lambda i: i.range_key):
-            if start is not None and not after < item.range_key:
-                continue  # on an earlier page
+        if table.range_key_type == "S":
+            # The order moto's DynamoType gives strings, without its per-comparison casts
+            # (most of the time a 35,000-item partition took to sort, once per page).
+            ordered = sorted(partition.values(), key=lambda i: i.range_key.value)
+            if start is not None:
+                ordered = [i for i in ordered if i.range_key.value > after.value]
+        else:
+            ordered = sorted(partition.values(), key=lambda i: i.range_key)
+            if start is not None:
+                ordered = [i for i in ordered if after < i.range_key]
+        for item in ordered:
             # moto's page: items up to PAGE_SIZE of their whole size, projection aside
             size += item.size()
             if size > PAGE_SIZE:
