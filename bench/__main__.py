@@ -69,8 +69,11 @@ SCENARIOS = [
     # The talk's design: one call at a time per drain, one drain per stage.
     Scenario("baseline 1-at-a-time", 4, 8, 46, 50, 50, 0.2, concurrency=1, reserved_concurrency=1),
     Scenario("10k FIFO", 10, 10, 100, 200, 200, 0.02),
-    # A slow vendor: 40 calls must be in flight to keep 100/s (Little's law).
+    # A slow vendor: 40 calls must be in flight to keep 100/s (Little's law). Three listing
+    # levels of 400 ms come before the first data call: 1.2 s of a 2k-call run (21 s) that
+    # no pace wins back; at 8k calls (81 s) they weigh a quarter as much.
     Scenario("2k@100/s 400ms", 10, 10, 20, 100, 100, 0.4),
+    Scenario("8k@100/s 400ms", 10, 10, 80, 100, 100, 0.4),
     # 5xx bursts and 20 s stalls on 1% of first attempts at 30 ms typical latency: the
     # read timeout, not the stall, bounds what a stalled call holds.
     Scenario(
