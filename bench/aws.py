@@ -24,19 +24,21 @@ What plays what:
   the visibility timeout (timeout + 60 s) and the kickoff timeout (300 s) shrink with it,
   so invocations overlap as in AWS (each ends 1.5 ticks after it starts at the latest; a
   busy stage has one or two running). A tick that finds its function at its reserved
-  concurrency is dropped (throttled). The first tick comes `--phase` ticks (default 0.5,
-  the average: EventBridge's minute has nothing to do with the kickoff's) after the
-  kickoff starts. Not compressed: the drain's 20 s idle grace (fixed in the code), the
-  1 s long poll (Terraform's `receive_wait_seconds`), the 5 s retry delay, the vendor's
-  timeouts. Why not shorter
+  concurrency is retried as Lambda retries any throttled asynchronous event (below). The
+  first tick comes `--phase` ticks (default 0.5, the average: EventBridge's minute has
+  nothing to do with the kickoff's) after the kickoff starts. Not compressed: the drain's
+  20 s idle grace (fixed in the code), the 1 s long poll (Terraform's
+  `receive_wait_seconds`), the 5 s retry delay, the vendor's timeouts. Why not shorter
   ticks: the safety margin must still cover a drain's last batch; when a batch of warriors
   still recorded each child with a DynamoDB write of its own (460 for 10 warriors of 46
   data groups: 4-9 s here; one BatchWriteItem now), drains were killed at their timeout
   with `--tick 10` (a 5 s margin).
 - **Lambda's Invoke API** (`LambdaService`, asynchronous invocations only): the kickoff
   starts every drain and a drain out of time starts its successor (HARVEST_DRAIN_FUNCTIONS,
-  reached through AWS_ENDPOINT_URL_LAMBDA). A throttled event is retried after 1, 2, 4, ...
-  s and dropped once older than the drains' event age (60 s, compressed).
+  reached through AWS_ENDPOINT_URL_LAMBDA). A throttled event (these, and the schedule's
+  ticks) is retried after 1, 2, 4, ... s and dropped once older than the drains' event age
+  (60 s). The event age is compressed with the tick and the retry delays are not (Lambda's
+  backoff is not documented to the second): here an event gets fewer retries than in AWS.
   `--no-start-drains` leaves it out: only the schedule starts drains, as before.
 - **DynamoDB**: moto servers of their own per run (`bench/aws_moto.py`: one request at a
   time, as DynamoDB's writes are atomic; queries of the ledger's shape read one partition),
@@ -384,7 +386,7 @@ class Function:
         self.logs = logs
         self.record = record
         self.running = 0
-        self.throttled = 0  # ticks dropped: the function was at its reserved concurrency
+        self.throttled = 0  # attempts refused: the function was at its reserved concurrency
         self.sandboxes: list[Sandbox] = []  # every one started, killed ones included
         self._idle: list[Sandbox] = []
         self._lock = threading.Lock()
@@ -752,8 +754,10 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
             lambda_service.retry()
             if now >= next_tick:
                 if busy:
+                    # EventBridge's invocations are asynchronous events like the others:
+                    # retried while throttled, until they are too old.
                     for function in drains.values():
-                        function.invoke_async({})
+                        lambda_service.accept(function, {})
                 next_tick += settings.tick
             if not busy and not any(f.running for f in drains.values()):
                 break
@@ -819,7 +823,8 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
         "complete": bool(status and status.complete and not dead_letters),
         "first_output": first_output,
         "stalled": stalled,
-        "throttled": sum(f.throttled for f in drains.values()),
+        "throttled": sum(f.throttled for f in drains.values()),  # attempts, retries included
+        "dropped": lambda_service.dropped,  # events too old when a retry came
         "failed": sum(bool(i.error) for i in invocations),
         "errors": sorted({f"{i.function}: {i.error[:160]}" for i in invocations if i.error}),
         "timeline": timeline,

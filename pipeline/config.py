@@ -28,7 +28,8 @@ HARVEST_SAFETY_MARGIN      seconds of an invocation kept free at the end (defaul
 HARVEST_VISIBILITY_TIMEOUT seconds a received message stays hidden (default 180)
 HARVEST_READ_TIMEOUT       seconds a vendor response may stall before a retry (default 10)
 HARVEST_RETRY_DELAY        first retry delay of a failed message, doubling (default 5)
-HARVEST_WAIT_SECONDS       long-poll wait of an empty receive (default 5)
+HARVEST_WAIT_SECONDS       long-poll wait of an empty receive (default 5), while the drain has
+                           no work of its own running (then it looks without waiting)
 HARVEST_MAX_PAGES          pages one listing may have before it is poison (default 1000)
 HARVEST_MAX_RETRY_AFTER    longest vendor Retry-After waited out inside a call; a longer
                            one returns the message to its queue for that long (default 60)
@@ -157,7 +158,7 @@ class Config:
                 stage=get("STAGE"),
                 profile=get("PROFILE"),
                 queues=queues,
-                drain_functions=_names(json.loads(get("DRAIN_FUNCTIONS", "{}"))),
+                drain_functions=_names(get("DRAIN_FUNCTIONS", "{}")),
                 sink=get("SINK"),
                 state_table=get("STATE_TABLE"),
                 state_retention_days=whole("STATE_RETENTION_DAYS", cls.state_retention_days),
@@ -220,12 +221,19 @@ def profile_base_url(name_or_path: str) -> str:
     return load_profile(name_or_path).base_url
 
 
-def _names(raw: object) -> dict[str, str]:
-    """HARVEST_DRAIN_FUNCTIONS: a JSON object of strings."""
+def _names(text: str) -> dict[str, str]:
+    """HARVEST_DRAIN_FUNCTIONS: a JSON object of stage to function name."""
+    try:
+        raw = json.loads(text)
+    except ValueError:
+        raw = None
     if not isinstance(raw, dict) or not all(
         isinstance(k, str) and isinstance(v, str) and v for k, v in raw.items()
     ):
-        raise ConfigError("HARVEST_DRAIN_FUNCTIONS must be a JSON object of stage to function name")
+        raise ConfigError(
+            "HARVEST_DRAIN_FUNCTIONS must be a JSON object of stage to function name,"
+            f' such as {{"troops": "harvest-drain-troops"}}; got {text[:200]!r}'
+        )
     return dict(raw)
 
 

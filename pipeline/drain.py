@@ -81,7 +81,8 @@ INITIAL_LATENCY = 0.1
 FLUSH_ENTRIES = 25
 FLUSH_SECONDS = 3.0
 # While a drain's own work runs it does not long-poll (a run's tail would wait for it); after
-# a receive came back short of a batch, the longest wait on that work before the next look.
+# a receive came back short of a batch, the first wait on that work before the next look
+# (doubling while the answers stay short, up to the long poll's length).
 TAIL_POLL_SECONDS = 0.1
 # However few states they carry (skips carry none), this many waiting messages are deleted.
 MAX_SETTLING = 100
@@ -248,13 +249,20 @@ class Drain:
     # -- the loop -------------------------------------------------------------------------
 
     def run(
-        self, remaining: Callable[[], float], safety_margin: float, *, expect_work: bool = False
+        self,
+        remaining: Callable[[], float],
+        safety_margin: float,
+        *,
+        expect_work: bool = False,
+        at_deadline: Callable[[DrainReport], None] | None = None,
     ) -> DrainReport:
         """Drain until `remaining()` falls to `safety_margin`, the stage is idle, or a 401.
 
         `expect_work`: started by a kickoff that may not have sent anything yet (or whose
         messages SQS's counts do not show yet): until it receives a message, empty queues
         here and upstream do not stop it before `idle_grace` seconds.
+        `at_deadline`: called with the report as it stops taking messages for the deadline,
+        before it finishes the ones it has.
         """
         report = DrainReport(self.stage.name)
         self._expect_until = time.monotonic() + self.idle_grace if expect_work else 0.0
@@ -271,11 +279,17 @@ class Drain:
         stop = self.halt if self.halt is not None else Halt()
         empty_since = 0.0  # when the queue was first found empty, if it still is
         last_got = BATCH  # messages the last receive returned
+        look = TAIL_POLL_SECONDS  # the next wait on own work between short receives
         pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"drain-{self.stage.name}")
         try:
             while not stop.is_set():
                 if remaining() <= safety_margin:
                     report.stopped = StopReason.DEADLINE
+                    if at_deadline is not None:
+                        try:
+                            at_deadline(report)
+                        except Exception:
+                            logger.exception("the deadline hook failed; the drain goes on")
                     break
                 flow.resize(*_flow_limits(self.in_flight_target()))
                 self._flush(older_than=FLUSH_SECONDS)
@@ -299,12 +313,17 @@ class Drain:
                     # While this drain's own work runs or waits to be recorded, no long poll:
                     # at a run's tail the last of that work is what the run waits for, and a
                     # long poll on the empty queue would notice its end up to `wait_seconds`
-                    # late. After a short answer, wait on the work (briefly) between looks.
-                    wait = 0.0
+                    # late. After a short answer it waits on that work instead, and wakes
+                    # when it is done; between looks it waits twice as long each time, up
+                    # to the long poll (a stalled call must not make it poll the queue fast).
                     if last_got < BATCH:
-                        flow.wait_until_idle(timeout=TAIL_POLL_SECONDS)
+                        flow.wait_until_idle(timeout=look)
+                        look = min(2 * look, max(self.wait_seconds, TAIL_POLL_SECONDS))
+                    wait = 0.0
                 messages = self.queue.receive(BATCH, wait_seconds=wait)
                 last_got = len(messages)
+                if last_got == BATCH:
+                    look = TAIL_POLL_SECONDS
                 if not messages:
                     # Nothing more now: what waits to be recorded goes out (a run's tail),
                     # whole ledger batches only while this drain's own work still runs.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import TypeVar, cast
 
@@ -111,21 +112,48 @@ class Runtime:
         )
 
     def start_drains(self, stages: Sequence[str], started_by: str) -> int:
-        """Start an invocation of each stage's drain now; how many were started. One that
-        fails to start costs only the wait for its schedule (at most a minute)."""
-        if self.start_drain is None:
+        """Start an invocation of each stage's drain now (all at once); how many were
+        started. One that fails to start costs only the wait for its schedule (at most a
+        minute), never the caller."""
+        if self.start_drain is None or not stages:
             return 0
-        started = 0
-        for stage in stages:
+        start_drain = self.start_drain
+
+        def start(stage: str) -> bool:
             try:
-                self.start_drain(stage, started_by)
-                started += 1
+                start_drain(stage, started_by)
             except Exception as exc:
                 logger.warning(
                     "could not start a drain now; it starts on its schedule",
                     extra={"stage": stage, "started_by": started_by, "error": repr(exc)},
                 )
-        return started
+                return False
+            return True
+
+        if len(stages) == 1:
+            return int(start(stages[0]))
+        with ThreadPoolExecutor(len(stages), thread_name_prefix="start-drains") as pool:
+            return sum(pool.map(start, stages))
+
+    def _start_successor(self, stage_name: str, report: DrainReport) -> None:
+        """A drain that stops for its deadline with messages still waiting starts the next
+        invocation of its stage now, rather than leaving them to the next minute.
+
+        Only after progress: an invocation that received nothing before its deadline (a
+        safety margin that leaves no time) would start another like it, and so on.
+        """
+        if self.start_drain is None or report.received == 0:
+            return
+        try:
+            waiting = self.queues[stage_name].depth().visible
+        except Exception as exc:
+            logger.warning(
+                "could not read the queue's depth; no successor started",
+                extra={"stage": stage_name, "error": repr(exc)},
+            )
+            return
+        if waiting:
+            report.successor_started = self.start_drains([stage_name], STARTED_BY_SUCCESSOR) == 1
 
     def run_kickoff(self, window: Window) -> KickoffReport:
         # The drains start now, their cold starts beside the listing below, rather than at
@@ -170,14 +198,13 @@ class Runtime:
                 logger.warning("the token check after a 401 failed otherwise", exc_info=True)
             self.auth_failed.clear()
         report = self.drain(stage_name).run(
-            remaining, self.config.safety_margin, expect_work=started_by == STARTED_BY_KICKOFF
+            remaining,
+            self.config.safety_margin,
+            expect_work=started_by == STARTED_BY_KICKOFF,
+            # As it stops taking messages, not after its last ones: the successor's start
+            # overlaps them where the reserved concurrency has room.
+            at_deadline=lambda r: self._start_successor(stage_name, r),
         )
-        if (
-            report.stopped == StopReason.DEADLINE
-            and self.start_drain is not None
-            and self.queues[stage_name].depth().visible
-        ):
-            report.successor_started = self.start_drains([stage_name], STARTED_BY_SUCCESSOR) == 1
         self._attribute(report.runs)
         settlement = settle_runs(
             self.ledger,

@@ -135,7 +135,9 @@ def test_module_docstring_documents_every_new_variable() -> None:
     assert set(full.to_env()) <= documented
 
 
-@pytest.mark.parametrize("value", ['["h-drain-troops"]', '{"troops": 3}', '{"troops": ""}'])
+@pytest.mark.parametrize(
+    "value", ['["h-drain-troops"]', '{"troops": 3}', '{"troops": ""}', "troops=h-drain"]
+)
 def test_drain_functions_that_are_not_stage_to_name_are_a_config_error(value: str) -> None:
     with pytest.raises(ConfigError, match="HARVEST_DRAIN_FUNCTIONS must be a JSON object"):
         Config.from_env({"HARVEST_VENDOR_URL": HTTPS, "HARVEST_DRAIN_FUNCTIONS": value})

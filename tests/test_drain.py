@@ -1356,3 +1356,32 @@ def test_at_a_runs_tail_the_drain_does_not_long_poll_while_its_own_work_runs(
     assert len(waits) >= 2
     assert all(wait == 0.0 for wait in waits[1:])
     assert pipeline.counts("data_groups") == (10, 10, 0, 0)
+
+
+def test_while_its_own_call_stalls_the_drain_looks_at_the_queue_about_as_often_as_it_long_polls(
+    pipeline: Pipeline, vendor: FakeVendor
+) -> None:
+    # GIVEN one data group whose call stalls 3 s, and a drain with the deployed 1 s long poll
+    vendor.points["d1"] = [POINTS[0]]
+    vendor.on_call = lambda _count: time.sleep(3.0)
+    pipeline.enqueue(group("d1"))
+    drain = pipeline.drain("data_groups")
+    drain.wait_seconds = 1.0
+    queue = pipeline.queues["data_groups"]
+    real_receive = queue.receive
+    receives: list[float] = []
+
+    def receive(max_messages: int = 10, wait_seconds: float = 0.0) -> list[Message]:
+        receives.append(wait_seconds)
+        return real_receive(max_messages, wait_seconds)
+
+    queue.receive = receive  # type: ignore[method-assign]
+
+    # WHEN it drains it
+    report = drain.run(monotonic_deadline(60.0), 0.0)
+
+    # THEN it is done, having looked at the empty queue a handful of times during the 3 s
+    # (0.1 + 0.2 + 0.4 + 0.8 + 1 + 1 s apart: at most 7 looks, 3 long polls before), not
+    # every 0.1 s (30)
+    assert report.done == 1 and report.stopped == "idle"
+    assert len(receives) <= 9, receives

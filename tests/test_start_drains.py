@@ -58,7 +58,7 @@ def test_the_kickoff_starts_every_stages_drain_before_it_lists(
     report = rt.run_kickoff(WINDOW)
 
     # THEN every stage's drain was started, told the kickoff started it, before the listing
-    assert started == [(stage, STARTED_BY_KICKOFF) for stage in STAGE_NAMES]
+    assert sorted(started) == sorted((stage, STARTED_BY_KICKOFF) for stage in STAGE_NAMES)
     assert listed_with and listed_with[0] == len(STAGE_NAMES)
     assert report.drains_started == len(STAGE_NAMES)
     assert report.troops > 0
@@ -83,7 +83,7 @@ def test_a_drain_that_cannot_be_started_leaves_the_kickoff_whole(
 
     # THEN the others started, the troops were sent all the same (the schedule starts the
     # warriors' drain within a minute)
-    assert [s for s, _ in started] == [s for s in STAGE_NAMES if s != "warriors"]
+    assert sorted(s for s, _ in started) == sorted(s for s in STAGE_NAMES if s != "warriors")
     assert report.drains_started == len(STAGE_NAMES) - 1
     assert rt.queues[STAGE_NAMES[0]].depth().visible == report.troops > 0
 
@@ -110,6 +110,22 @@ def test_a_drain_started_by_the_kickoff_waits_for_its_messages(
     assert by_kickoff.dead == 3  # not envelopes: dead-lettered with the reason
 
 
+def run_out_after_first_receive(rt: Runtime, stage: str) -> Callable[[], float]:
+    """A remaining-time function that drops to 0 once the stage's queue has given messages."""
+    left = [30.0]
+    queue = rt.queues[stage]
+    real_receive = queue.receive
+
+    def receive(max_messages: int = 10, wait_seconds: float = 0.0) -> list[Any]:
+        got = real_receive(1, wait_seconds)  # one at a time: most stay queued
+        if got:
+            left[0] = 0.0
+        return got
+
+    queue.receive = receive  # type: ignore[method-assign]
+    return lambda: left[0]
+
+
 def test_a_drain_out_of_time_with_messages_left_starts_its_successor(
     simulator: Callable[..., Simulator], make_runtime: Callable[..., Any]
 ) -> None:
@@ -118,14 +134,95 @@ def test_a_drain_out_of_time_with_messages_left_starts_its_successor(
     rt, started = make_runtime(sim.url)
     rt.run_kickoff(WINDOW)
     started.clear()
-    first = rt.queues[STAGE_NAMES[0]]
-    assert first.depth().visible > 0
+    first = STAGE_NAMES[0]
+    assert rt.queues[first].depth().visible > 1
 
-    # WHEN a drain of that stage starts with no time left, and later one drains it dry
-    out_of_time = rt.run_drain(STAGE_NAMES[0], lambda: 0.0)
-    dry = rt.run_drain(STAGE_NAMES[0], lambda: 30.0)
+    # WHEN a drain of that stage runs out of time after its first message, and later one
+    # drains the stage dry
+    out_of_time = rt.run_drain(first, run_out_after_first_receive(rt, first))
+    dry = rt.run_drain(first, lambda: 30.0)
 
     # THEN the first started its successor (reported), the second, idle, started none
-    assert (out_of_time.stopped, out_of_time.successor_started) == (StopReason.DEADLINE, True)
+    assert (out_of_time.stopped, out_of_time.received) == (StopReason.DEADLINE, 1)
+    assert out_of_time.successor_started
     assert (dry.stopped, dry.successor_started) == (StopReason.IDLE, False)
-    assert started == [(STAGE_NAMES[0], STARTED_BY_SUCCESSOR)]
+    assert started == [(first, STARTED_BY_SUCCESSOR)]
+
+
+def test_a_drain_that_received_nothing_before_its_deadline_starts_no_successor(
+    simulator: Callable[..., Simulator], make_runtime: Callable[..., Any]
+) -> None:
+    # GIVEN troops waiting, and an invocation with no time left (a safety margin that
+    # leaves none): its successor would do the same, and so on
+    sim = simulator()
+    rt, started = make_runtime(sim.url)
+    rt.run_kickoff(WINDOW)
+    started.clear()
+
+    # WHEN it runs
+    report = rt.run_drain(STAGE_NAMES[0], lambda: 0.0)
+
+    # THEN it stopped for its deadline having received nothing, and started nobody
+    assert (report.stopped, report.received, report.successor_started) == (
+        StopReason.DEADLINE,
+        0,
+        False,
+    )
+    assert started == []
+
+
+def test_a_queue_depth_that_cannot_be_read_costs_only_the_successor(
+    simulator: Callable[..., Simulator], make_runtime: Callable[..., Any]
+) -> None:
+    # GIVEN a run out of time after its first message, and a queue whose first depth read
+    # after that fails (SQS throttling GetQueueAttributes)
+    sim = simulator()
+    rt, started = make_runtime(sim.url)
+    troops = rt.run_kickoff(WINDOW).troops
+    started.clear()
+    first = STAGE_NAMES[0]
+    remaining = run_out_after_first_receive(rt, first)
+    real_depth = rt.queues[first].depth
+    failed: list[bool] = []
+
+    def depth() -> Any:
+        if remaining() == 0.0 and not failed:
+            failed.append(True)
+            raise RuntimeError("Throttling: Rate exceeded")
+        return real_depth()
+
+    rt.queues[first].depth = depth  # type: ignore[method-assign]
+
+    # WHEN the drain runs
+    report = rt.run_drain(first, remaining)
+
+    # THEN it reported, without a successor, and released its message (no time for it)
+    assert failed == [True]
+    assert (report.stopped, report.received, report.successor_started) == (
+        StopReason.DEADLINE,
+        1,
+        False,
+    )
+    assert real_depth().visible == troops
+    assert started == []
+
+
+def test_drain_functions_must_name_the_profiles_stages_on_aws() -> None:
+    from pipeline.aws import runtime as aws
+    from pipeline.config import Backend, QueueUrls
+    from pipeline.errors import ConfigError
+
+    # GIVEN an AWS configuration whose drain functions miss a stage and name another
+    config = Config(
+        vendor_url="https://vendor.example",
+        backend=Backend.AWS,
+        queues={s: QueueUrls(f"https://sqs/{s}", f"https://sqs/{s}-dlq") for s in STAGE_NAMES},
+        sink="s3://bucket/harvest",
+        state_table="state",
+        drain_functions={"troops": "h-drain-troops", "trooops": "h-drain-trooops"},
+    )
+
+    # WHEN the handlers build their runtime, THEN it is refused, naming both sets
+    refused = r"names the stages \['trooops', 'troops'\]; the profile's are"
+    with pytest.raises(ConfigError, match=refused):
+        aws.build(config)

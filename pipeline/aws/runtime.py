@@ -41,6 +41,11 @@ def build(config: Config) -> Runtime:
     ]
     if missing:
         raise ConfigError(f"AWS backend needs {', '.join(missing)}")
+    if config.drain_functions and set(config.drain_functions) != set(stages):
+        raise ConfigError(
+            f"HARVEST_DRAIN_FUNCTIONS names the stages {sorted(config.drain_functions)};"
+            f" the profile's are {sorted(stages)}"
+        )
     session = boto3.session.Session()
     # Throttles and 5xx of DynamoDB, SQS and S3 are retried where they happen: adaptive
     # mode backs off and slows this client's own request rate on throttling; 8 attempts
@@ -63,11 +68,12 @@ def build(config: Config) -> Runtime:
     )
     start_drain: Callable[[str, str], None] | None = None
     if config.drain_functions:
-        # Two attempts, short timeouts: a drain not started now starts on its schedule.
+        # One attempt, short timeouts: a drain not started now starts on its schedule, and
+        # the kickoff's listing waits for these.
         lam = session.client(
             "lambda",
             config=BotoConfig(
-                connect_timeout=2, read_timeout=5, retries={"mode": "standard", "max_attempts": 2}
+                connect_timeout=2, read_timeout=3, retries={"mode": "standard", "max_attempts": 1}
             ),
         )
 
