@@ -1323,6 +1323,19 @@ def test_a_token_check_after_a_401_that_fails_otherwise_does_not_keep_the_drains
     assert not rt.auth_failed.is_set()
 
 
+def receive_waits(queue: Queue) -> list[float]:
+    """What each receive of `queue` from now on was allowed to wait, in order."""
+    real_receive = queue.receive
+    waits: list[float] = []
+
+    def receive(max_messages: int = 10, wait_seconds: float = 0.0) -> list[Message]:
+        waits.append(wait_seconds)
+        return real_receive(max_messages, wait_seconds)
+
+    queue.receive = receive  # type: ignore[method-assign]
+    return waits
+
+
 def test_at_a_runs_tail_the_drain_does_not_long_poll_while_its_own_work_runs(
     pipeline: Pipeline, vendor: FakeVendor
 ) -> None:
@@ -1335,15 +1348,7 @@ def test_at_a_runs_tail_the_drain_does_not_long_poll_while_its_own_work_runs(
     pipeline.enqueue(*(group(d) for d in ids))
     drain = pipeline.drain("data_groups", concurrency=10)
     drain.wait_seconds = 30.0
-    queue = pipeline.queues["data_groups"]
-    real_receive = queue.receive
-    waits: list[float] = []  # what each receive was allowed to wait
-
-    def receive(max_messages: int = 10, wait_seconds: float = 0.0) -> list[Message]:
-        waits.append(wait_seconds)
-        return real_receive(max_messages, wait_seconds)
-
-    queue.receive = receive  # type: ignore[method-assign]
+    waits = receive_waits(pipeline.queues["data_groups"])
 
     # WHEN it drains them
     report = drain.run(monotonic_deadline(60.0), 0.0)
@@ -1367,15 +1372,7 @@ def test_while_its_own_call_stalls_the_drain_looks_at_the_queue_about_as_often_a
     pipeline.enqueue(group("d1"))
     drain = pipeline.drain("data_groups")
     drain.wait_seconds = 1.0
-    queue = pipeline.queues["data_groups"]
-    real_receive = queue.receive
-    receives: list[float] = []
-
-    def receive(max_messages: int = 10, wait_seconds: float = 0.0) -> list[Message]:
-        receives.append(wait_seconds)
-        return real_receive(max_messages, wait_seconds)
-
-    queue.receive = receive  # type: ignore[method-assign]
+    receives = receive_waits(pipeline.queues["data_groups"])
 
     # WHEN it drains it
     report = drain.run(monotonic_deadline(60.0), 0.0)

@@ -26,6 +26,14 @@ from pipeline.runtime import STARTED_BY_KICKOFF, STARTED_BY_SUCCESSOR, Runtime, 
 from pipeline.stages import STAGE_NAMES
 
 
+def kicked_off(make: Callable[..., Any], url: str) -> tuple[Runtime, list[tuple[str, str]]]:
+    """A runtime whose run was kicked off (its troops queued), with nothing started since."""
+    rt, started = make(url)
+    rt.run_kickoff(WINDOW)
+    started.clear()
+    return rt, started
+
+
 @pytest.fixture
 def make_runtime(tmp_path: Path) -> Iterator[Callable[..., tuple[Runtime, list[tuple[str, str]]]]]:
     def make(url: str, **overrides: Any) -> tuple[Runtime, list[tuple[str, str]]]:
@@ -130,10 +138,7 @@ def test_a_drain_out_of_time_with_messages_left_starts_its_successor(
     simulator: Callable[..., Simulator], make_runtime: Callable[..., Any]
 ) -> None:
     # GIVEN a kicked-off run whose troops wait in the first stage's queue
-    sim = simulator()
-    rt, started = make_runtime(sim.url)
-    rt.run_kickoff(WINDOW)
-    started.clear()
+    rt, started = kicked_off(make_runtime, simulator().url)
     first = STAGE_NAMES[0]
     assert rt.queues[first].depth().visible > 1
 
@@ -154,10 +159,7 @@ def test_a_drain_that_received_nothing_before_its_deadline_starts_no_successor(
 ) -> None:
     # GIVEN troops waiting, and an invocation with no time left (a safety margin that
     # leaves none): its successor would do the same, and so on
-    sim = simulator()
-    rt, started = make_runtime(sim.url)
-    rt.run_kickoff(WINDOW)
-    started.clear()
+    rt, started = kicked_off(make_runtime, simulator().url)
 
     # WHEN it runs
     report = rt.run_drain(STAGE_NAMES[0], lambda: 0.0)
