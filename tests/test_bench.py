@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from bench.__main__ import combine, scratch_dir
-from bench.aws import AwsScenario, Settings, line, run_one
+from bench.aws import AwsScenario, Settings, create_state_table, line, run_one
 
 
 def run(cpu: float, exact: bool = True, wall: float = 10.0) -> dict[str, float]:
@@ -80,18 +80,7 @@ def test_partition_queries_answered_by_the_bench_page_as_motos_own(
     with moto.mock_aws():
         # GIVEN a partition of 3 MB (three 1 MB pages and a bit) beside another partition
         ddb = boto3.client("dynamodb", region_name="us-east-1")
-        ddb.create_table(
-            TableName="t",
-            KeySchema=[
-                {"AttributeName": "pk", "KeyType": "HASH"},
-                {"AttributeName": "sk", "KeyType": "RANGE"},
-            ],
-            AttributeDefinitions=[
-                {"AttributeName": "pk", "AttributeType": "S"},
-                {"AttributeName": "sk", "AttributeType": "S"},
-            ],
-            BillingMode="PAY_PER_REQUEST",
-        )
+        create_state_table(ddb, "t")  # the ledger's shape
         for pk, n in (("run#data", 3100), ("run#other", 30)):
             for i in range(0, n, 25):
                 ddb.batch_write_item(
