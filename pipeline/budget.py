@@ -69,6 +69,14 @@ class Budget(Protocol):
     def observe(self, limit: int | None, remaining: int | None, reset: float | None) -> None:
         """Adapt to the vendor's X-RateLimit-Limit / -Remaining / -Reset headers."""
 
+    def winding_down(self, yes: bool) -> None:
+        """Whether this process has stopped taking new work: from now on claim only for the
+        calls waiting, not for callers expected back."""
+
+    def held(self) -> int:
+        """Slots this process has claimed ahead and not used yet, still usable: no other
+        process can use them, so they are lost unless its own calls take them."""
+
 
 def margin_for(period: float) -> float:
     """The margin a budget adds to W for jitter while no 429 has asked for more."""

@@ -84,6 +84,9 @@ FLUSH_SECONDS = 3.0
 # a receive came back short of a batch, the first wait on that work before the next look
 # (doubling while the answers stay short, up to the long poll's length).
 TAIL_POLL_SECONDS = 0.1
+# Past its deadline a drain keeps taking messages for the budget slots it holds (claimed
+# ahead for its threads; no other invocation can use them) for at most this long.
+WIND_DOWN_SECONDS = 1.0
 # However few states they carry (skips carry none), this many waiting messages are deleted.
 MAX_SETTLING = 100
 
@@ -266,6 +269,7 @@ class Drain:
         """
         report = DrainReport(self.stage.name)
         self._expect_until = time.monotonic() + self.idle_grace if expect_work else 0.0
+        self.client.winding_down(False)  # a warm sandbox's budget, after an earlier deadline
         # Most scheduled invocations find nothing to do (between harvests): say so after a
         # few depth reads, before paying for a long poll.
         if self.halt is not None and self.halt.is_set():
@@ -280,21 +284,35 @@ class Drain:
         empty_since = 0.0  # when the queue was first found empty, if it still is
         last_got = BATCH  # messages the last receive returned
         look = TAIL_POLL_SECONDS  # the next wait on own work between short receives
+        winding_until = 0.0  # past the deadline: the end of its wind-down (monotonic)
         pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"drain-{self.stage.name}")
         try:
             while not stop.is_set():
                 if remaining() <= safety_margin:
-                    report.stopped = StopReason.DEADLINE
-                    if at_deadline is not None:
-                        try:
-                            at_deadline(report)
-                        except Exception:
-                            logger.exception("the deadline hook failed; the drain goes on")
-                    break
+                    if not winding_until:
+                        # Past the deadline it claims budget slots only for calls waiting,
+                        # and takes messages only for the slots it already holds beyond those
+                        # it has in process (no other invocation can use them), for
+                        # WIND_DOWN_SECONDS at most.
+                        winding_until = time.monotonic() + WIND_DOWN_SECONDS
+                        self.client.winding_down(True)
+                        if at_deadline is not None:
+                            try:
+                                at_deadline(report)
+                            except Exception:
+                                logger.exception("the deadline hook failed; the drain goes on")
+                    if (
+                        time.monotonic() >= winding_until
+                        or self.client.budget_held() <= flow.processing()
+                    ):
+                        report.stopped = StopReason.DEADLINE
+                        break
                 flow.resize(*_flow_limits(self.in_flight_target()))
                 self._flush(older_than=FLUSH_SECONDS)
                 paused = self.client.paused_for()
-                if paused > self.client.max_retry_after or paused >= remaining() - safety_margin:
+                if paused > self.client.max_retry_after or (
+                    not winding_until and paused >= remaining() - safety_margin
+                ):
                     # The vendor asked for a longer wait than a message sits out inside a
                     # call, or one past this invocation: every message taken now would only
                     # be charged a receive. The next scheduled invocation looks again.
@@ -305,7 +323,7 @@ class Drain:
                 if (
                     not flow.wait_for_room(timeout=0.2)
                     or stop.is_set()
-                    or remaining() <= safety_margin
+                    or (remaining() <= safety_margin and not winding_until)
                 ):
                     continue
                 wait = max(0.0, min(self.wait_seconds, remaining() - safety_margin))
@@ -847,6 +865,10 @@ class _Flow:
     def idle(self) -> bool:
         with self._cond:
             return self._open == 0
+
+    def processing(self) -> int:
+        with self._cond:
+            return self._processing
 
     def wait_until_idle(self, timeout: float) -> bool:
         with self._cond:

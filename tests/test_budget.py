@@ -649,3 +649,43 @@ def test_ratelimit_package_lets_twice_the_limit_into_one_rolling_window_at_a_bou
     clock = FakeClock(0.999)
     budget = PacedBudget(10, 1.0, clock=clock, sleep=clock.sleep)
     assert busiest_window(acquire_times(budget, clock, 40), 1.0) == 10
+
+
+def test_dynamo_budget_winding_down_claims_only_for_the_threads_waiting(
+    dynamodb: DynamoDBClient, table: str
+) -> None:
+    # GIVEN an invocation with one thread waiting for a slot and two away on vendor calls,
+    # due back within its usual 50 ms (the budget has learned that)
+    clock = FakeClock(1_700_000_000.0)
+    budget = DynamoBudget(dynamodb, table, 20, 1.0, clock=clock, sleep=clock.sleep)
+    budget._time_away.add(0.05)
+    budget._waiting = 1
+    budget._away = {1: clock() - 0.01, 2: clock() - 0.02}
+    now, start, interval = clock(), clock(), 1.025 / 20
+
+    # WHEN it sizes a claim as usual, and after its drain has passed its deadline
+    usual = budget._fill(*budget._ready(now), start, interval)
+    budget.winding_down(True)
+    last = budget._fill(*budget._ready(now), start, interval)
+    budget.winding_down(False)
+
+    # THEN as usual it claims for the waiting thread and those coming back, again and again
+    # (half a second of slots); winding down, for the waiting thread's one call: slots for
+    # threads with no more messages would be lost to every invocation
+    assert usual == 10
+    assert last == 1
+    assert budget._fill(*budget._ready(now), start, interval) == usual
+
+
+def test_dynamo_budget_holds_the_usable_slots_it_claimed(
+    dynamodb: DynamoDBClient, table: str
+) -> None:
+    # GIVEN an invocation that claimed slots ahead for its threads
+    clock = FakeClock(1_700_000_000.0)
+    budget = DynamoBudget(dynamodb, table, 20, 1.0, clock=clock, sleep=clock.sleep)
+    budget._held.extend([clock() - 1.0, clock() + 0.05, clock() + 0.1])
+
+    # WHEN it is asked what it holds, THEN the slots still ahead count, a stale one not
+    assert budget.held() == 2
+    clock.advance(0.2)
+    assert budget.held() == 0

@@ -1382,3 +1382,42 @@ def test_while_its_own_call_stalls_the_drain_looks_at_the_queue_about_as_often_a
     # every 0.1 s (30)
     assert report.done == 1 and report.stopped == "idle"
     assert len(receives) <= 9, receives
+
+
+def test_past_its_deadline_a_drain_takes_messages_only_for_the_budget_slots_it_holds(
+    pipeline: Pipeline, vendor: FakeVendor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN 40 data groups, a drain whose deadline comes after its first batch, and a budget
+    # holding slots claimed ahead (as a DynamoBudget does): 15 now, one fewer per call
+    ids = [f"d{i}" for i in range(40)]
+    for d in ids:
+        vendor.points[d] = [POINTS[0]]
+    pipeline.enqueue(*(group(d) for d in ids))
+    held = [15]
+    told: list[bool] = []
+    client = pipeline.client
+    monkeypatch.setattr(client, "budget_held", lambda: held[0])
+    monkeypatch.setattr(client, "winding_down", told.append)
+    vendor.on_call = lambda _count: held.__setitem__(0, max(0, held[0] - 1))
+    left = [60.0]
+    queue = pipeline.queues["data_groups"]
+    real_receive = queue.receive
+
+    def receive(max_messages: int = 10, wait_seconds: float = 0.0) -> list[Message]:
+        got = real_receive(max_messages, wait_seconds)
+        left[0] = 7.0  # past the 10 s margin from the first batch on (not past half)
+        return got
+
+    queue.receive = receive  # type: ignore[method-assign]
+
+    # WHEN it drains
+    report = pipeline.drain("data_groups").run(lambda: left[0], 10.0)
+
+    # THEN it told the budget it winds down (after being told at its start it does not),
+    # took more than its first batch while it held slots, stopped for its deadline when
+    # they ran out, and left the rest queued
+    assert told[0] is False and True in told
+    assert report.stopped == "deadline"
+    assert 10 < report.received < 40
+    assert held[0] == 0
+    assert pipeline.queues["data_groups"].depth().total == 40 - report.done

@@ -116,6 +116,12 @@ class PacedBudget:
         with self._lock:
             self._paused_until = max(self._paused_until, self._clock() + max(0.0, seconds))
 
+    def winding_down(self, yes: bool) -> None:
+        """Nothing to do: slots are taken one at a time, none claimed ahead."""
+
+    def held(self) -> int:
+        return 0
+
     def paused_for(self) -> float:
         # One float read and a clock: no lock needed, and this is asked once per receive.
         return max(0.0, self._paused_until - self._clock())

@@ -252,6 +252,14 @@ class VendorClient:
         """Seconds the calling thread has spent waiting for budget slots, all told."""
         return float(getattr(self._waits, "total", 0.0))
 
+    def winding_down(self, yes: bool) -> None:
+        """Tell the budget whether this process still takes new work (Budget.winding_down)."""
+        self._budget.winding_down(yes)
+
+    def budget_held(self) -> int:
+        """Budget slots claimed for this process and not used yet (Budget.held)."""
+        return self._budget.held()
+
     def paused_for(self) -> float:
         """Seconds the vendor asked every call to wait, still to go (0 if none).
 
