@@ -142,6 +142,14 @@ def vendor() -> Iterator[FakeVendor]:
         yield fake
 
 
+def data_groups_with_a_point(vendor: FakeVendor, count: int) -> list[str]:
+    """The ids of `count` data groups the vendor serves one point each for."""
+    ids = [f"d{i}" for i in range(count)]
+    for d in ids:
+        vendor.points[d] = [POINTS[0]]
+    return ids
+
+
 # -- the pipeline around one drain --------------------------------------------------------
 
 
@@ -1096,9 +1104,7 @@ def test_finished_messages_of_several_batches_are_recorded_in_one_write_each_25(
     pipeline: Pipeline, vendor: FakeVendor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # GIVEN 30 data groups (three receive batches), and a ledger that counts its writes
-    ids = [f"d{i}" for i in range(30)]
-    for d in ids:
-        vendor.points[d] = [POINTS[0]]
+    ids = data_groups_with_a_point(vendor, 30)
     writes = count_finish_writes(pipeline, monkeypatch)
     monkeypatch.setattr(drain_module, "FLUSH_SECONDS", 3600.0)  # however slow this host
     pipeline.enqueue(*(group(d) for d in ids))
@@ -1134,9 +1140,7 @@ def test_in_flight_target_counts_the_time_a_message_holds_its_thread_after_its_c
     pipeline: Pipeline, vendor: FakeVendor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # GIVEN a vendor answering in 20 ms but a sink taking 80 ms a write, at 200 calls/s
-    ids = [f"d{i}" for i in range(20)]
-    for d in ids:
-        vendor.points[d] = [POINTS[0]]
+    ids = data_groups_with_a_point(vendor, 20)
     real_put = pipeline.sink.put
 
     def slow_put(key: str, blob: bytes, content_type: str) -> str:
@@ -1163,9 +1167,7 @@ def test_every_batch_is_recorded_at_once_and_every_message_looked_up_unless_econ
 ) -> None:
     # GIVEN 30 data groups, one of them done already though its message is a first delivery
     # (its parent sent it again after a crash), and a ledger that counts its writes
-    ids = [f"d{i}" for i in range(30)]
-    for d in ids:
-        vendor.points[d] = [POINTS[0]]
+    ids = data_groups_with_a_point(vendor, 30)
     pipeline.enqueue(*(group(d) for d in ids))
     pipeline.ledger.finish(RUN, "data_groups", group("d0").key, State.DONE)
     writes = count_finish_writes(pipeline, monkeypatch)
@@ -1341,9 +1343,7 @@ def test_at_a_runs_tail_the_drain_does_not_long_poll_while_its_own_work_runs(
 ) -> None:
     # GIVEN ten data groups (one full receive batch: nothing says the queue is now empty)
     # whose calls take 0.3 s each, and a drain whose long poll (30 s) would outlast them
-    ids = [f"d{i}" for i in range(10)]
-    for d in ids:
-        vendor.points[d] = [POINTS[0]]
+    ids = data_groups_with_a_point(vendor, 10)
     vendor.on_call = lambda _count: time.sleep(0.3)
     pipeline.enqueue(*(group(d) for d in ids))
     drain = pipeline.drain("data_groups", concurrency=10)
@@ -1389,9 +1389,7 @@ def test_past_its_deadline_a_drain_takes_messages_only_for_the_budget_slots_it_h
 ) -> None:
     # GIVEN 40 data groups, a drain whose deadline comes after its first batch, and a budget
     # holding slots claimed ahead (as a DynamoBudget does): 15 now, one fewer per call
-    ids = [f"d{i}" for i in range(40)]
-    for d in ids:
-        vendor.points[d] = [POINTS[0]]
+    ids = data_groups_with_a_point(vendor, 40)
     pipeline.enqueue(*(group(d) for d in ids))
     held = [15]
     told: list[bool] = []
