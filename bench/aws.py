@@ -467,7 +467,6 @@ class LambdaService:
 
         self.functions = functions
         self.max_age = max_age
-        self.accepted = 0
         self.dropped = 0
         # (retry due, accepted at, this delay, function, event) of throttled events
         self._pending: list[tuple[float, float, float, Function, dict[str, Any]]] = []
@@ -504,8 +503,6 @@ class LambdaService:
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def accept(self, function: Function, event: dict[str, Any]) -> None:
-        with self._lock:
-            self.accepted += 1
         if not function.invoke_async(event):
             now = time.monotonic()
             with self._lock:

@@ -303,6 +303,7 @@ class Drain:
                                 logger.exception("the deadline hook failed; the drain goes on")
                     if (
                         time.monotonic() >= winding_until
+                        or last_got == 0  # nothing to spend the slots on
                         or self.client.budget_held() <= flow.processing()
                     ):
                         report.stopped = StopReason.DEADLINE

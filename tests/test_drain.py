@@ -1384,6 +1384,21 @@ def test_while_its_own_call_stalls_the_drain_looks_at_the_queue_about_as_often_a
     assert len(receives) <= 9, receives
 
 
+def past_the_margin_after_a_receive(queue: Queue) -> Callable[[], float]:
+    """Remaining time that falls to 7 s (inside a 10 s safety margin, not past half of it)
+    once `queue` has been received from."""
+    left = [60.0]
+    real_receive = queue.receive
+
+    def receive(max_messages: int = 10, wait_seconds: float = 0.0) -> list[Message]:
+        got = real_receive(max_messages, wait_seconds)
+        left[0] = 7.0
+        return got
+
+    queue.receive = receive  # type: ignore[method-assign]
+    return lambda: left[0]
+
+
 def test_past_its_deadline_a_drain_takes_messages_only_for_the_budget_slots_it_holds(
     pipeline: Pipeline, vendor: FakeVendor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1397,19 +1412,10 @@ def test_past_its_deadline_a_drain_takes_messages_only_for_the_budget_slots_it_h
     monkeypatch.setattr(client, "budget_held", lambda: held[0])
     monkeypatch.setattr(client, "winding_down", told.append)
     vendor.on_call = lambda _count: held.__setitem__(0, max(0, held[0] - 1))
-    left = [60.0]
-    queue = pipeline.queues["data_groups"]
-    real_receive = queue.receive
-
-    def receive(max_messages: int = 10, wait_seconds: float = 0.0) -> list[Message]:
-        got = real_receive(max_messages, wait_seconds)
-        left[0] = 7.0  # past the 10 s margin from the first batch on (not past half)
-        return got
-
-    queue.receive = receive  # type: ignore[method-assign]
+    remaining = past_the_margin_after_a_receive(pipeline.queues["data_groups"])
 
     # WHEN it drains
-    report = pipeline.drain("data_groups").run(lambda: left[0], 10.0)
+    report = pipeline.drain("data_groups").run(remaining, 10.0)
 
     # THEN it told the budget it winds down (after being told at its start it does not),
     # took more than its first batch while it held slots, stopped for its deadline when
@@ -1419,3 +1425,25 @@ def test_past_its_deadline_a_drain_takes_messages_only_for_the_budget_slots_it_h
     assert 10 < report.received < 40
     assert held[0] == 0
     assert pipeline.queues["data_groups"].depth().total == 40 - report.done
+
+
+def test_past_its_deadline_with_slots_held_and_the_queue_empty_a_drain_stops_at_once(
+    pipeline: Pipeline, vendor: FakeVendor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN one batch of data groups, a deadline that comes with it, a budget that keeps
+    # holding many slots, nothing else queued here, and a warrior still queued upstream (so
+    # the stage is not idle)
+    ids = data_groups_with_a_point(vendor, 10)
+    pipeline.enqueue(*(group(d) for d in ids))
+    pipeline.enqueue(Envelope(RUN, "warriors", (TROOP, "w9"), WINDOW))
+    monkeypatch.setattr(pipeline.client, "budget_held", lambda: 50)
+    receives = receive_waits(pipeline.queues["data_groups"])
+    remaining = past_the_margin_after_a_receive(pipeline.queues["data_groups"])
+
+    # WHEN it drains
+    report = pipeline.drain("data_groups").run(remaining, 10.0)
+
+    # THEN it stopped for its deadline after the first empty look, not polling the empty
+    # queue for the rest of its wind-down
+    assert report.stopped == "deadline" and report.done == 10
+    assert len(receives) <= 3, receives
