@@ -250,11 +250,13 @@ class Invocation:
 
     function: str
     cold: bool
+    at: float = 0.0  # time.monotonic() when Lambda got it
     init: float = 0.0  # seconds of cold start before it (0 if warm)
     duration: float = 0.0
     ddb: float = 0  # DynamoDB requests and their round trips, as the handler saw them
     ddb_seconds: float = 0.0
     queue: float = 0
+    slots: dict[str, float] = field(default_factory=dict)  # the budget's, as the sandbox saw
     rss_mb: float = 0.0
     error: str = ""
 
@@ -413,7 +415,7 @@ class Function:
                 # The most recently used first, as Lambda tends to.
                 sandbox = self._idle.pop() if self._idle else None
                 number = len(self.sandboxes) + 1
-            invocation = Invocation(self.name, cold=sandbox is None)
+            invocation = Invocation(self.name, cold=sandbox is None, at=time.monotonic())
             if sandbox is None:
                 sandbox = Sandbox(self.handler, self.env, self.logs / f"{self.name}-{number}.log")
                 with self._lock:
@@ -429,6 +431,9 @@ class Function:
                 invocation.ddb = answer["ddb"]
                 invocation.ddb_seconds = answer["ddb_seconds"]
                 invocation.queue = answer["queue"]
+                invocation.slots = {
+                    k.removeprefix("slots "): v for k, v in answer.items() if k.startswith("slots ")
+                }
                 invocation.rss_mb = float(answer["rss_mb"])
                 invocation.error = str(answer["error"])
                 with self._lock:
@@ -825,6 +830,15 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
         "failed": sum(bool(i.error) for i in invocations),
         "errors": sorted({f"{i.function}: {i.error[:160]}" for i in invocations if i.error}),
         "timeline": timeline,
+        # Budget slots claimed, used for a call, given back, and lost (none of those).
+        "slots": {
+            k: sum(i.slots.get(k, 0) for i in invocations)
+            for k in ("claimed", "used", "given back")
+        },
+        "invocation_log": [
+            (round(i.at - started, 2), i.function, round(i.init, 2), round(i.duration, 2))
+            for i in sorted(invocations, key=lambda i: i.at)
+        ],
         # What the pipeline asked DynamoDB for, by action (the harness's own requests aside).
         "ddb_actions": {
             action: n
@@ -860,6 +874,15 @@ def print_timeline(timeline: list[dict[str, Any]]) -> None:
         previous = point["calls"]
 
 
+def slots_line(slots: dict[str, float]) -> str:
+    """The budget's slots: every one claimed is used for a call, given back or lost."""
+    lost = slots["claimed"] - slots["used"] - slots["given back"]
+    return (
+        f"  budget slots: {slots['claimed']:.0f} claimed, {slots['used']:.0f} used,"
+        f" {slots['given back']:.0f} given back, {lost:.0f} lost"
+    )
+
+
 def line(name: str, r: dict[str, Any]) -> str:
     inv = f"{r['invocations']:.0f} ({r['cold']:.0f})"
     cpu = f"{r['own_cpu']:.2f}/{r['host_cpu']:.2f}"
@@ -884,7 +907,9 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
     result["stalled"] = any(r["stalled"] for r in runs)
     result["errors"] = sorted({e for r in runs for e in r["errors"]})
     result["timeline"] = runs[0]["timeline"]
+    result["invocation_log"] = runs[0]["invocation_log"]
     result["ddb_actions"] = runs[0]["ddb_actions"]
+    result["slots"] = runs[0]["slots"]
     return result
 
 
@@ -983,6 +1008,7 @@ def main(args: argparse.Namespace, scratch: str | None) -> int:
             failed = True
             continue
         print(line(scenario.name, result) + notes(result), flush=True)
+        print(slots_line(result["slots"]), flush=True)
         if settings.timeline and args.repeat == 1:
             calls = max(1.0, result["calls"])
             print(
@@ -990,5 +1016,7 @@ def main(args: argparse.Namespace, scratch: str | None) -> int:
                 + ", ".join(f"{a} {n / calls:.3f}" for a, n in result["ddb_actions"].items())
             )
             print_timeline(result["timeline"])
+            for at, function, init, duration in result["invocation_log"]:
+                print(f"  invoked {at:6.2f}s {function:<16} cold {init:4.2f}s ran {duration:5.2f}s")
         failed |= not result["exact"] or result["stalled"]
     return 1 if failed else 0

@@ -202,6 +202,7 @@ class Sandbox:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.meter = Meter()
+        self.budgets: list[pipeline.aws.budget.DynamoBudget] = []  # (one per runtime built)
 
     def install(self) -> None:
         """Count and slow DynamoDB requests; swap the queues, the sink and the budget's DynamoDB."""
@@ -243,14 +244,23 @@ class Sandbox:
             own = boto3.session.Session().client(
                 "dynamodb", endpoint_url=settings.budget_endpoint, config=client.meta.config
             )
-            return aws_budget(own, *args, **kwargs)
+            made = aws_budget(own, *args, **kwargs)
+            self.budgets.append(made)
+            return made
 
         pipeline.aws.runtime.DynamoBudget = budget  # type: ignore[assignment]
+
+    def budget_slots(self) -> dict[str, int]:
+        """The budget slots this sandbox's DynamoBudgets claimed, used and gave back."""
+        return {
+            f"slots {k}": sum(b.slots[k] for b in self.budgets)
+            for k in ("claimed", "used", "given back")
+        }
 
     def invoke(self, handler: Callable[[Any, Any], Any], request: dict[str, Any]) -> dict[str, Any]:
         """Run one invocation; what it cost. (Vendor calls are counted by the simulator, CPU
         by the harness from /proc: both survive a sandbox killed at its timeout.)"""
-        before = self.meter.snapshot()
+        before = {**self.meter.snapshot(), **self.budget_slots()}
         started = time.perf_counter()
         context = LocalContext(str(request["function"]), float(request["timeout"]))
         context.memory_limit_in_mb = self.settings.memory_mb
@@ -260,7 +270,7 @@ class Sandbox:
         except Exception as exc:  # the invocation fails; the sandbox lives on, as in Lambda
             error = f"{type(exc).__name__}: {exc}"[:500]
         duration = time.perf_counter() - started
-        after = self.meter.snapshot()
+        after = {**self.meter.snapshot(), **self.budget_slots()}
         return {
             "duration": duration,
             "error": error,

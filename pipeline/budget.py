@@ -77,6 +77,10 @@ class Budget(Protocol):
         """Slots this process has claimed ahead and not used yet, still usable: no other
         process can use them, so they are lost unless its own calls take them."""
 
+    def give_back(self, keep: int) -> int:
+        """Hand the slots held beyond `keep` back to every process, where that can be done
+        (this process's work has run out); how many were."""
+
 
 def margin_for(period: float) -> float:
     """The margin a budget adds to W for jitter while no 429 has asked for more."""

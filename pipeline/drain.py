@@ -344,8 +344,11 @@ class Drain:
                 if last_got == BATCH:
                     look = TAIL_POLL_SECONDS
                 if not messages:
-                    # Nothing more now: what waits to be recorded goes out (a run's tail),
-                    # whole ledger batches only while this drain's own work still runs.
+                    # Nothing more now: budget slots claimed for threads that will find no
+                    # more messages go back to every invocation (while nobody has claimed
+                    # behind them); what waits to be recorded goes out (a run's tail), whole
+                    # ledger batches only while this drain's own work still runs.
+                    self.client.give_back_budget(keep=flow.processing())
                     idle = flow.idle()
                     self._flush(whole=idle)
                     if idle and self._idle(empty_since):
@@ -381,6 +384,7 @@ class Drain:
             self._flush()
             pool.shutdown(wait=True)
             self._flush()
+            self.client.give_back_budget(keep=0)  # nothing of this invocation's calls them
         if stop.is_set():
             report.stopped, report.auth_error = StopReason.AUTH, stop.reason
         return report

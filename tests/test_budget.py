@@ -689,3 +689,61 @@ def test_dynamo_budget_holds_the_usable_slots_it_claimed(
     assert budget.held() == 2
     clock.advance(0.2)
     assert budget.held() == 0
+
+
+def busy_invocation(budget: DynamoBudget, clock: FakeClock) -> None:
+    """Make `budget` size its claims for three threads of its own, each back every 50 ms."""
+    budget._time_away.add(0.05)
+    budget._away = {1: clock() - 0.01, 2: clock() - 0.02}
+
+
+def test_dynamo_budget_gives_back_the_slots_it_will_not_use_while_they_end_the_schedule(
+    dynamodb: DynamoDBClient, table: str
+) -> None:
+    # GIVEN an invocation that claimed for threads it expected back, then ran out of work
+    clock = FakeClock(1_700_000_000.0)
+    done, other = two_invocations(dynamodb, table, clock, 20, 1.0)
+    busy_invocation(done, clock)
+    used = done.acquire()
+    held = done.held()
+    assert held >= 5
+
+    # WHEN it gives back all but one, and another invocation then calls
+    assert done.give_back(keep=1) == held - 1
+    kept = done.acquire()
+    times = acquire_times(other, clock, 20)
+
+    # THEN the other's calls follow right after the kept slot, not after the whole claim,
+    # and the limit still holds over all of them
+    interval = 1.025 / 20
+    assert done.held() == 0
+    assert times[0] - kept < 2 * interval
+    assert busiest_window([used, kept, *times], 1.0) <= 20
+    # AND the slots are given back once: a second attempt asks nothing
+    assert done.give_back(keep=0) == 0
+
+
+def test_dynamo_budget_keeps_its_slots_when_another_invocation_has_claimed_behind_them(
+    dynamodb: DynamoDBClient, table: str
+) -> None:
+    # GIVEN an invocation holding claimed slots, and another that claimed after it (its
+    # caller does not sleep until its slot, so the first's slots are still ahead)
+    clock = FakeClock(1_700_000_000.0)
+    first = DynamoBudget(dynamodb, table, 20, 1.0, clock=clock, sleep=clock.sleep)
+    second = DynamoBudget(dynamodb, table, 20, 1.0, clock=clock, sleep=lambda _: None)
+    busy_invocation(first, clock)
+    times = [first.acquire()]
+    held = first.held()
+    assert held >= 5
+    times.append(second.acquire())
+
+    # WHEN the first tries to give its slots back
+    given = first.give_back(keep=0)
+
+    # THEN it cannot (they no longer end the schedule): it still holds them and uses them,
+    # and no rolling window is over the limit
+    assert given == 0
+    assert first.held() == held
+    times += acquire_times(first, clock, held)
+    assert busiest_window(times, 1.0) <= 20
+    assert times[1] > max(times[:1] + times[2:])  # the second's slot comes after them all

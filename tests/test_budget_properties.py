@@ -337,12 +337,17 @@ def run_mix(
     seconds: float,
     pause_every: int = 0,
     pause_seconds: float = 0.0,
+    give_back: float = 0.0,
+    seed: int = 0,
 ) -> list[float]:
     """Every invocation's threads call through its budget for `seconds` of virtual time;
-    every `pause_every`-th call (if set) draws a 429 that pauses the budget. The starts."""
+    every `pause_every`-th call (if set) draws a 429 that pauses the budget; after a call, a
+    thread gives back its budget's slots beyond a random number with probability
+    `give_back` (a drain whose queue came back empty). The starts."""
     starts: list[float] = []
     end = time.now + seconds
     budgets = [make_budget(i) for i in range(len(mix))]
+    chance = random.Random(seed)
 
     def caller(budget: Any, invocation: Invocation) -> Callable[[], None]:
         def call() -> None:
@@ -352,6 +357,8 @@ def run_mix(
                 if pause_every and len(starts) % pause_every == 0:
                     budget.pause(pause_seconds)
                 time.sleep(invocation.latency + invocation.gap)
+                if give_back and chance.random() < give_back:
+                    budget.give_back(keep=chance.randrange(invocation.threads + 1))
 
         return call
 
@@ -421,6 +428,7 @@ def calls_bounded(calls: int, period: float, seconds: float) -> float:
     lateness=st.floats(0.0, 0.05),
     seconds=st.floats(0.5, 8.0),
     pauses=st.sampled_from([(0, 0.0), (37, 1.0), (11, 0.2)]),
+    give_back=st.sampled_from([0.0, 0.05, 0.3]),
     seed=st.integers(0, 2**16),
 )
 def test_dynamo_budgets_never_let_more_than_the_limit_into_a_window_for_any_mix(
@@ -430,10 +438,12 @@ def test_dynamo_budgets_never_let_more_than_the_limit_into_a_window_for_any_mix(
     lateness: float,
     seconds: float,
     pauses: tuple[int, float],
+    give_back: float,
     seed: int,
 ) -> None:
     # GIVEN invocations of any mix, each with its own DynamoBudget on one table, threads
-    # that wake up to 50 ms late, and perhaps 429s now and then
+    # that wake up to 50 ms late, perhaps 429s now and then, and perhaps slots given back
+    # (a drain whose queue came back empty) at random
     calls, period = limit
     time = VirtualTime(lateness=lateness, seed=seed)
     table = FakeTable(time.sleep, ddb_latency)
@@ -445,6 +455,8 @@ def test_dynamo_budgets_never_let_more_than_the_limit_into_a_window_for_any_mix(
         time,
         calls_bounded(calls, period, seconds),
         *pauses,
+        give_back=give_back,
+        seed=seed,
     )
 
     # THEN no window of W plus the margin holds more than L starts

@@ -1447,3 +1447,29 @@ def test_past_its_deadline_with_slots_held_and_the_queue_empty_a_drain_stops_at_
     # queue for the rest of its wind-down
     assert report.stopped == "deadline" and report.done == 10
     assert len(receives) <= 3, receives
+
+
+def test_a_drain_whose_queue_runs_dry_gives_back_the_budget_slots_its_work_cannot_use(
+    pipeline: Pipeline, vendor: FakeVendor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN 25 data groups, and the budget's give_back watched
+    ids = data_groups_with_a_point(vendor, 25)
+    pipeline.enqueue(*(group(d) for d in ids))
+    queue = pipeline.queues["data_groups"]
+    kept: list[tuple[int, int]] = []  # (keep, messages taken and not yet deleted)
+
+    def give_back(keep: int) -> int:
+        kept.append((keep, queue.depth().in_flight))
+        return 0
+
+    monkeypatch.setattr(pipeline.client, "give_back_budget", give_back)
+
+    # WHEN it drains them
+    report = pipeline.drain("data_groups").run(lambda: 60.0, 10.0)
+
+    # THEN when it found its queue empty it gave back the slots beyond what its messages in
+    # process could use, and at its end all of them
+    assert report.done == 25
+    assert len(kept) >= 2
+    assert all(keep <= taken for keep, taken in kept)
+    assert kept[-1] == (0, 0)

@@ -122,6 +122,9 @@ class PacedBudget:
     def held(self) -> int:
         return 0
 
+    def give_back(self, keep: int) -> int:
+        return 0
+
     def paused_for(self) -> float:
         # One float read and a clock: no lock needed, and this is asked once per receive.
         return max(0.0, self._paused_until - self._clock())

@@ -260,6 +260,10 @@ class VendorClient:
         """Budget slots claimed for this process and not used yet (Budget.held)."""
         return self._budget.held()
 
+    def give_back_budget(self, keep: int) -> int:
+        """Hand the budget slots held beyond `keep` back to every process (Budget.give_back)."""
+        return self._budget.give_back(keep)
+
     def paused_for(self) -> float:
         """Seconds the vendor asked every call to wait, still to go (0 if none).
 
