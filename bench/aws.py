@@ -88,6 +88,12 @@ cpu own/host  the share of the machine's cores used by this bench's processes (s
 exact         output equals the simulator's ground truth
 1st out s     until the first data group was written
 
+Under each line, the budget's slots: how many the invocations' DynamoBudgets claimed, used
+for a call, gave back (`DynamoBudget.give_back`), and lost (none of those: claimed for
+threads that came back too late or not at all). `--timeline` adds DynamoDB requests per call
+by action, one line a second of calls and queue depths, and every invocation: when Lambda
+got it, its cold start, its duration.
+
 A failed invocation, a stall or an incomplete run is named after the line.
 
 Limits: moto spends 2-3 ms of CPU per DynamoDB write (plus its HTTP server's), on one core,
