@@ -291,9 +291,7 @@ class DynamoBudget:
                 now = self._clock()
                 if self._paused_until - now > max_pause:
                     raise paused_error(self._paused_until - now, max_pause)
-                usable = max(now - self._late, self._paused_until)
-                while self._held and self._held[0] < usable:
-                    self._held.popleft()  # lost: nobody was there in time
+                self._drop_stale(now)
                 if self._held:
                     slot = self._held.popleft()
                     self._waiting -= 1
@@ -316,6 +314,16 @@ class DynamoBudget:
             finally:
                 with self._lock:
                     self._claiming = False
+
+    def _usable_from(self, now: float) -> float:
+        """The earliest held slot a call may still start at: not paused, not past LATE."""
+        return max(now - self._late, self._paused_until)
+
+    def _drop_stale(self, now: float) -> None:
+        """Drop the held slots nobody was there for in time (lost). The caller holds the lock."""
+        usable = self._usable_from(now)
+        while self._held and self._held[0] < usable:
+            self._held.popleft()
 
     def _interval(self, now: float) -> float:
         return (self.period + self._margin.at(now) + self._late) / self._limit
@@ -567,9 +575,7 @@ class DynamoBudget:
                 return 0
             end, first = self._tail
             self._tail = None
-            usable = max(self._clock() - self._late, self._paused_until)
-            while self._held and self._held[0] < usable:
-                self._held.popleft()
+            self._drop_stale(self._clock())
             # Only the last claim's slots are the schedule's tail.
             ours = sum(1 for slot in self._held if slot >= first)
             count = min(len(self._held) - max(0, keep), ours)
@@ -613,7 +619,7 @@ class DynamoBudget:
 
     def held(self) -> int:
         with self._lock:
-            usable = max(self._clock() - self._late, self._paused_until)
+            usable = self._usable_from(self._clock())
             return sum(1 for slot in self._held if slot >= usable)
 
     def paused_for(self) -> float:
