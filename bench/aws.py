@@ -263,6 +263,7 @@ class Invocation:
     ddb_seconds: float = 0.0
     queue: float = 0
     slots: dict[str, float] = field(default_factory=dict)  # the budget's, as the sandbox saw
+    gc: dict[str, float] = field(default_factory=dict)  # its full garbage collections: n, ms
     rss_mb: float = 0.0
     error: str = ""
 
@@ -439,6 +440,9 @@ class Function:
                 invocation.queue = answer["queue"]
                 invocation.slots = {
                     k.removeprefix("slots "): v for k, v in answer.items() if k.startswith("slots ")
+                }
+                invocation.gc = {
+                    k.removeprefix("gc "): v for k, v in answer.items() if k.startswith("gc ")
                 }
                 invocation.rss_mb = float(answer["rss_mb"])
                 invocation.error = str(answer["error"])
@@ -841,6 +845,8 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
             k: sum(i.slots.get(k, 0) for i in invocations)
             for k in ("claimed", "used", "given back")
         },
+        # Full garbage collections during invocations: every thread of one waits them out.
+        "gc": {k: sum(i.gc.get(k, 0.0) for i in invocations) for k in ("full", "ms")},
         "invocation_log": [
             (round(i.at - started, 2), i.function, round(i.init, 2), round(i.duration, 2))
             for i in sorted(invocations, key=lambda i: i.at)
@@ -889,6 +895,15 @@ def slots_line(slots: dict[str, float]) -> str:
     )
 
 
+def gc_note(collections: dict[str, float]) -> str:
+    """The full garbage collections in invocations: a thread waiting for its slot meanwhile
+    misses it."""
+    return (
+        f"; {collections['full']:.0f} full garbage collections in invocations,"
+        f" {collections['ms']:.0f} ms"
+    )
+
+
 def line(name: str, r: dict[str, Any]) -> str:
     inv = f"{r['invocations']:.0f} ({r['cold']:.0f})"
     cpu = f"{r['own_cpu']:.2f}/{r['host_cpu']:.2f}"
@@ -916,6 +931,7 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
     result["invocation_log"] = runs[0]["invocation_log"]
     result["ddb_actions"] = runs[0]["ddb_actions"]
     result["slots"] = runs[0]["slots"]
+    result["gc"] = runs[0]["gc"]
     return result
 
 
@@ -1014,7 +1030,7 @@ def main(args: argparse.Namespace, scratch: str | None) -> int:
             failed = True
             continue
         print(line(scenario.name, result) + notes(result), flush=True)
-        print(slots_line(result["slots"]), flush=True)
+        print(slots_line(result["slots"]) + gc_note(result["gc"]), flush=True)
         if settings.timeline and args.repeat == 1:
             calls = max(1.0, result["calls"])
             print(

@@ -26,6 +26,7 @@ round trip up to it (moto's own service time counts towards it), and counts it.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -203,9 +204,21 @@ class Sandbox:
         self.settings = settings
         self.meter = Meter()
         self.budgets: list[pipeline.aws.budget.DynamoBudget] = []  # (one per runtime built)
+        # Full garbage collections (generation 2) and the time they stopped every thread.
+        self.collections = {"gc full": 0.0, "gc ms": 0.0}
+        self._collecting = 0.0
+
+    def _collection(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._collecting = time.perf_counter()
+        elif info["generation"] == 2:
+            self.collections["gc full"] += 1
+            self.collections["gc ms"] += 1000 * (time.perf_counter() - self._collecting)
 
     def install(self) -> None:
-        """Count and slow DynamoDB requests; swap the queues, the sink and the budget's DynamoDB."""
+        """Count and slow DynamoDB requests; swap the queues, the sink and the budget's
+        DynamoDB; time the full garbage collections."""
+        gc.callbacks.append(self._collection)
         hooks = DynamoLatency(self.settings.ddb_latency, self.meter)
         base_session = boto3.session.Session
 
@@ -260,7 +273,7 @@ class Sandbox:
     def invoke(self, handler: Callable[[Any, Any], Any], request: dict[str, Any]) -> dict[str, Any]:
         """Run one invocation; what it cost. (Vendor calls are counted by the simulator, CPU
         by the harness from /proc: both survive a sandbox killed at its timeout.)"""
-        before = {**self.meter.snapshot(), **self.budget_slots()}
+        before = {**self.meter.snapshot(), **self.budget_slots(), **self.collections}
         started = time.perf_counter()
         context = LocalContext(str(request["function"]), float(request["timeout"]))
         context.memory_limit_in_mb = self.settings.memory_mb
@@ -270,7 +283,7 @@ class Sandbox:
         except Exception as exc:  # the invocation fails; the sandbox lives on, as in Lambda
             error = f"{type(exc).__name__}: {exc}"[:500]
         duration = time.perf_counter() - started
-        after = {**self.meter.snapshot(), **self.budget_slots()}
+        after = {**self.meter.snapshot(), **self.budget_slots(), **self.collections}
         return {
             "duration": duration,
             "error": error,
