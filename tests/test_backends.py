@@ -92,3 +92,14 @@ def test_the_local_backend_leaves_the_collector_alone(fresh: list[str], tmp_path
     assert isinstance(built, Built) and built.collector_on
     assert fresh == []
     assert gc.isenabled()
+
+
+def test_a_collector_turned_off_before_the_first_build_stays_off(
+    fresh: list[str], tmp_path: Path
+) -> None:
+    gc.disable()
+
+    backends.runtime(config(tmp_path, Backend.AWS))
+
+    assert not gc.isenabled()
+    assert fresh == ["freeze"]

@@ -33,11 +33,13 @@ def runtime(config: Config) -> Runtime:
         return runtimes.runtime(config, local.build)
     if _frozen.is_set():
         return runtimes.runtime(config, aws.build)
+    collecting = gc.isenabled()
     gc.disable()
     try:
         rt = runtimes.runtime(config, aws.build)
     finally:
-        gc.enable()
+        if collecting:
+            gc.enable()
     gc.freeze()
     _frozen.set()
     return rt
