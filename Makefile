@@ -16,9 +16,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/harvest local $(ARGS)
 
-## test: set up, then lint, type-check, scan terraform/ and run every test (unit and integration)
+## test: set up, then lint, type-check, scan terraform/ and run every test (unit and integration);
+## the Terraform apply module runs on a second worker beside the rest (tests/conftest.py)
 test: lint checkov
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadgroup
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -12,6 +12,10 @@ Reuse these rather than building the same objects by hand:
 - A Lambda context for calling handlers: ``pipeline.local.scheduler.LocalContext(name, timeout)``.
 - ``settle(rt, run_id)`` drives the three drains (concurrently, as EventBridge would) until
   the run has settled and every queue is empty; it returns the final RunStatus.
+
+`make test` runs the suite on two pytest-xdist workers: the Terraform apply module on one
+(about 200 s, most of it waiting), every other test in order on the other
+(`pytest_xdist_make_scheduler` below).
 """
 
 from __future__ import annotations
@@ -32,6 +36,29 @@ from pipeline.local.runtime import build
 from pipeline.runtime import Runtime
 from pipeline.stages import STAGE_NAMES
 from pipeline.window import Window
+
+# The module that applies and destroys the whole stack: a worker of its own under xdist.
+DEPLOY_MODULE = "tests/integration/test_terraform_apply.py"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadgroup`: two work units, each run in order on a worker of its own. One is
+    the Terraform apply module, which mostly waits (the AWS provider polling moto for what
+    it created); the other is every other test. That one stays on one worker because many
+    of its tests measure pace and 429s: run beside each other, they would measure the
+    machine. (pytest-xdist's own loadgroup reads `xdist_group` marks through a node id
+    attribute pytest 9 no longer uses.)"""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class DeployBeside(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return "deploy" if nodeid.startswith(DEPLOY_MODULE) else "rest"
+
+    return DeployBeside(config, log)
+
 
 WINDOW = Window.parse("2024-03-01T00:00:00Z", "2024-03-02T00:00:00Z")
 TOKEN = SimulatorConfig.token
