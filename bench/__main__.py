@@ -36,7 +36,7 @@ import sys
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
-from bench import aws
+from bench import VENDOR_NICE, aws, nice_note
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,21 @@ def run_one(scenario: Scenario) -> dict[str, object]:
     from pipeline.local.scheduler import LocalOptions, run_local
     from pipeline.window import Window
 
+    simulator = SimulatorProcess(
+        SimulatorConfig(
+            troops=scenario.troops,
+            warriors_per_troop=scenario.warriors,
+            data_groups_per_warrior=scenario.data_groups,
+            rate_calls=scenario.vendor_calls,
+            rate_period=scenario.rate_period,
+            latency=scenario.latency,
+            error_rate=scenario.error_rate,
+            stall_rate=scenario.stall_rate,
+            stall_seconds=scenario.stall_seconds,
+            arrival_jitter=scenario.arrival_jitter,
+        ),
+        nice=VENDOR_NICE,
+    )
     with tempfile.TemporaryDirectory(prefix="harvest-bench-", dir=scratch_dir()) as out:
         result = run_local(
             LocalOptions(
@@ -130,20 +145,7 @@ def run_one(scenario: Scenario) -> dict[str, object]:
                 tick=5.0,  # the CLI default
                 concurrency=scenario.concurrency,
                 reserved_concurrency=scenario.reserved_concurrency,
-                simulator=SimulatorProcess(
-                    SimulatorConfig(
-                        troops=scenario.troops,
-                        warriors_per_troop=scenario.warriors,
-                        data_groups_per_warrior=scenario.data_groups,
-                        rate_calls=scenario.vendor_calls,
-                        rate_period=scenario.rate_period,
-                        latency=scenario.latency,
-                        error_rate=scenario.error_rate,
-                        stall_rate=scenario.stall_rate,
-                        stall_seconds=scenario.stall_seconds,
-                        arrival_jitter=scenario.arrival_jitter,
-                    )
-                ),
+                simulator=simulator,
             )
         )
     status = result.status
@@ -162,6 +164,7 @@ def run_one(scenario: Scenario) -> dict[str, object]:
         "peak_queued": result.peak_queued,
         "first_output": result.first_output_seconds,
         "complete": bool(status and status.complete),
+        "vendor_nice": simulator.nice,
     }
 
 
@@ -196,6 +199,7 @@ def main() -> int:
     print(f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, python {sys.version.split()[0]}")
     print(HEADER)
     failed = False
+    nices: set[float] = set()
     for scenario in SCENARIOS:
         if args.only and not any(scenario.name.startswith(o) for o in args.only):
             continue
@@ -217,7 +221,10 @@ def main() -> int:
         else:
             result = combine(runs)
             print(line(scenario.name, result), flush=True)
+            nices.update(r["vendor_nice"] for r in runs)
             failed |= not result["exact"]
+    for nice in sorted(nices):
+        print(f"# {nice_note(nice)}")
     return 1 if failed else 0
 
 

@@ -128,6 +128,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench import VENDOR_NICE, nice_note
+
 # Terraform's defaults (terraform/variables.tf, main.tf), in real seconds.
 SCHEDULE_SECONDS = 60.0  # the drains' rate(1 minute)
 DRAIN_TIMEOUT = 120.0
@@ -643,7 +645,7 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
         stack.callback(moto.stop)
         moto_budget = MotoServer()  # the budget's item (see bench/aws_sandbox.py)
         stack.callback(moto_budget.stop)
-        simulator = stack.enter_context(SimulatorProcess(simulator_config))
+        simulator = stack.enter_context(SimulatorProcess(simulator_config, nice=VENDOR_NICE))
         harness = _HarnessClient(moto.url)
         harness.create_state_table()
         harness_budget = _HarnessClient(moto_budget.url)
@@ -847,6 +849,7 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
         },
         # Full garbage collections during invocations: every thread of one waits them out.
         "gc": {k: sum(i.gc.get(k, 0.0) for i in invocations) for k in ("full", "ms")},
+        "vendor_nice": simulator.nice,
         "invocation_log": [
             (round(i.at - started, 2), i.function, round(i.init, 2), round(i.duration, 2))
             for i in sorted(invocations, key=lambda i: i.at)
@@ -1030,7 +1033,8 @@ def main(args: argparse.Namespace, scratch: str | None) -> int:
             failed = True
             continue
         print(line(scenario.name, result) + notes(result), flush=True)
-        print(slots_line(result["slots"]) + gc_note(result["gc"]), flush=True)
+        note = gc_note(result["gc"]) + "; " + nice_note(result["vendor_nice"])
+        print(slots_line(result["slots"]) + note, flush=True)
         if settings.timeline and args.repeat == 1:
             calls = max(1.0, result["calls"])
             print(

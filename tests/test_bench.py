@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from bench import VENDOR_NICE, nice_note
 from bench.__main__ import combine, scratch_dir
 from bench.aws import AwsScenario, Settings, create_state_table, line, run_one
 
@@ -54,6 +55,7 @@ def test_aws_mode_harvests_exactly_and_fills_every_column(tmp_path: Path) -> Non
     assert result["ddb_per_call"] > 0 and result["gbs_per_1k"] > 0
     assert result["cold"] >= 4  # the kickoff and each stage's drain started a sandbox
     assert line(scenario.name, result).startswith("tiny ")
+    assert result["vendor_nice"] is not None  # what the simulator ran at is reported
 
 
 def test_partition_queries_answered_by_the_bench_page_as_motos_own(
@@ -123,3 +125,9 @@ def test_partition_queries_answered_by_the_bench_page_as_motos_own(
         assert [len(p) for p in motos] == [4, 4]
         assert answered == motos
         assert calls == []
+
+
+def test_the_note_under_a_line_says_whether_the_simulators_priority_was_raised() -> None:
+    assert nice_note(VENDOR_NICE) == f"the simulator at nice {VENDOR_NICE}"
+    assert "could not raise it" in nice_note(0)
+    assert "could not raise it" in nice_note(None)

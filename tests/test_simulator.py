@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 from urllib.parse import quote
@@ -14,7 +16,7 @@ from urllib.parse import quote
 import pytest
 import requests
 
-from pipeline.dev.simulator import Simulator, SimulatorConfig
+from pipeline.dev.simulator import Simulator, SimulatorConfig, SimulatorProcess
 
 START = datetime(2024, 3, 1, tzinfo=UTC)
 END = datetime(2024, 3, 2, tzinfo=UTC)
@@ -432,3 +434,31 @@ def test_expected_calls_match_a_sequential_harvest_when_paginated_with_gone(
         assert results == sim.ground_truth(START, END)
         assert gone == sim.gone()
         assert gone
+
+
+def _task_nices(pid: int) -> set[int]:
+    """The niceness of every thread of process `pid` (field 19 of /proc/PID/task/TID/stat)."""
+    nices = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        # The command name (field 2) is in parentheses and may hold spaces: split after it.
+        fields = (task / "stat").read_text().rpartition(")")[2].split()
+        nices.add(int(fields[16]))
+    return nices
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
+def test_a_simulator_process_runs_every_thread_at_the_niceness_asked_for() -> None:
+    # GIVEN a niceness above this process's (raising it needs no privilege)
+    wanted = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 3)
+    simulator = SimulatorProcess(SimulatorConfig(troops=1, rate_calls=10**6), nice=wanted)
+
+    # WHEN it starts and serves a request (its server and a handler thread exist then)
+    with simulator:
+        requests.get(f"{simulator.url}/_sim/stats", timeout=10).raise_for_status()
+        process = simulator._process
+        assert process is not None
+        nices = _task_nices(process.pid)
+
+    # THEN it says what it got, and every thread of the child runs at it
+    assert simulator.nice == wanted
+    assert nices == {wanted}
