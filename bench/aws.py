@@ -920,12 +920,14 @@ def line(name: str, r: dict[str, Any]) -> str:
 
 
 def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One line from repeated runs: medians; exact and complete only if every run was."""
+    """One line from repeated runs: medians, but the most 429s any run drew (a median would
+    hide one run's); exact and complete only if every run was."""
     result: dict[str, Any] = {
         key: statistics.median(float(r[key]) for r in runs)
         for key, value in runs[0].items()
         if isinstance(value, int | float) and not isinstance(value, bool)
     }
+    result["rate_limited"] = max(float(r["rate_limited"]) for r in runs)
     for key in ("exact", "complete"):
         result[key] = all(r[key] for r in runs)
     result["stalled"] = any(r["stalled"] for r in runs)

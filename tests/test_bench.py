@@ -12,8 +12,16 @@ from bench.__main__ import combine, scratch_dir
 from bench.aws import AwsScenario, Settings, create_state_table, line, run_one
 
 
-def run(cpu: float, exact: bool = True, wall: float = 10.0) -> dict[str, float]:
-    return {"cpu_ms_per_call": cpu, "wall": wall, "exact": exact, "complete": True}
+def run(
+    cpu: float, exact: bool = True, wall: float = 10.0, rate_limited: float = 0
+) -> dict[str, float]:
+    return {
+        "cpu_ms_per_call": cpu,
+        "wall": wall,
+        "exact": exact,
+        "complete": True,
+        "rate_limited": rate_limited,
+    }
 
 
 def test_combine_takes_medians_and_the_cpu_range() -> None:
@@ -22,6 +30,12 @@ def test_combine_takes_medians_and_the_cpu_range() -> None:
     assert (got["cpu_ms_per_call"], got["wall"]) == (1.9, 11.0)
     assert (got["cpu_min"], got["cpu_max"]) == (1.6, 2.4)
     assert got["exact"] and got["complete"]
+
+
+def test_combine_shows_the_most_429s_any_run_drew_not_the_median() -> None:
+    got = combine([run(1.0), run(1.0, rate_limited=2), run(1.0)])
+
+    assert got["rate_limited"] == 2
 
 
 def test_combine_is_exact_only_if_every_run_was() -> None:
