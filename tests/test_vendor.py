@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import math
 import re
+import socket
+import threading
+import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -547,3 +551,105 @@ def test_empty_or_control_character_token_is_refused_without_quoting_it(
 
     assert "control characters" in str(raised.value)
     assert token.strip() == "" or token.strip() not in str(raised.value)
+
+
+# -- connections opened before the slot (VendorAdapter.connect_ahead) ----------------------
+# The request then reaches the vendor about when the budget counted it, not a TCP (or TLS)
+# handshake later.
+
+CONNECT_AHEAD_PAGE = {"items": [{"id": "w1", "troop_id": "t1", "name": "one"}], "next_cursor": None}
+
+
+class _PageHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: one connection serves every call
+
+    def do_GET(self) -> None:
+        body = json.dumps(CONNECT_AHEAD_PAGE).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class CountingServer(ThreadingHTTPServer):
+    """Counts the TCP connections it has accepted."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _PageHandler)
+        self.connections = 0
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        request = super().get_request()
+        self.connections += 1
+        return request
+
+
+class RecordingBudget(FakeBudget):
+    """Notes, at each acquire, how many connections the vendor has by then: it waits up to
+    a second for the server to accept one the kernel has already completed (the server's
+    accept loop runs on its own), and none can be in progress unless the client opened it
+    before asking for its slot."""
+
+    def __init__(self, server: CountingServer | None) -> None:
+        super().__init__()
+        self.server = server
+        self.seen: list[int] = []
+
+    def acquire(self, max_pause: float = math.inf) -> float:
+        deadline = time.monotonic() + 1.0
+        while self.server and not self.server.connections and time.monotonic() < deadline:
+            time.sleep(0.005)
+        self.seen.append(self.server.connections if self.server else 0)
+        return super().acquire(max_pause)
+
+
+@pytest.fixture
+def server() -> Iterator[CountingServer]:
+    server = CountingServer()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_connection_is_open_before_the_call_waits_for_its_slot(
+    server: CountingServer,
+) -> None:
+    budget = RecordingBudget(server)
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    with VendorClient(base, "token", budget, CallStats()) as client:
+        # WHEN a new client makes three calls
+        for _ in range(3):
+            assert list(client.items(WARRIORS, "t1")) == CONNECT_AHEAD_PAGE["items"]
+
+    # THEN the first call's connection was accepted before its slot was asked for, and the
+    # later calls kept it (no handshake before or after their slots)
+    assert budget.seen == [1, 1, 1]
+    assert server.connections == 1
+
+
+def test_a_connection_refused_spends_no_slot_and_is_retried_as_a_transport_failure() -> None:
+    # GIVEN a port nobody listens on
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    budget = RecordingBudget(None)
+    stats = CallStats()
+    base = f"http://127.0.0.1:{port}"
+    with VendorClient(base, "token", budget, stats, max_attempts=2, sleep=lambda _: None) as client:
+        # WHEN a call is made, THEN it fails as a transport failure after its attempts...
+        with pytest.raises(RetryableError, match="after 2 attempts"):
+            list(client.items(WARRIORS, "t1"))
+
+    # ...and no attempt took a budget slot: nothing reached the vendor
+    assert budget.seen == []
+    assert stats.retries == 1

@@ -213,6 +213,10 @@ class VendorClient:
         self._session.headers["Accept"] = "application/json"
         # Requests go straight to the transport adapter (see `_send`).
         self._adapter = self._session.get_adapter(self.base_url)
+        # Ours opens connections before the budget slot (a caller's session may have another).
+        self._connect_ahead = (
+            self._adapter.connect_ahead if isinstance(self._adapter, VendorAdapter) else None
+        )
         self._verify: bool | str = True if self._session.verify is None else self._session.verify
         self._backoff = wait_random_exponential(multiplier=backoff_base, max=backoff_max)
         # Retrying keeps its per-call state in thread-locals, so one instance serves all threads.
@@ -534,8 +538,9 @@ class VendorClient:
         raise RetryableError(f"GET {path}: unexpected {status}")
 
     def _send(self, url: str) -> tuple[requests.Response, float, str | None]:
-        """Prepare, take a budget slot, send, read the body: the slot is taken as late as
-        possible, so the vendor sees the request at the time the budget counted it.
+        """Prepare, have a connection ready, take a budget slot, send, read the body: the
+        slot is taken as late as possible, so the vendor sees the request at the time the
+        budget counted it.
 
         Returns the response, when it was sent, and why its body was not read whole (it is
         over max_page_bytes) or None. RateLimitedError, sending nothing, if the budget is
@@ -550,6 +555,12 @@ class VendorClient:
         request.url = url
         # Every header is a str: requests' defaults and the two set in __init__.
         request.headers = CaseInsensitiveDict(cast(Mapping[str, str], self._session.headers))
+        # A connection opened after the slot would put its handshake between the slot and
+        # the vendor's clock: open it first (VendorAdapter.connect_ahead).
+        if self._connect_ahead is not None:
+            self._connect_ahead(
+                request, verify=self._verify, cert=None, connect_timeout=self._connect_timeout
+            )
         asked = time.perf_counter()
         try:
             stamp = self._budget.acquire(self._max_retry_after)
