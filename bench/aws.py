@@ -103,8 +103,15 @@ before (one write per child) its moto server saturated above about 100 calls/s; 
 line measures moto, not the design). The sandboxes, moto and the simulator share the
 machine's cores, which Lambda's sandboxes would not: `cpu own/host` near 1.00 means the
 line measures the machine. The numbers move between runs by about a tenth. The killed
-invocations' queue requests are lost. X-Ray tracing is off (Terraform turns it on); the
-token comes from the environment, not SSM.
+invocations' queue requests are lost. The token comes from the environment, not SSM.
+
+- **X-Ray**: the sandboxes get the environment Lambda gives a function with active tracing
+  (`lambda_environment`: `LAMBDA_TASK_ROOT`, the function's name, memory and handler, the
+  daemon's address) and each invocation a sampled trace header, so Powertools' Tracer and
+  the X-Ray SDK do there what they do in Lambda; `TraceDaemon` stands for the X-Ray daemon
+  and counts the segment documents sent to it. (Without `LAMBDA_TASK_ROOT` the SDK builds
+  its centralized sampler at import, two botocore clients: about 0.3 s of every cold start
+  that Lambda's sandboxes do not spend.)
 """
 
 from __future__ import annotations
@@ -114,6 +121,7 @@ import json
 import os
 import resource
 import select
+import socket
 import statistics
 import subprocess
 import sys
@@ -149,6 +157,55 @@ COLD_START_LIMIT = 30.0  # a sandbox that takes longer to import the handler has
 ROOT = Path(__file__).resolve().parents[1]  # where `python -m bench.…` finds the bench
 SANDBOX_MODULE = "bench.aws_sandbox"
 MOTO_MODULE = "bench.aws_moto"
+
+
+def lambda_environment(function: str, handler: str, memory_mb: int, daemon: str) -> dict[str, str]:
+    """What Lambda puts in a function's environment, beside its own variables, that the
+    libraries read: Powertools and the X-Ray SDK tell Lambda from `LAMBDA_TASK_ROOT`, and
+    with active tracing the SDK sends to the daemon at `AWS_XRAY_DAEMON_ADDRESS`. (The
+    trace header, `_X_AMZN_TRACE_ID`, is set per invocation: `bench/aws_sandbox.py`.)"""
+    return {
+        "AWS_LAMBDA_FUNCTION_NAME": function,
+        "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
+        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(memory_mb),
+        "AWS_EXECUTION_ENV": "AWS_Lambda_python3.12",
+        "LAMBDA_TASK_ROOT": str(ROOT),
+        "_HANDLER": handler,
+        "AWS_XRAY_DAEMON_ADDRESS": daemon,
+        "AWS_XRAY_CONTEXT_MISSING": "LOG_ERROR",
+    }
+
+
+class TraceDaemon:
+    """Stands for the X-Ray daemon: a UDP socket on loopback that takes what the SDK sends
+    (one datagram per segment document, after a header line) and counts it."""
+
+    def __init__(self) -> None:
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._socket.bind(("127.0.0.1", 0))
+        self._socket.settimeout(0.2)
+        self.address = f"127.0.0.1:{self._socket.getsockname()[1]}"
+        self.documents = 0
+        self.bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                datagram = self._socket.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.documents += 1
+            self.bytes += len(datagram)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._socket.close()
 
 
 def create_state_table(client: Any, name: str) -> None:
@@ -646,6 +703,8 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
         moto_budget = MotoServer()  # the budget's item (see bench/aws_sandbox.py)
         stack.callback(moto_budget.stop)
         simulator = stack.enter_context(SimulatorProcess(simulator_config, nice=VENDOR_NICE))
+        daemon = TraceDaemon()
+        stack.callback(daemon.stop)
         harness = _HarnessClient(moto.url)
         harness.create_state_table()
         harness_budget = _HarnessClient(moto_budget.url)
@@ -702,14 +761,18 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
                 "AWS_EC2_METADATA_DISABLED": "true",
                 "POWERTOOLS_SERVICE_NAME": "harvest",
                 "POWERTOOLS_METRICS_NAMESPACE": "Harvest",
-                "POWERTOOLS_TRACE_DISABLED": "true",
                 SETTINGS_ENV: json.dumps(asdict(sandbox_settings)),
             }
         )
         kickoff = Function(
             "kickoff",
             "workers.kickoff.handler",
-            env,
+            {
+                **env,
+                **lambda_environment(
+                    "kickoff", "workers.kickoff.handler", settings.memory_mb, daemon.address
+                ),
+            },
             reserved=1,
             timeout=settings.kickoff_timeout,
             logs=logs,
@@ -719,7 +782,13 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
             s: Function(
                 f"drain-{s}",
                 "workers.drain.handler",
-                {**env, "HARVEST_STAGE": s},
+                {
+                    **env,
+                    **lambda_environment(
+                        f"drain-{s}", "workers.drain.handler", settings.memory_mb, daemon.address
+                    ),
+                    "HARVEST_STAGE": s,
+                },
                 reserved=scenario.reserved_concurrency,
                 timeout=settings.drain_timeout,
                 logs=logs,
@@ -780,6 +849,7 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
                 break
             time.sleep(POLL_SECONDS)
         host_ended, cpu_ended = _host_ticks(), _children_cpu()
+        traced = (daemon.documents, daemon.bytes)
         self_ended = resource.getrusage(resource.RUSAGE_SELF)
         wall = (settled_at or time.monotonic()) - started
         sandbox_cpu = sum(f.cpu() for f in functions)
@@ -850,6 +920,9 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
         # Full garbage collections during invocations: every thread of one waits them out.
         "gc": {k: sum(i.gc.get(k, 0.0) for i in invocations) for k in ("full", "ms")},
         "vendor_nice": simulator.nice,
+        # X-Ray segment documents the sandboxes sent to the daemon, per call, and their size.
+        "trace_per_call": traced[0] / max(1.0, calls),
+        "trace_kb": traced[1] / 1024,
         "invocation_log": [
             (round(i.at - started, 2), i.function, round(i.init, 2), round(i.duration, 2))
             for i in sorted(invocations, key=lambda i: i.at)
@@ -896,6 +969,11 @@ def slots_line(slots: dict[str, float]) -> str:
         f"  budget slots: {slots['claimed']:.0f} claimed, {slots['used']:.0f} used,"
         f" {slots['given back']:.0f} given back, {lost:.0f} lost"
     )
+
+
+def trace_note(per_call: float, kb: float) -> str:
+    """What active tracing sent the X-Ray daemon."""
+    return f"; X-Ray: {per_call:.2f} segment documents per call, {kb:.0f} KB"
 
 
 def gc_note(collections: dict[str, float]) -> str:
@@ -1035,7 +1113,12 @@ def main(args: argparse.Namespace, scratch: str | None) -> int:
             failed = True
             continue
         print(line(scenario.name, result) + notes(result), flush=True)
-        note = gc_note(result["gc"]) + "; " + nice_note(result["vendor_nice"])
+        note = (
+            gc_note(result["gc"])
+            + trace_note(result["trace_per_call"], result["trace_kb"])
+            + "; "
+            + nice_note(result["vendor_nice"])
+        )
         print(slots_line(result["slots"]) + note, flush=True)
         if settings.timeline and args.repeat == 1:
             calls = max(1.0, result["calls"])

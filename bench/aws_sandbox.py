@@ -30,6 +30,7 @@ import gc
 import json
 import os
 import resource
+import sqlite3
 import sys
 import threading
 import time
@@ -275,6 +276,10 @@ class Sandbox:
         by the harness from /proc: both survive a sandbox killed at its timeout.)"""
         before = {**self.meter.snapshot(), **self.budget_slots(), **self.collections}
         started = time.perf_counter()
+        # Lambda's runtime sets the invocation's trace header in the environment, where the
+        # X-Ray SDK reads it; sampled, as the schedule's sparse invocations nearly all are
+        # (X-Ray's default rule takes the first request of every second).
+        os.environ["_X_AMZN_TRACE_ID"] = trace_header()
         context = LocalContext(str(request["function"]), float(request["timeout"]))
         context.memory_limit_in_mb = self.settings.memory_mb
         error = ""
@@ -292,6 +297,14 @@ class Sandbox:
         }
 
 
+def trace_header() -> str:
+    """A sampled X-Ray trace header for a new invocation, in Lambda's format."""
+    return (
+        f"Root=1-{int(time.time()):08x}-{os.urandom(12).hex()};"
+        f"Parent={os.urandom(8).hex()};Sampled=1"
+    )
+
+
 def main() -> None:
     # Answers go to the original stdout; whatever the handlers print or log (Powertools
     # writes JSON logs and EMF metrics to stdout) goes to the sandbox's log file.
@@ -301,7 +314,12 @@ def main() -> None:
     settings = Settings(**json.loads(os.environ[SETTINGS_ENV]))
     sandbox = Sandbox(settings)
     sandbox.install()
+    # The embedded queues stand for SQS here. Powertools' Tracer patches sqlite3 among the
+    # modules X-Ray can trace; in Lambda it would trace SQS's botocore calls instead, a few
+    # per batch of messages, not the several SQLite statements of each queue request here.
+    connect = sqlite3.connect
     handler = load_handler(sys.argv[1])
+    sqlite3.connect = connect
     answers.write(json.dumps({"ready": True}) + "\n")
     for line in sys.stdin:
         answers.write(json.dumps(sandbox.invoke(handler, json.loads(line))) + "\n")

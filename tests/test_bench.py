@@ -70,6 +70,8 @@ def test_aws_mode_harvests_exactly_and_fills_every_column(tmp_path: Path) -> Non
     assert result["cold"] >= 4  # the kickoff and each stage's drain started a sandbox
     assert line(scenario.name, result).startswith("tiny ")
     assert result["vendor_nice"] is not None  # what the simulator ran at is reported
+    # traced as Lambda traces them: the invocations' segments reached the X-Ray daemon
+    assert result["trace_per_call"] > 0 and result["trace_kb"] > 0
 
 
 def test_partition_queries_answered_by_the_bench_page_as_motos_own(
