@@ -105,6 +105,13 @@ machine's cores, which Lambda's sandboxes would not: `cpu own/host` near 1.00 me
 line measures the machine. The numbers move between runs by about a tenth. The killed
 invocations' queue requests are lost. The token comes from the environment, not SSM.
 
+- **Lambda's CPU** (`CpuShare`): Lambda gives a function memory / 1,769 of a vCPU. Once a
+  sandbox has imported its handler (Lambda's init runs with burst CPU), the harness puts it
+  in a cgroup of its own whose CFS quota is that share (100 ms periods, the kernel's
+  default; Lambda does not document its own). Without a writable cgroup hierarchy, or with
+  `--no-lambda-cpu`, the sandboxes take what the machine gives them, and the header says so.
+  The share is of this machine's CPU, whose CPU seconds per call move by up to 2x between
+  days and may not be Lambda's.
 - **X-Ray**: the sandboxes get the environment Lambda gives a function with active tracing
   (`lambda_environment`: `LAMBDA_TASK_ROOT`, the function's name, memory and handler, the
   daemon's address) and each invocation a sampled trace header, so Powertools' Tracer and
@@ -147,7 +154,7 @@ KICKOFF_TIMEOUT = 300.0
 EVENT_MAX_AGE = 60.0  # maximum_event_age_in_seconds of the drains' asynchronous events
 RECEIVE_WAIT = 1.0  # receive_wait_seconds
 RETRY_DELAY = 5.0
-MEMORY_MB = 256
+MEMORY_MB = 1024
 TABLE = "harvest-state"
 REGION = "us-east-1"
 WINDOW = ("2026-11-22T00:00:00Z", "2026-11-23T00:00:00Z")
@@ -291,6 +298,9 @@ class Settings:
     # The kickoff starts the drains and a drain out of time starts its successor
     # (HARVEST_DRAIN_FUNCTIONS); off: only the schedule starts them, as before.
     start_drains: bool = True
+    # Each sandbox gets Lambda's CPU share for its memory once its handler is imported
+    # (CpuShare), where the machine lets the harness make cgroups.
+    lambda_cpu: bool = True
 
     @property
     def compression(self) -> float:
@@ -366,10 +376,56 @@ def _host_ticks() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
+# Lambda gives a function CPU in proportion to its memory: 1,769 MB get one vCPU.
+VCPU_MB = 1769
+CFS_PERIOD_US = 100_000
+CGROUP_CPU = Path("/sys/fs/cgroup/cpu")  # cgroup v1's cpu controller
+CGROUP_PREFIX = "harvest-bench-"
+
+
+class CpuShare:
+    """A function's CPU as Lambda sizes it, for its sandbox processes: each in a cgroup of
+    its own (v1 cpu controller) whose CFS quota is memory / 1,769 of a CPU. It applies once
+    the handler is imported: Lambda runs a function's init with burst CPU (up to 10 s), its
+    invocations within the share. Needs a writable cgroup hierarchy (root here)."""
+
+    def __init__(self, memory_mb: int) -> None:
+        self.share = memory_mb / VCPU_MB
+
+    @staticmethod
+    def available() -> bool:
+        probe = CGROUP_CPU / f"{CGROUP_PREFIX}probe-{os.getpid()}"
+        try:
+            probe.mkdir()
+            probe.rmdir()
+        except OSError:
+            return False
+        return True
+
+    def confine(self, pid: int) -> Path:
+        """Put process `pid` (and the threads it will start) under the share."""
+        group = CGROUP_CPU / f"{CGROUP_PREFIX}{pid}"
+        group.mkdir(exist_ok=True)
+        (group / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+        (group / "cpu.cfs_quota_us").write_text(str(max(1000, round(self.share * CFS_PERIOD_US))))
+        (group / "cgroup.procs").write_text(str(pid))
+        return group
+
+    @staticmethod
+    def release(group: Path) -> None:
+        """Remove a sandbox's cgroup once its process has exited."""
+        try:
+            group.rmdir()
+        except OSError:
+            pass
+
+
 class Sandbox:
     """A sandbox process: started (the cold start) on creation, one invocation at a time."""
 
-    def __init__(self, handler: str, env: dict[str, str], log: Path) -> None:
+    def __init__(
+        self, handler: str, env: dict[str, str], log: Path, cpu: CpuShare | None = None
+    ) -> None:
         started = time.monotonic()
         with open(log, "ab") as err:
             self.process = subprocess.Popen(
@@ -382,10 +438,13 @@ class Sandbox:
                 text=True,
             )
         self.final_cpu = 0.0  # once it is killed
+        self.cgroup: Path | None = None
         if self._answer(COLD_START_LIMIT) is None:
             self.kill()
             raise RuntimeError(f"a sandbox of {handler} did not start: see {log}")
         self.init = time.monotonic() - started
+        if cpu is not None:
+            self.cgroup = cpu.confine(self.process.pid)
 
     def _answer(self, timeout: float) -> dict[str, Any] | None:
         out = self.process.stdout
@@ -430,6 +489,8 @@ class Sandbox:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        if self.cgroup is not None:
+            CpuShare.release(self.cgroup)
 
 
 class Function:
@@ -445,8 +506,10 @@ class Function:
         timeout: float,
         logs: Path,
         record: Callable[[Invocation], None],
+        cpu: CpuShare | None = None,
     ) -> None:
         self.name = name
+        self.cpu_share = cpu
         self.handler = handler
         self.env = env
         self.reserved = reserved
@@ -483,7 +546,12 @@ class Function:
                 number = len(self.sandboxes) + 1
             invocation = Invocation(self.name, cold=sandbox is None, at=time.monotonic())
             if sandbox is None:
-                sandbox = Sandbox(self.handler, self.env, self.logs / f"{self.name}-{number}.log")
+                sandbox = Sandbox(
+                    self.handler,
+                    self.env,
+                    self.logs / f"{self.name}-{number}.log",
+                    self.cpu_share,
+                )
                 with self._lock:
                     self.sandboxes.append(sandbox)
                 invocation.init = sandbox.init
@@ -764,6 +832,7 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
                 SETTINGS_ENV: json.dumps(asdict(sandbox_settings)),
             }
         )
+        cpu = CpuShare(settings.memory_mb) if settings.lambda_cpu and CpuShare.available() else None
         kickoff = Function(
             "kickoff",
             "workers.kickoff.handler",
@@ -777,6 +846,7 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
             timeout=settings.kickoff_timeout,
             logs=logs,
             record=record.add,
+            cpu=cpu,
         )
         drains = {
             s: Function(
@@ -793,6 +863,7 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
                 timeout=settings.drain_timeout,
                 logs=logs,
                 record=record.add,
+                cpu=cpu,
             )
             for s in STAGE_NAMES
         }
@@ -1042,7 +1113,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f" with it (default {defaults.tick:g})",
     )
     group.add_argument(
-        "--memory", type=int, default=defaults.memory_mb, help="function memory, MB (256)"
+        "--memory", type=int, default=defaults.memory_mb, help="function memory, MB (1024)"
+    )
+    group.add_argument(
+        "--no-lambda-cpu",
+        dest="lambda_cpu",
+        action="store_false",
+        help="leave the sandboxes' CPU unlimited (default: memory / 1,769 of a CPU once a"
+        " sandbox's handler is imported, as Lambda gives it)",
     )
     group.add_argument(
         "--ddb-ms", type=float, default=defaults.ddb_ms, help="least DynamoDB round trip (8)"
@@ -1089,6 +1167,7 @@ def main(args: argparse.Namespace, scratch: str | None) -> int:
         timeline=args.timeline,
         phase=args.phase,
         start_drains=args.start_drains,
+        lambda_cpu=args.lambda_cpu,
     )
     print(
         f"# AWS mode, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, python {sys.version.split()[0]}:"
@@ -1097,7 +1176,12 @@ def main(args: argparse.Namespace, scratch: str | None) -> int:
         f" DynamoDB >= {settings.ddb_ms:g} ms, SQS +{settings.sqs_ms:g} ms,"
         f" S3 +{settings.s3_ms:g} ms; first tick {settings.phase:g} tick after the kickoff,"
         f" drains started by the kickoff and by each other:"
-        f" {'yes' if settings.start_drains else 'no'}"
+        f" {'yes' if settings.start_drains else 'no'}; CPU per sandbox after its init: "
+        + (
+            f"{settings.memory_mb / VCPU_MB:.3f} vCPU (Lambda's share for its memory)"
+            if settings.lambda_cpu and CpuShare.available()
+            else "not limited" + ("" if not settings.lambda_cpu else " (no writable cgroup here)")
+        )
     )
     print(HEADER, flush=True)
     failed = False

@@ -197,9 +197,9 @@ variable "drain_timeout" {
 }
 
 variable "drain_memory" {
-  description = "Memory (MB) of each drain function; it sets the CPU share (1,769 MB = 1 vCPU). At the 2 ms of CPU per call measured in AWS mode, two drains of 256 MB sustain about 145 calls/s; set 512 for 200 calls/s (README, Cost model)."
+  description = "Memory (MB) of each drain function; it sets the CPU share (1,769 MB = 1 vCPU), which bounds a drain's pace. In the AWS-mode bench with every sandbox held to Lambda's share, a vendor at 100 calls/s got 0.42-0.59 of its limit at 256 MB, 0.73 at 512 and 0.83-0.85 at 1024; the GB-s of a 50,000-call harvest cost about $0.02 at 1024 (README, Cost model)."
   type        = number
-  default     = 256
+  default     = 1024
 
   validation {
     condition     = var.drain_memory >= 128 && var.drain_memory <= 10240

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +11,14 @@ import pytest
 
 from bench import VENDOR_NICE, nice_note
 from bench.__main__ import combine, scratch_dir
-from bench.aws import AwsScenario, Settings, create_state_table, line, run_one
+from bench.aws import (
+    AwsScenario,
+    CpuShare,
+    Settings,
+    create_state_table,
+    line,
+    run_one,
+)
 
 
 def run(
@@ -147,3 +156,23 @@ def test_the_note_under_a_line_says_whether_the_simulators_priority_was_raised()
     assert nice_note(VENDOR_NICE) == f"the simulator at nice {VENDOR_NICE}"
     assert "could not raise it" in nice_note(0)
     assert "could not raise it" in nice_note(None)
+
+
+@pytest.mark.skipif(not CpuShare.available(), reason="no writable cgroup (cpu) here")
+def test_a_sandbox_is_held_to_lambdas_cpu_share_for_its_memory() -> None:
+    # GIVEN a process standing for a sandbox, and a function of 512 MB
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        # WHEN the harness confines it
+        group = CpuShare(512).confine(child.pid)
+        # THEN it runs in a cgroup of its own with 512 / 1,769 of a CPU per period
+        assert str(child.pid) in (group / "cgroup.procs").read_text().split()
+        quota = int((group / "cpu.cfs_quota_us").read_text())
+        period = int((group / "cpu.cfs_period_us").read_text())
+        assert quota / period == pytest.approx(512 / 1769, abs=0.001)
+    finally:
+        child.kill()
+        child.wait()
+    # and the cgroup goes with the process
+    CpuShare.release(group)
+    assert not group.exists()

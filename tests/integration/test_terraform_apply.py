@@ -448,7 +448,7 @@ def test_functions_run_the_package_on_python312_traced(
         assert config["CodeSize"] == lambda_zip.stat().st_size
         if role.startswith("drain:"):
             assert config["Timeout"] == DRAIN_TIMEOUT
-            assert config["MemorySize"] == 256
+            assert config["MemorySize"] == 1024
             concurrency = lam.get_function_concurrency(FunctionName=name)
             assert concurrency["ReservedConcurrentExecutions"] == 2
 
