@@ -154,7 +154,8 @@ KICKOFF_TIMEOUT = 300.0
 EVENT_MAX_AGE = 60.0  # maximum_event_age_in_seconds of the drains' asynchronous events
 RECEIVE_WAIT = 1.0  # receive_wait_seconds
 RETRY_DELAY = 5.0
-MEMORY_MB = 1024
+MEMORY_MB = 1024  # the drains' (drain_memory)
+KICKOFF_MEMORY_MB = 256  # terraform/functions.tf
 TABLE = "harvest-state"
 REGION = "us-east-1"
 WINDOW = ("2026-11-22T00:00:00Z", "2026-11-23T00:00:00Z")
@@ -327,6 +328,7 @@ class Invocation:
     cold: bool
     at: float = 0.0  # time.monotonic() when Lambda got it
     init: float = 0.0  # seconds of cold start before it (0 if warm)
+    memory_mb: int = MEMORY_MB  # its function's
     duration: float = 0.0
     ddb: float = 0  # DynamoDB requests and their round trips, as the handler saw them
     ddb_seconds: float = 0.0
@@ -379,45 +381,103 @@ def _host_ticks() -> tuple[int, int]:
 # Lambda gives a function CPU in proportion to its memory: 1,769 MB get one vCPU.
 VCPU_MB = 1769
 CFS_PERIOD_US = 100_000
-CGROUP_CPU = Path("/sys/fs/cgroup/cpu")  # cgroup v1's cpu controller
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_PREFIX = "harvest-bench-"
+
+
+def _own_cgroup() -> Path | None:
+    """Where this process's CPU is controlled: its cgroup under the v1 cpu controller, or
+    under the v2 hierarchy if that has the cpu controller; None if neither."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "cpu" in controllers.split(","):
+            return CGROUP_ROOT / "cpu" / path.lstrip("/")
+    for line in lines:
+        if line.startswith("0::"):
+            v2 = CGROUP_ROOT / line[3:].lstrip("/")
+            try:
+                if "cpu" in (v2 / "cgroup.controllers").read_text().split():
+                    return v2
+            except OSError:
+                return None
+    return None
 
 
 class CpuShare:
     """A function's CPU as Lambda sizes it, for its sandbox processes: each in a cgroup of
-    its own (v1 cpu controller) whose CFS quota is memory / 1,769 of a CPU. It applies once
-    the handler is imported: Lambda runs a function's init with burst CPU (up to 10 s), its
-    invocations within the share. Needs a writable cgroup hierarchy (root here)."""
+    its own, under the harness's, whose CFS quota is memory / 1,769 of a CPU (cgroup v1's
+    cpu controller, or v2's cpu.max). It applies once the handler is imported: Lambda runs a
+    function's init with burst CPU (up to 10 s), its invocations within the share. Needs a
+    writable cgroup hierarchy (root here)."""
 
     def __init__(self, memory_mb: int) -> None:
         self.share = memory_mb / VCPU_MB
 
     @staticmethod
     def available() -> bool:
-        probe = CGROUP_CPU / f"{CGROUP_PREFIX}probe-{os.getpid()}"
+        """Whether sandboxes can be confined here; empty groups a killed harness left
+        behind are removed on the way."""
+        parent = _own_cgroup()
+        if parent is None:
+            return False
+        for stale in parent.glob(f"{CGROUP_PREFIX}*"):
+            harness = stale.name.removeprefix(CGROUP_PREFIX).split("-")[0]
+            if harness.isdigit() and Path(f"/proc/{harness}").exists():
+                continue  # a harness still running (this one, or another bench)
+            try:
+                stale.rmdir()  # fails, and stays, while a process is in it
+            except OSError:
+                pass
         try:
-            probe.mkdir()
-            probe.rmdir()
+            probe = CpuShare(VCPU_MB)._group(parent, "probe")
         except OSError:
             return False
+        CpuShare.release(probe)
         return True
+
+    def _group(self, parent: Path, name: str) -> Path:
+        """A cgroup with this share's quota (removed again if it cannot be set)."""
+        group = parent / f"{CGROUP_PREFIX}{os.getpid()}-{name}"
+        group.mkdir(exist_ok=True)
+        quota = max(1000, round(self.share * CFS_PERIOD_US))
+        try:
+            if (group / "cpu.max").exists():  # v2
+                (group / "cpu.max").write_text(f"{quota} {CFS_PERIOD_US}")
+            else:
+                (group / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+                (group / "cpu.cfs_quota_us").write_text(str(quota))
+        except OSError:
+            self.release(group)
+            raise
+        return group
 
     def confine(self, pid: int) -> Path:
         """Put process `pid` (and the threads it will start) under the share."""
-        group = CGROUP_CPU / f"{CGROUP_PREFIX}{pid}"
-        group.mkdir(exist_ok=True)
-        (group / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
-        (group / "cpu.cfs_quota_us").write_text(str(max(1000, round(self.share * CFS_PERIOD_US))))
-        (group / "cgroup.procs").write_text(str(pid))
+        parent = _own_cgroup()
+        if parent is None:
+            raise OSError("no cgroup with the cpu controller for this process")
+        group = self._group(parent, str(pid))
+        try:
+            (group / "cgroup.procs").write_text(str(pid))
+        except OSError:
+            self.release(group)
+            raise
         return group
 
     @staticmethod
     def release(group: Path) -> None:
-        """Remove a sandbox's cgroup once its process has exited."""
+        """Remove a sandbox's cgroup once its process has exited (a group still holding a
+        process stays)."""
         try:
             group.rmdir()
-        except OSError:
+        except FileNotFoundError:
             pass
+        except OSError as exc:
+            print(f"# could not remove {group}: {exc}", file=sys.stderr)
 
 
 class Sandbox:
@@ -444,7 +504,11 @@ class Sandbox:
             raise RuntimeError(f"a sandbox of {handler} did not start: see {log}")
         self.init = time.monotonic() - started
         if cpu is not None:
-            self.cgroup = cpu.confine(self.process.pid)
+            try:
+                self.cgroup = cpu.confine(self.process.pid)
+            except OSError:
+                self.kill()
+                raise
 
     def _answer(self, timeout: float) -> dict[str, Any] | None:
         out = self.process.stdout
@@ -506,9 +570,11 @@ class Function:
         timeout: float,
         logs: Path,
         record: Callable[[Invocation], None],
+        memory_mb: int = MEMORY_MB,
         cpu: CpuShare | None = None,
     ) -> None:
         self.name = name
+        self.memory_mb = memory_mb  # what its GB-s are billed at
         self.cpu_share = cpu
         self.handler = handler
         self.env = env
@@ -544,7 +610,9 @@ class Function:
                 # The most recently used first, as Lambda tends to.
                 sandbox = self._idle.pop() if self._idle else None
                 number = len(self.sandboxes) + 1
-            invocation = Invocation(self.name, cold=sandbox is None, at=time.monotonic())
+            invocation = Invocation(
+                self.name, cold=sandbox is None, at=time.monotonic(), memory_mb=self.memory_mb
+            )
             if sandbox is None:
                 sandbox = Sandbox(
                     self.handler,
@@ -832,21 +900,22 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
                 SETTINGS_ENV: json.dumps(asdict(sandbox_settings)),
             }
         )
-        cpu = CpuShare(settings.memory_mb) if settings.lambda_cpu and CpuShare.available() else None
+        limited = settings.lambda_cpu and CpuShare.available()
         kickoff = Function(
             "kickoff",
             "workers.kickoff.handler",
             {
                 **env,
                 **lambda_environment(
-                    "kickoff", "workers.kickoff.handler", settings.memory_mb, daemon.address
+                    "kickoff", "workers.kickoff.handler", KICKOFF_MEMORY_MB, daemon.address
                 ),
             },
             reserved=1,
             timeout=settings.kickoff_timeout,
             logs=logs,
             record=record.add,
-            cpu=cpu,
+            memory_mb=KICKOFF_MEMORY_MB,
+            cpu=CpuShare(KICKOFF_MEMORY_MB) if limited else None,
         )
         drains = {
             s: Function(
@@ -863,7 +932,8 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
                 timeout=settings.drain_timeout,
                 logs=logs,
                 record=record.add,
-                cpu=cpu,
+                memory_mb=settings.memory_mb,
+                cpu=CpuShare(settings.memory_mb) if limited else None,
             )
             for s in STAGE_NAMES
         }
@@ -947,7 +1017,7 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
     # From the first data group written on: the pace once the fan-out has fed the last stage.
     ideal_after = (calls - calls_before_output) * scenario.rate_period / scenario.vendor_calls
     wall_after = wall - first_output
-    gb_seconds = sum(i.init + i.duration for i in invocations) * settings.memory_mb / 1024
+    gb_seconds = sum((i.init + i.duration) * i.memory_mb / 1024 for i in invocations)
     own_cpu = (
         sum(cpu - cpu_started.get(pid, 0.0) for pid, cpu in cpu_ended.items())
         + killed_cpu
@@ -1178,7 +1248,8 @@ def main(args: argparse.Namespace, scratch: str | None) -> int:
         f" drains started by the kickoff and by each other:"
         f" {'yes' if settings.start_drains else 'no'}; CPU per sandbox after its init: "
         + (
-            f"{settings.memory_mb / VCPU_MB:.3f} vCPU (Lambda's share for its memory)"
+            f"{settings.memory_mb / VCPU_MB:.3f} vCPU for a drain,"
+            f" {KICKOFF_MEMORY_MB / VCPU_MB:.3f} for the kickoff (Lambda's share for their memory)"
             if settings.lambda_cpu and CpuShare.available()
             else "not limited" + ("" if not settings.lambda_cpu else " (no writable cgroup here)")
         )

@@ -281,7 +281,9 @@ class Sandbox:
         # (X-Ray's default rule takes the first request of every second).
         os.environ["_X_AMZN_TRACE_ID"] = trace_header()
         context = LocalContext(str(request["function"]), float(request["timeout"]))
-        context.memory_limit_in_mb = self.settings.memory_mb
+        context.memory_limit_in_mb = int(
+            os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", self.settings.memory_mb)
+        )
         error = ""
         try:
             handler(request["event"], context)

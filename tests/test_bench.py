@@ -15,6 +15,7 @@ from bench.aws import (
     AwsScenario,
     CpuShare,
     Settings,
+    _own_cgroup,
     create_state_table,
     line,
     run_one,
@@ -165,14 +166,34 @@ def test_a_sandbox_is_held_to_lambdas_cpu_share_for_its_memory() -> None:
     try:
         # WHEN the harness confines it
         group = CpuShare(512).confine(child.pid)
-        # THEN it runs in a cgroup of its own with 512 / 1,769 of a CPU per period
-        assert str(child.pid) in (group / "cgroup.procs").read_text().split()
-        quota = int((group / "cpu.cfs_quota_us").read_text())
-        period = int((group / "cpu.cfs_period_us").read_text())
+        # THEN the process runs in a cgroup of its own with 512 / 1,769 of a CPU per period
+        assert group.name in Path(f"/proc/{child.pid}/cgroup").read_text()
+        if (group / "cpu.max").exists():
+            quota, period = map(int, (group / "cpu.max").read_text().split())
+        else:
+            quota = int((group / "cpu.cfs_quota_us").read_text())
+            period = int((group / "cpu.cfs_period_us").read_text())
         assert quota / period == pytest.approx(512 / 1769, abs=0.001)
+        CpuShare.release(group)
+        assert group.exists()  # not while the process is in it
     finally:
         child.kill()
         child.wait()
-    # and the cgroup goes with the process
+    # and the cgroup goes once the process has
     CpuShare.release(group)
     assert not group.exists()
+
+
+@pytest.mark.skipif(not CpuShare.available(), reason="no writable cgroup (cpu) here")
+def test_groups_left_by_a_harness_that_died_are_removed() -> None:
+    # GIVEN an empty sandbox group named after a harness process that has ended
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    parent = _own_cgroup()
+    assert parent is not None
+    stale = parent / f"harvest-bench-{gone.pid}-1"
+    stale.mkdir()
+    # WHEN the next harness looks for cgroups
+    assert CpuShare.available()
+    # THEN it is gone
+    assert not stale.exists()

@@ -15,7 +15,9 @@ from workers.backends import runtime
 
 logger = Logger(service="harvest")
 metrics = Metrics(namespace="Harvest", service="harvest")
-tracer = Tracer(service="harvest")
+# Patched: its few AWS requests are subsegments (a drain's are not: workers/drain.py).
+# Explicit, since Tracer instances share their settings within a process.
+tracer = Tracer(service="harvest", auto_patch=True)
 
 
 @logger.inject_lambda_context

@@ -11,7 +11,8 @@ from pipeline.config import Config
 from workers.backends import runtime
 
 logger = Logger(service="harvest")
-tracer = Tracer(service="harvest")
+# Patched, as the kickoff (explicit: Tracer instances share their settings in a process).
+tracer = Tracer(service="harvest", auto_patch=True)
 
 
 @logger.inject_lambda_context
