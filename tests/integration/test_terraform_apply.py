@@ -451,6 +451,8 @@ def test_functions_run_the_package_on_python312_traced(
             assert config["MemorySize"] == 1024
             concurrency = lam.get_function_concurrency(FunctionName=name)
             assert concurrency["ReservedConcurrentExecutions"] == 2
+        elif role == "kickoff":
+            assert config["MemorySize"] == 1024  # it starts every stage: see functions.tf
 
 
 def test_every_drain_is_invoked_every_minute_by_its_own_rule(deployment: Deployment) -> None:
