@@ -1,5 +1,7 @@
 """Throughput benchmarks: local harvests against the simulator (`make bench`; not run in CI)."""
 
+from typing import Any, Protocol
+
 # The simulator's niceness in every bench (`SimulatorProcess(nice=...)`): it plays a vendor on
 # a machine of its own, and on the shared 2-core machine the scheduler otherwise leaves it
 # waiting for a core long enough to stamp arrivals together. Traced in harvest-sized AWS-mode
@@ -7,6 +9,29 @@
 # at the default priority; 7.8 ms and 1 at nice -10. Needs root or CAP_SYS_NICE; without it,
 # the bench says so under its lines.
 VENDOR_NICE = -10
+
+
+class Tree(Protocol):
+    """What a bench scenario says of the vendor's tree and limit (both benches' scenarios)."""
+
+    troops: int
+    warriors: int
+    data_groups: int
+    vendor_calls: int
+    rate_period: float
+    latency: float
+
+
+def vendor_tree(scenario: Tree) -> dict[str, Any]:
+    """`SimulatorConfig` arguments for a scenario's tree, limit and latency."""
+    return {
+        "troops": scenario.troops,
+        "warriors_per_troop": scenario.warriors,
+        "data_groups_per_warrior": scenario.data_groups,
+        "rate_calls": scenario.vendor_calls,
+        "rate_period": scenario.rate_period,
+        "latency": scenario.latency,
+    }
 
 
 def nice_note(nice: float | None) -> str:

@@ -37,7 +37,7 @@ import sys
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
-from bench import VENDOR_NICE, aws, nice_note
+from bench import VENDOR_NICE, aws, nice_note, vendor_tree
 
 
 @dataclass(frozen=True)
@@ -123,12 +123,7 @@ def run_one(scenario: Scenario) -> dict[str, object]:
 
     simulator = SimulatorProcess(
         SimulatorConfig(
-            troops=scenario.troops,
-            warriors_per_troop=scenario.warriors,
-            data_groups_per_warrior=scenario.data_groups,
-            rate_calls=scenario.vendor_calls,
-            rate_period=scenario.rate_period,
-            latency=scenario.latency,
+            **vendor_tree(scenario),
             error_rate=scenario.error_rate,
             stall_rate=scenario.stall_rate,
             stall_seconds=scenario.stall_seconds,

@@ -143,7 +143,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import VENDOR_NICE, nice_note
+from bench import VENDOR_NICE, nice_note, vendor_tree
 
 # Terraform's defaults (terraform/variables.tf, main.tf), in real seconds.
 SCHEDULE_SECONDS = 60.0  # the drains' rate(1 minute)
@@ -821,14 +821,7 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
 
     window = Window.parse(*WINDOW)
     run_id = window.run_id
-    simulator_config = SimulatorConfig(
-        troops=scenario.troops,
-        warriors_per_troop=scenario.warriors,
-        data_groups_per_warrior=scenario.data_groups,
-        rate_calls=scenario.vendor_calls,
-        rate_period=scenario.rate_period,
-        latency=scenario.latency,
-    )
+    simulator_config = SimulatorConfig(**vendor_tree(scenario))
     record = _Record()
     with ExitStack() as stack:
         work = Path(
@@ -1112,6 +1105,18 @@ def slots_line(slots: dict[str, float]) -> str:
     )
 
 
+def cpu_note(settings: Settings) -> str:
+    """What CPU the sandboxes get, for the header."""
+    if not settings.lambda_cpu:
+        return "not limited (--no-lambda-cpu)"
+    if not CpuShare.available():
+        return "not limited (no writable cgroup here)"
+    return (
+        f"{settings.memory_mb / VCPU_MB:.3f} vCPU for a drain, {KICKOFF_MEMORY_MB / VCPU_MB:.3f}"
+        " for the kickoff (Lambda's share for their memory)"
+    )
+
+
 def trace_note(per_call: float, kb: float) -> str:
     """What active tracing sent the X-Ray daemon."""
     return f"; X-Ray: {per_call:.2f} segment documents per call, {kb:.0f} KB"
@@ -1247,12 +1252,7 @@ def main(args: argparse.Namespace, scratch: str | None) -> int:
         f" S3 +{settings.s3_ms:g} ms; first tick {settings.phase:g} tick after the kickoff,"
         f" drains started by the kickoff and by each other:"
         f" {'yes' if settings.start_drains else 'no'}; CPU per sandbox after its init: "
-        + (
-            f"{settings.memory_mb / VCPU_MB:.3f} vCPU for a drain,"
-            f" {KICKOFF_MEMORY_MB / VCPU_MB:.3f} for the kickoff (Lambda's share for their memory)"
-            if settings.lambda_cpu and CpuShare.available()
-            else "not limited" + ("" if not settings.lambda_cpu else " (no writable cgroup here)")
-        )
+        + cpu_note(settings)
     )
     print(HEADER, flush=True)
     failed = False
