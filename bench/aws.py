@@ -807,7 +807,7 @@ class _Record:
 
 def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> dict[str, Any]:
     """One harvest of `scenario` with every invocation in a sandbox process; its numbers."""
-    from bench.aws_sandbox import SETTINGS_ENV
+    from bench.aws_sandbox import BUDGET_COUNTERS, SETTINGS_ENV
     from bench.aws_sandbox import Settings as SandboxSettings
     from pipeline.aws.ledger import DynamoLedger
     from pipeline.config import Backend, Config, QueueUrls
@@ -1049,7 +1049,7 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
         # Budget slots claimed, used for a call, given back, and lost (none of those).
         "slots": {
             k: sum(i.slots.get(k, 0) for i in invocations)
-            for k in ("claimed", "used", "given back")
+            for k in BUDGET_COUNTERS
         },
         # Full garbage collections during invocations: every thread of one waits them out.
         "gc": {k: sum(i.gc.get(k, 0.0) for i in invocations) for k in ("full", "ms")},
@@ -1061,17 +1061,15 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
             (round(i.at - started, 2), i.function, round(i.init, 2), round(i.duration, 2))
             for i in sorted(invocations, key=lambda i: i.at)
         ],
-        # What the pipeline asked DynamoDB for, by action (the harness's own requests aside).
+        # What the pipeline asked DynamoDB for, by table and action (the harness's own
+        # requests aside): the budget's item, and the ledger's state table.
         "ddb_actions": {
-            action: n
-            for action, n in sorted(
-                (
-                    Counter(moto.requests)
-                    + Counter(moto_budget.requests)
-                    - harness.actions
-                    - harness_budget.actions
-                ).items()
+            f"{table} {action}": n
+            for table, counts in (
+                ("budget", Counter(moto_budget.requests) - harness_budget.actions),
+                ("ledger", Counter(moto.requests) - harness.actions),
             )
+            for action, n in sorted(counts.items())
         },
     }
 
@@ -1101,7 +1099,8 @@ def slots_line(slots: dict[str, float]) -> str:
     lost = slots["claimed"] - slots["used"] - slots["given back"]
     return (
         f"  budget slots: {slots['claimed']:.0f} claimed, {slots['used']:.0f} used,"
-        f" {slots['given back']:.0f} given back, {lost:.0f} lost"
+        f" {slots['given back']:.0f} given back, {lost:.0f} lost;"
+        f" {slots['claims']:.0f} claims, {slots['refused']:.0f} refused"
     )
 
 
@@ -1278,7 +1277,7 @@ def main(args: argparse.Namespace, scratch: str | None) -> int:
         if settings.timeline and args.repeat == 1:
             calls = max(1.0, result["calls"])
             print(
-                "  DynamoDB requests per call, by action: "
+                "  DynamoDB requests per call, by table and action: "
                 + ", ".join(f"{a} {n / calls:.3f}" for a, n in result["ddb_actions"].items())
             )
             print_timeline(result["timeline"])

@@ -70,6 +70,10 @@ class Settings:
     budget_endpoint: str  # the DynamoDB that holds the budget's item
 
 
+# DynamoBudget.slots: what each invocation reports of its budget.
+BUDGET_COUNTERS = ("claimed", "used", "given back", "claims", "refused")
+
+
 class Meter:
     """Counters of one sandbox: requests made and the time DynamoDB requests took."""
 
@@ -265,11 +269,9 @@ class Sandbox:
         pipeline.aws.runtime.DynamoBudget = budget  # type: ignore[assignment]
 
     def budget_slots(self) -> dict[str, int]:
-        """The budget slots this sandbox's DynamoBudgets claimed, used and gave back."""
-        return {
-            f"slots {k}": sum(b.slots[k] for b in self.budgets)
-            for k in ("claimed", "used", "given back")
-        }
+        """The budget slots this sandbox's DynamoBudgets claimed, used and gave back, and the
+        claims they wrote and had refused."""
+        return {f"slots {k}": sum(b.slots[k] for b in self.budgets) for k in BUDGET_COUNTERS}
 
     def invoke(self, handler: Callable[[Any, Any], Any], request: dict[str, Any]) -> dict[str, Any]:
         """Run one invocation; what it cost. (Vendor calls are counted by the simulator, CPU
