@@ -90,9 +90,18 @@ exact         output equals the simulator's ground truth
 
 Under each line, the budget's slots: how many the invocations' DynamoBudgets claimed, used
 for a call, gave back (`DynamoBudget.give_back`), and lost (none of those: claimed for
-threads that came back too late or not at all). `--timeline` adds DynamoDB requests per call
-by action, one line a second of calls and queue depths, and every invocation: when Lambda
-got it, its cold start, its duration.
+threads that came back too late or not at all), in how many claims, and how many claims the
+item's condition refused (each costs a request); how many calls left later than LATE after
+their slot, the slots left unused to make room for them, and those whose window was booked
+past already (`DynamoBudget.arrived`). Then the simulator's niceness, and how often the CPU
+share held a sandbox: CFS periods out of quota, and the time held. Then one line per 429
+(the first 20): when, and the window the vendor found full: how many of its gaps between
+calls were under half the even spacing, the tightest three with how long before the 429
+each came, and the simulator's own garbage collections over 2 ms in that window (requests
+arriving during one are stamped together after it).
+`--timeline` adds DynamoDB requests per call by table (the budget's item, the ledger's
+state table) and action, one line a second of calls and queue depths, and every invocation:
+when Lambda got it, its cold start, its duration.
 
 A failed invocation, a stall or an incomplete run is named after the line.
 
@@ -151,6 +160,7 @@ DRAIN_TIMEOUT = 120.0
 SAFETY_MARGIN = 30.0
 VISIBILITY_EXTRA = 60.0  # visibility timeout = drain timeout + 60
 KICKOFF_TIMEOUT = 300.0
+RELEASE_ATTEMPTS = 20  # a sandbox's cgroup, 50 ms apart
 EVENT_MAX_AGE = 60.0  # maximum_event_age_in_seconds of the drains' asynchronous events
 RECEIVE_WAIT = 1.0  # receive_wait_seconds
 RETRY_DELAY = 5.0
@@ -469,15 +479,34 @@ class CpuShare:
         return group
 
     @staticmethod
+    def throttling(group: Path) -> tuple[int, int, float]:
+        """The group's CFS periods so far, how many of them ran out of quota (its processes
+        held until the next), and the seconds held in all (v1 or v2 cpu.stat)."""
+        try:
+            stat = dict(
+                line.split() for line in (group / "cpu.stat").read_text().splitlines() if line
+            )
+        except (OSError, ValueError):
+            return 0, 0, 0.0
+        held = int(stat.get("throttled_usec", 0)) / 1e6 or int(stat.get("throttled_time", 0)) / 1e9
+        return int(stat.get("nr_periods", 0)), int(stat.get("nr_throttled", 0)), held
+
+    @staticmethod
     def release(group: Path) -> None:
         """Remove a sandbox's cgroup once its process has exited (a group still holding a
-        process stays)."""
-        try:
-            group.rmdir()
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            print(f"# could not remove {group}: {exc}", file=sys.stderr)
+        process stays). The kernel may take a moment to let go of a process just reaped
+        (seen: groups left busy after a run), so a busy group is tried again for a second."""
+        for attempt in range(RELEASE_ATTEMPTS):
+            try:
+                group.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                if attempt + 1 == RELEASE_ATTEMPTS:
+                    print(f"# could not remove {group}: {exc}", file=sys.stderr)
+                else:
+                    time.sleep(0.05)
 
 
 class Sandbox:
@@ -499,6 +528,7 @@ class Sandbox:
             )
         self.final_cpu = 0.0  # once it is killed
         self.cgroup: Path | None = None
+        self.throttling = (0, 0, 0.0)  # CpuShare.throttling, once closed
         if self._answer(COLD_START_LIMIT) is None:
             self.kill()
             raise RuntimeError(f"a sandbox of {handler} did not start: see {log}")
@@ -554,6 +584,7 @@ class Sandbox:
             self.process.kill()
             self.process.wait()
         if self.cgroup is not None:
+            self.throttling = CpuShare.throttling(self.cgroup)
             CpuShare.release(self.cgroup)
 
 
@@ -1027,6 +1058,29 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
         "util": ideal / wall if wall else 0.0,
         "util_after_output": ideal_after / wall_after if first_output and wall_after > 0 else 0.0,
         "rate_limited": float(vendor["rate_limited"]),
+        # Each 429's window as the vendor counted it (seconds into the run, and the stamps of
+        # the calls it held, from the refused call back).
+        # With the simulator's garbage collections over 2 ms in the second before it
+        # (seconds before the 429, seconds).
+        "refusals": [
+            (
+                r["at"] - started,
+                [r["at"] - stamp for stamp in r["stamps"]],
+                [
+                    (r["at"] - at, seconds)
+                    for at, seconds in vendor["pauses"]
+                    if 0 <= r["at"] - at <= scenario.rate_period + 0.1
+                ],
+            )
+            for r in vendor["refusals"]
+        ],
+        # The sandboxes' CFS periods, those that ran out of quota, and the seconds held.
+        "throttling": [
+            sum(x)
+            for x in zip(
+                *(s.throttling for f in functions for s in f.sandboxes), (0, 0, 0.0), strict=True
+            )
+        ],
         "queue_per_entity": sum(i.queue for i in invocations) / max(1, entities),
         "ddb_per_call": ddb_requests / max(1.0, calls),
         "ddb_ms": 1000 * sum(i.ddb_seconds for i in invocations) / max(1, ddb_seen),
@@ -1047,10 +1101,7 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
         "errors": sorted({f"{i.function}: {i.error[:160]}" for i in invocations if i.error}),
         "timeline": timeline,
         # Budget slots claimed, used for a call, given back, and lost (none of those).
-        "slots": {
-            k: sum(i.slots.get(k, 0) for i in invocations)
-            for k in BUDGET_COUNTERS
-        },
+        "slots": {k: sum(i.slots.get(k, 0) for i in invocations) for k in BUDGET_COUNTERS},
         # Full garbage collections during invocations: every thread of one waits them out.
         "gc": {k: sum(i.gc.get(k, 0.0) for i in invocations) for k in ("full", "ms")},
         "vendor_nice": simulator.nice,
@@ -1100,7 +1151,9 @@ def slots_line(slots: dict[str, float]) -> str:
     return (
         f"  budget slots: {slots['claimed']:.0f} claimed, {slots['used']:.0f} used,"
         f" {slots['given back']:.0f} given back, {lost:.0f} lost;"
-        f" {slots['claims']:.0f} claims, {slots['refused']:.0f} refused"
+        f" {slots['claims']:.0f} claims, {slots['refused']:.0f} refused; {slots['late']:.0f} calls"
+        f" sent later than LATE, {slots['made room']:.0f} slots left unused for them,"
+        f" {slots['no room']:.0f} too late to"
     )
 
 
@@ -1160,7 +1213,48 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
     result["ddb_actions"] = runs[0]["ddb_actions"]
     result["slots"] = runs[0]["slots"]
     result["gc"] = runs[0]["gc"]
+    result["refusals"] = [refusal for r in runs for refusal in r["refusals"]]
+    result["throttling"] = runs[0]["throttling"]
     return result
+
+
+def refusal_line(
+    at: float,
+    ages: list[float],
+    period: float,
+    calls: int,
+    pauses: list[tuple[float, float]],
+) -> str:
+    """One 429 as the vendor saw it: the window that was full, where its calls crowded, and
+    the simulator's long garbage collections meanwhile (`pauses`: seconds before the 429,
+    seconds).
+
+    Evenly spaced at the budget's interval, `calls` stamps span more than `period`; a window
+    that held them all had somewhere a run of calls closer together than that.
+    """
+    stamps = sorted(-a for a in ages)  # seconds before the refusal, oldest first
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    even = period / calls
+    tight = sorted(range(len(gaps)), key=lambda i: gaps[i])[:3]
+    where = ", ".join(f"{1000 * gaps[i]:.1f} ms at {-1000 * stamps[i]:.0f} ms" for i in tight)
+    collected = [f"{1000 * seconds:.0f} ms at {1000 * before:.0f} ms" for before, seconds in pauses]
+    return (
+        f"  429 at {at:.2f} s: {len(stamps)} calls in the window, the first {-1000 * stamps[0]:.0f}"
+        f" ms before it; {sum(g < even / 2 for g in gaps)} gaps under half of {1000 * even:.1f}"
+        f" ms; tightest: {where}; the simulator's garbage collections over 2 ms before it:"
+        f" {', '.join(collected) or 'none'}"
+    )
+
+
+def throttling_note(throttling: list[float]) -> str:
+    """How often the sandboxes' CPU share held them (CFS periods out of quota)."""
+    periods, throttled, held = throttling
+    if not periods:
+        return ""
+    return (
+        f"; CPU share: sandboxes held in {throttled:.0f} of {periods:.0f} CFS periods,"
+        f" {held:.1f} s in all"
+    )
 
 
 def notes(r: dict[str, Any]) -> str:
@@ -1272,8 +1366,14 @@ def main(args: argparse.Namespace, scratch: str | None) -> int:
             + trace_note(result["trace_per_call"], result["trace_kb"])
             + "; "
             + nice_note(result["vendor_nice"])
+            + throttling_note(result["throttling"])
         )
         print(slots_line(result["slots"]) + note, flush=True)
+        for at, ages, pauses in result["refusals"]:
+            print(
+                refusal_line(at, ages, scenario.rate_period, scenario.vendor_calls, pauses),
+                flush=True,
+            )
         if settings.timeline and args.repeat == 1:
             calls = max(1.0, result["calls"])
             print(

@@ -71,7 +71,16 @@ class Settings:
 
 
 # DynamoBudget.slots: what each invocation reports of its budget.
-BUDGET_COUNTERS = ("claimed", "used", "given back", "claims", "refused")
+BUDGET_COUNTERS = (
+    "claimed",
+    "used",
+    "given back",
+    "claims",
+    "refused",
+    "late",
+    "made room",
+    "no room",
+)
 
 
 class Meter:

@@ -55,9 +55,11 @@ class Budget(Protocol):
     def paused_for(self) -> float:
         """Seconds left of the current pause as far as this process knows; 0 if none."""
 
-    def arrived(self, stamp: float, at: float) -> None:
+    def arrived(self, stamp: float, at: float, sent_after: float | None = None) -> None:
         """The call counted at `stamp` reached the vendor by `at` at the latest (the budget's
-        clock): count it there, so that jitter before the vendor's clock cannot crowd it."""
+        clock): count it there, so that jitter before the vendor's clock cannot crowd it.
+        `sent_after`, where measured: seconds from the slot's handing out (acquire's return)
+        to the request written whole, how late the call left on this side."""
 
     def pause(self, seconds: float) -> None:
         """Start no call for `seconds` from now (a 429's Retry-After), however long that is."""

@@ -43,6 +43,7 @@ class FakeBudget:
 
     def __init__(self) -> None:
         self.events: list[tuple[Any, ...]] = []
+        self.sent_after: list[float | None] = []  # as each call's `arrived` said
 
     def acquire(self, max_pause: float = math.inf) -> float:
         self.events.append(("acquire",))
@@ -51,8 +52,8 @@ class FakeBudget:
     def paused_for(self) -> float:
         return 0.0
 
-    def arrived(self, stamp: float, at: float) -> None:
-        pass
+    def arrived(self, stamp: float, at: float, sent_after: float | None = None) -> None:
+        self.sent_after.append(sent_after)
 
     def pause(self, seconds: float) -> None:
         self.events.append(("pause", seconds))
@@ -635,6 +636,48 @@ def test_the_connection_is_open_before_the_call_waits_for_its_slot(
     # later calls kept it (no handshake before or after their slots)
     assert budget.seen == [1, 1, 1]
     assert server.connections == 1
+
+
+class _SlowPageHandler(_PageHandler):
+    def do_GET(self) -> None:
+        time.sleep(SLOW_ANSWER)
+        super().do_GET()
+
+
+SLOW_ANSWER = 0.2
+
+
+def test_the_budget_hears_when_the_request_left_not_when_the_answer_came() -> None:
+    # GIVEN a vendor that takes 200 ms to answer
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowPageHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    budget = FakeBudget()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        with VendorClient(base, "token", budget, CallStats()) as client:
+            # WHEN a client calls it twice
+            for _ in range(2):
+                list(client.items(WARRIORS, "t1"))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    # THEN each call told the budget how long after its slot the request was written: soon,
+    # not the 200 ms the answer took (which a late send could not be told apart from)
+    assert len(budget.sent_after) == 2
+    assert all(s is not None and 0 <= s < SLOW_ANSWER / 2 for s in budget.sent_after)
+
+
+def test_the_budget_hears_nothing_of_the_send_when_no_connection_sent_it(
+    client: VendorClient, budget: FakeBudget, rsps: responses.RequestsMock
+) -> None:
+    # GIVEN a mocked vendor (no connection is made)
+    rsps.add(responses.GET, url(), json={"items": [], "next_cursor": None})
+
+    # WHEN a call is made, THEN the budget is told the call arrived, with no send time
+    assert list(client.items(WARRIORS, "t1")) == []
+    assert budget.sent_after == [None]
 
 
 def test_a_connection_refused_spends_no_slot_and_is_retried_as_a_transport_failure() -> None:

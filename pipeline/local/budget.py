@@ -92,7 +92,8 @@ class PacedBudget:
         widened = margin - self._margin.base > 1e-6
         self._narrow_at = now + NARROW_EVERY if widened else math.inf
 
-    def arrived(self, stamp: float, at: float) -> None:
+    def arrived(self, stamp: float, at: float, sent_after: float | None = None) -> None:
+        # `at` is at or after the send, so restamping there covers `sent_after` too.
         if at > stamp:
             with self._lock:
                 self._restamp(stamp, at)

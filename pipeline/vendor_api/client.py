@@ -73,6 +73,7 @@ from pipeline.vendor_api.transport import (
     header_int,
     header_seconds,
     read_body,
+    sent_at,
     vendor_path,
 )
 
@@ -568,6 +569,7 @@ class VendorClient:
             started = time.perf_counter()
             self._waits.total = self.budget_waited() + (started - asked)
         self.in_flight.start(self._shown(url))
+        sent_at()  # forget a request that failed after it was written
         try:
             # Straight to the adapter, not through Session.send: no redirects, cookies, hooks
             # or proxies to resolve, and a fifth less CPU per call (bench/README).
@@ -590,11 +592,15 @@ class VendorClient:
         finally:
             self.in_flight.end()
         # The vendor counted the call no later than the fastest round trip seen before the
-        # response came back: tell the budget, so that a late send is counted late.
+        # response came back, and it left when its request was written: tell the budget,
+        # so that a late send is counted late.
+        sent = sent_at()
         rtt = time.perf_counter() - started
         self.latency.observe(rtt)
         self._min_rtt = min(self._min_rtt, rtt)
-        self._budget.arrived(stamp, stamp + rtt - self._min_rtt)
+        self._budget.arrived(
+            stamp, stamp + rtt - self._min_rtt, None if sent is None else max(0.0, sent - started)
+        )
         return response, started, oversize
 
     def _announce_pause(self, seconds: float) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import ssl
+import threading
+import time
 from collections.abc import Mapping
 from functools import lru_cache
 from string import Formatter
@@ -36,6 +38,42 @@ TRANSIENT_EXCEPTIONS: tuple[type[Exception], ...] = (
     requests.exceptions.ChunkedEncodingError,
     requests.exceptions.ContentDecodingError,
 )
+
+
+# When this thread last finished writing a request on a vendor connection (perf_counter).
+_SENT = threading.local()
+
+
+class _TimedRequest:
+    """For urllib3's connections: note when a request has been written whole, so that the
+    client can tell the budget how late after its slot the call left (`sent_at`)."""
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        super().request(*args, **kwargs)  # type: ignore[misc]
+        _SENT.at = time.perf_counter()
+
+
+class TimedHTTPConnection(_TimedRequest, urllib3.connection.HTTPConnection):
+    pass
+
+
+class TimedHTTPSConnection(_TimedRequest, urllib3.connection.HTTPSConnection):
+    pass
+
+
+_TIMED: dict[type[Any], type[Any]] = {
+    urllib3.connection.HTTPConnection: TimedHTTPConnection,
+    urllib3.connection.HTTPSConnection: TimedHTTPSConnection,
+}
+
+
+def sent_at() -> float | None:
+    """When this thread's last request on a vendor connection was written whole
+    (time.perf_counter), once: None if none was since the last ask (a test double answered,
+    or the request failed before it was written)."""
+    at: float | None = getattr(_SENT, "at", None)
+    _SENT.at = None
+    return at
 
 
 def encode_segment(entity_id: str) -> str:
@@ -120,6 +158,9 @@ class VendorAdapter(HTTPAdapter):
             return cached[1]
         pool = super().get_connection_with_tls_context(request, verify, proxies, cert)
         if cacheable:
+            # Its connections (made as they are needed) note when each request left.
+            if isinstance(pool, urllib3.HTTPConnectionPool):
+                pool.ConnectionCls = _TIMED.get(pool.ConnectionCls, pool.ConnectionCls)
             self._pool = ((verify, cert), pool)
         return pool
 

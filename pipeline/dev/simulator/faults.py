@@ -125,6 +125,8 @@ class SlidingLog:
                 if accepted:
                     log.append(now)
                     self._stats.observe_window(len(log))
+            if not accepted:
+                self._stats.refused(now, list(log))
             remaining = max(0, self._calls - len(log))
             return accepted, self._calls, remaining, self._reset_after(log, now)
 

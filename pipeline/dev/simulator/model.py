@@ -139,6 +139,11 @@ class SimulatorConfig:
         return cls(**data)
 
 
+# How many refusals by the rate limit SimulatorStats keeps the window of.
+REFUSALS_KEPT = 20
+PAUSES_KEPT, PAUSE_KEPT_SECONDS = 1000, 0.002
+
+
 @dataclass
 class SimulatorStats:
     """Counters of the vendor requests the simulator answered; safe to share between threads."""
@@ -147,6 +152,12 @@ class SimulatorStats:
     by_status: dict[int, int] = field(default_factory=dict)
     rate_limited: int = 0  # rate-limited responses (429 for Hermes)
     max_in_window: int = 0  # most accepted requests seen in one rolling window of the current W
+    # The first REFUSALS_KEPT refusals by the rate limit: when (the simulator's monotonic
+    # clock), and the stamps of the accepted requests that filled the window, in order.
+    refusals: list[dict[str, Any]] = field(default_factory=list)
+    # Garbage collections in the simulator's process that held every thread for at least
+    # PAUSE_KEPT_SECONDS: (start on the monotonic clock, seconds), the first PAUSES_KEPT.
+    pauses: list[tuple[float, float]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def record(self, status: int, rate_limited: bool | None = None) -> None:
@@ -156,6 +167,17 @@ class SimulatorStats:
             self.by_status[status] = self.by_status.get(status, 0) + 1
             if status == 429 if rate_limited is None else rate_limited:
                 self.rate_limited += 1
+
+    def refused(self, at: float, stamps: list[float]) -> None:
+        """A request the rate limit refused at `at`; `stamps`, the window that was full."""
+        with self._lock:
+            if len(self.refusals) < REFUSALS_KEPT:
+                self.refusals.append({"at": at, "stamps": stamps})
+
+    def paused(self, at: float, seconds: float) -> None:
+        with self._lock:
+            if seconds >= PAUSE_KEPT_SECONDS and len(self.pauses) < PAUSES_KEPT:
+                self.pauses.append((at, seconds))
 
     def observe_window(self, in_window: int) -> None:
         with self._lock:
@@ -167,6 +189,8 @@ class SimulatorStats:
             self.by_status = {}
             self.rate_limited = 0
             self.max_in_window = 0
+            self.refusals = []
+            self.pauses = []
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -175,6 +199,8 @@ class SimulatorStats:
                 "by_status": dict(self.by_status),
                 "rate_limited": self.rate_limited,
                 "max_in_window": self.max_in_window,
+                "refusals": list(self.refusals),
+                "pauses": list(self.pauses),
             }
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import gc
 import json
 import math
 import os
@@ -443,11 +444,26 @@ def serve(config: SimulatorConfig, host: str = "127.0.0.1", port: int = 8000) ->
         simulator.stop()
 
 
+def _time_collections(stats: SimulatorStats) -> None:
+    """Record this process's long garbage collections in `stats`: every thread waits them
+    out, and requests that arrive meanwhile are stamped together afterwards."""
+    started = [0.0]
+
+    def timed(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.monotonic()
+        else:
+            stats.paused(started[0], time.monotonic() - started[0])
+
+    gc.callbacks.append(timed)
+
+
 def child_main() -> None:
     """`python -m pipeline.dev.simulator`: read a SimulatorConfig as JSON on stdin (its profile
     by file, `SimulatorConfig.to_json`), print the URL, serve until stdin closes."""
     config = SimulatorConfig.from_json(sys.stdin.readline())
     simulator = Simulator(config)
+    _time_collections(simulator.stats)
     print(simulator.start(), flush=True)
     try:
         sys.stdin.read()  # returns when the parent closes the pipe or goes away
