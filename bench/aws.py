@@ -90,15 +90,17 @@ exact         output equals the simulator's ground truth
 
 Under each line, the budget's slots: how many the invocations' DynamoBudgets claimed, used
 for a call, gave back (`DynamoBudget.give_back`), and lost (none of those: claimed for
-threads that came back too late or not at all), in how many claims, and how many claims the
+threads that came back too late or not at all, or left unused to make room for a late
+call), in how many claims, and how many claims the
 item's condition refused (each costs a request); how many calls left later than LATE after
 their slot, the slots left unused to make room for them, and those whose window was booked
 past already (`DynamoBudget.arrived`). Then the simulator's niceness, and how often the CPU
 share held a sandbox: CFS periods out of quota, and the time held. Then one line per 429
-(the first 20): when, and the window the vendor found full: how many of its gaps between
-calls were under half the even spacing, the tightest three with how long before the 429
-each came, and the simulator's own garbage collections over 2 ms in that window (requests
-arriving during one are stamped together after it).
+(the first 20 of each run, every run of a `--repeat`): when, and the window the vendor found
+full: how many of its gaps between calls were under half the even spacing, the tightest
+three with how long before the 429 each came, and the simulator's own garbage collections
+over 2 ms that began in the W (plus 0.1 s) before it (requests arriving during one are
+stamped together after it).
 `--timeline` adds DynamoDB requests per call by table (the budget's item, the ledger's
 state table) and action, one line a second of calls and queue depths, and every invocation:
 when Lambda got it, its cold start, its duration.

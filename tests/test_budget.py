@@ -867,3 +867,23 @@ def test_dynamo_budget_makes_no_room_for_calls_that_left_within_late(
     assert budget.held() == held
     assert budget.slots["late"] == budget.slots["made room"] == 0
     assert len(sent) == asked
+
+
+def test_dynamo_budget_does_not_give_back_slots_it_left_unused_for_a_late_call(
+    dynamodb: DynamoDBClient, table: str
+) -> None:
+    # GIVEN a busy invocation that left the last slots of its claim unused for a late call
+    budget, clock = busy_budget(dynamodb, table)
+    late = budget.acquire()
+    budget.arrived(late, late + FROZEN, FROZEN)
+    assert budget.slots["made room"] == 2
+
+    # WHEN its queue runs dry and it gives back what it holds, and another invocation calls
+    given = budget.give_back(keep=0)
+    other = DynamoBudget(dynamodb, table, 20, 1.0, clock=clock, sleep=clock.sleep)
+    sends = [late + FROZEN, *acquire_times(other, clock, 25)]
+
+    # THEN nothing was given back (that would hand the unused slots out again), and the
+    # vendor's window from the late call holds no more than the limit
+    assert given == 0
+    assert busiest_window(sends, VENDOR_WINDOW) <= 20

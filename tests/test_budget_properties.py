@@ -361,15 +361,16 @@ def run_mix(
         def call() -> None:
             while time.now < end:
                 stamp = budget.acquire()
-                if freeze[0]:
-                    handed = time.now
-                    if chance.random() < freeze[0]:
-                        time.sleep(chance.uniform(0.0, freeze[1]))
-                    budget.arrived(stamp, time.now, time.now - handed)
-                starts.append(time.now)
+                handed = time.now
+                if freeze[0] and chance.random() < freeze[0]:
+                    time.sleep(chance.uniform(0.0, freeze[1]))
+                sent = time.now
+                starts.append(sent)
                 if pause_every and len(starts) % pause_every == 0:
                     budget.pause(pause_seconds)
                 time.sleep(invocation.latency + invocation.gap)
+                if freeze[0]:  # as the vendor client does, once the answer is in
+                    budget.arrived(stamp, time.now, sent - handed)
                 if give_back and chance.random() < give_back:
                     budget.give_back(keep=chance.randrange(invocation.threads + 1))
 

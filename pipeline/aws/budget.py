@@ -91,11 +91,12 @@ A call that leaves late: the spacing lets a call leave up to LATE after its slot
 leaves the margin to the network. A thread can lose the CPU for longer between taking its
 slot and writing its request: a Lambda sandbox that has spent its CPU share is held until
 the scheduler's next period, tens of ms (in the AWS-mode bench, at 1024 MB, sandboxes were
-held in about 1% of their 100 ms periods, 26-28 ms each on average). Such a call is closer
-than W + margin to the L-th call after it, and a strict vendor refuses that one: each of the
-five 429s the AWS-mode bench drew in four runs of 35,000 calls had a vendor window whose
-first calls came bunched (6 to 15 gaps under half the spacing), and no garbage collection
-of the simulator's over 2 ms to explain them. So the client
+held in about 1% of their 100 ms periods, 26-28 ms each on average). Such a call can be
+closer than W + margin to the L-th call after it, and a strict vendor refuses that one.
+Each of the five 429s the AWS-mode bench drew in four runs of 35,000 calls had a vendor
+window whose first calls came bunched (6 to 15 gaps under half the spacing): consistent
+with late sends, though bunching inside the simulator's own process (its threads waiting
+for the GIL or a core) would look the same and was not ruled out. So the client
 tells the budget when the request was written (`arrived`, `sent_after`, timed on the
 connection), and a call that left later than LATE makes room a window on: as many of the
 next L slots as its excess spans go unused, this invocation's held ones first (no request),
@@ -266,7 +267,6 @@ class DynamoBudget:
         # slot: while the item still says so, the claim is the schedule's tail (give_back).
         self._tail: tuple[float, float] | None = None
         self._voids = 0  # how often the held slots were voided (_void)
-        # Slots this invocation claimed, used for calls and gave back: the rest were lost.
         # Slots claimed, used for a call and given back; claims written, and refused by the
         # item's condition (each refusal costs a request and sizes the claim again).
         self.slots = {"claimed": 0, "used": 0, "given back": 0, "claims": 0, "refused": 0}
@@ -522,27 +522,30 @@ class DynamoBudget:
 
         Slots are spaced so that any L + 1 of them span W + margin + LATE: calls that leave
         up to LATE late still arrive spread over more than W, with the margin left for the
-        network. A call that leaves `late` after its slot, more than LATE (its thread lost
-        the CPU between taking the slot and writing the request: a Lambda sandbox out of
-        its CPU share is held for the rest of the scheduler's period, tens of ms; measured
-        in the AWS-mode bench, where a vendor window with such a call at its start held
-        L + 1), is closer than that to the L-th call after it. So as many slots as the excess
-        spans are left unused among those L: this invocation's own held slots within them
-        first (no request), else the schedule's end is pushed on by the rest (one UpdateItem,
-        unconditional: on a schedule that has fallen behind the clock, the idle time already
-        covers any gap that would not show). Room made for one late call counts for the
-        next (the threads of one held sandbox come back late together).
+        network. A call that leaves more than LATE after its slot (its thread lost the CPU
+        between taking the slot and writing the request: a Lambda sandbox out of its CPU
+        share is held for the rest of the scheduler's period, tens of ms) can be closer than
+        that to the L-th call after it. So as many slots as the excess spans are left unused
+        among those L: this invocation's own held slots within them first (no request), else
+        the schedule's end is pushed on by the rest (one UpdateItem, on the condition that
+        the schedule does not yet reach past the window; on one that has fallen behind the
+        clock, the idle time already covers any gap that would not show). Room made, or
+        being made, for one late call counts for the next (the threads of one held sandbox
+        come back late together).
 
         What it cannot do: make room when the schedule is already booked past the window
-        (W shorter than the call's round trip plus the schedule booked ahead); the margin's
-        widening after a 429 remains for that. `at` is not used: it bounds the vendor's
-        latency as much as the send, and would make room after every slow answer.
+        (W shorter than the call's round trip plus the schedule booked ahead): counted as
+        "no room"; the margin's widening after a 429 remains for that. `at` is not used: it
+        bounds the vendor's latency as much as the send, and would make room after every
+        slow answer.
         """
         if sent_after is None:
             return
         handed = getattr(self._handed, "call", None)
         self._handed.call = None
-        late = (handed[1] if handed is not None and handed[0] == stamp else self._late) + sent_after
+        # How late the slot was handed out is known for the thread's own call (always, from
+        # the vendor client); otherwise only the send is counted.
+        late = (handed[1] if handed is not None and handed[0] == stamp else 0.0) + sent_after
         if late <= self._late:
             return
         with self._lock:
@@ -561,33 +564,49 @@ class DynamoBudget:
                 self._room.extend(dropped)
                 self.slots["made room"] += len(dropped)
                 need -= len(dropped)
+                if self._tail is not None and max(dropped) >= self._tail[1]:
+                    # Giving the claim's tail back would hand the dropped slots out again.
+                    self._tail = None
             if need <= 0:
                 return
             if self._tat_seen > end:
                 self.slots["no room"] += 1  # booked past the window: pushing cannot help
                 return
             gap = _up(need * interval)
+            # Counted at once, so that a call held with this one does not push again.
+            reserved = [max(self._tat_seen, stamp + interval)] * need
+            self._room.extend(reserved)
+        pushed: float | None = None
         try:
             item = self._update(
                 TableName=self.table,
                 Key=self._key,
                 UpdateExpression="SET #tat = #tat + :gap",
-                ConditionExpression="attribute_exists(#tat)",
+                ConditionExpression="attribute_exists(#tat) AND #tat <= :end",
                 ExpressionAttributeNames={"#tat": "tat"},
-                ExpressionAttributeValues={":gap": _n(gap)},
+                ExpressionAttributeValues={":gap": _n(gap), ":end": _n(_down(end))},
                 ReturnValues="UPDATED_NEW",
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )["Attributes"]
-        except self._ddb.exceptions.ConditionalCheckFailedException:
-            return  # no schedule yet: nothing after the late call to crowd
+            pushed = float(item["tat"]["N"])
+        except self._ddb.exceptions.ConditionalCheckFailedException as failed:
+            # No schedule yet (nothing after the late call to crowd), or one booked past
+            # the window already (pushing its end could not help).
+            booked = _number(failed.response.get("Item", {}), "tat")
+            with self._lock:
+                if booked is not None:
+                    self._tat_seen = max(self._tat_seen, booked)
+                    self.slots["no room"] += 1
         except Exception as exc:
             logger.warning("could not make room after a late call", extra={"error": repr(exc)})
-            return
         with self._lock:
-            pushed = float(item["tat"]["N"])
-            self._tat_seen = max(self._tat_seen, pushed)
-            self._tail = None  # the schedule no longer ends where our last claim left it
-            self._room.extend([pushed - gap] * need)
-            self.slots["made room"] += need
+            for at_slot in reserved:
+                self._room.remove(at_slot)
+            if pushed is not None:
+                self._tat_seen = max(self._tat_seen, pushed)
+                self._tail = None  # the schedule no longer ends where our last claim left it
+                self._room.extend([pushed - gap] * need)
+                self.slots["made room"] += need
 
     def pause(self, seconds: float) -> None:
         """A 429: pause every invocation, and widen the margin (once per pause) for all."""

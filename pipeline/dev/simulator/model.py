@@ -141,7 +141,7 @@ class SimulatorConfig:
 
 # How many refusals by the rate limit SimulatorStats keeps the window of.
 REFUSALS_KEPT = 20
-PAUSES_KEPT, PAUSE_KEPT_SECONDS = 1000, 0.002
+PAUSE_KEPT_SECONDS = 0.002
 
 
 @dataclass
@@ -156,7 +156,7 @@ class SimulatorStats:
     # clock), and the stamps of the accepted requests that filled the window, in order.
     refusals: list[dict[str, Any]] = field(default_factory=list)
     # Garbage collections in the simulator's process that held every thread for at least
-    # PAUSE_KEPT_SECONDS: (start on the monotonic clock, seconds), the first PAUSES_KEPT.
+    # PAUSE_KEPT_SECONDS: (start on the monotonic clock, seconds), all of them.
     pauses: list[tuple[float, float]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -175,9 +175,10 @@ class SimulatorStats:
                 self.refusals.append({"at": at, "stamps": stamps})
 
     def paused(self, at: float, seconds: float) -> None:
-        with self._lock:
-            if seconds >= PAUSE_KEPT_SECONDS and len(self.pauses) < PAUSES_KEPT:
-                self.pauses.append((at, seconds))
+        """A garbage collection: called from gc's callback on whatever thread allocated, maybe
+        one holding `_lock`, so no lock here (list.append is atomic)."""
+        if seconds >= PAUSE_KEPT_SECONDS:
+            self.pauses.append((at, seconds))
 
     def observe_window(self, in_window: int) -> None:
         with self._lock:
@@ -200,7 +201,7 @@ class SimulatorStats:
                 "rate_limited": self.rate_limited,
                 "max_in_window": self.max_in_window,
                 "refusals": list(self.refusals),
-                "pauses": list(self.pauses),
+                "pauses": self.pauses[:],  # one C-level copy: an append meanwhile is safe
             }
 
 

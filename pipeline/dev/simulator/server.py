@@ -36,6 +36,7 @@ from urllib.parse import parse_qsl, unquote
 from pipeline.dev.simulator.faults import ERROR_NAMES, Faults, SlidingLog, rate_headers
 from pipeline.dev.simulator.model import (
     EPOCH,
+    PAUSE_KEPT_SECONDS,
     BadRequestError,
     SimulatorConfig,
     SimulatorStats,
@@ -452,7 +453,7 @@ def _time_collections(stats: SimulatorStats) -> None:
     def timed(phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             started[0] = time.monotonic()
-        else:
+        elif time.monotonic() - started[0] >= PAUSE_KEPT_SECONDS:
             stats.paused(started[0], time.monotonic() - started[0])
 
     gc.callbacks.append(timed)
