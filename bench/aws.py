@@ -840,7 +840,7 @@ class _Record:
 
 def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> dict[str, Any]:
     """One harvest of `scenario` with every invocation in a sandbox process; its numbers."""
-    from bench.aws_sandbox import BUDGET_COUNTERS, SETTINGS_ENV
+    from bench.aws_sandbox import SETTINGS_ENV
     from bench.aws_sandbox import Settings as SandboxSettings
     from pipeline.aws.ledger import DynamoLedger
     from pipeline.config import Backend, Config, QueueUrls
@@ -1060,10 +1060,9 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
         "util": ideal / wall if wall else 0.0,
         "util_after_output": ideal_after / wall_after if first_output and wall_after > 0 else 0.0,
         "rate_limited": float(vendor["rate_limited"]),
-        # Each 429's window as the vendor counted it (seconds into the run, and the stamps of
-        # the calls it held, from the refused call back).
-        # With the simulator's garbage collections over 2 ms in the second before it
-        # (seconds before the 429, seconds).
+        # Each 429's window as the vendor counted it: seconds into the run, the ages of the
+        # calls it held, and the simulator's garbage collections over 2 ms that began in the
+        # W (plus 0.1 s) before it (seconds before the 429, seconds).
         "refusals": [
             (
                 r["at"] - started,
@@ -1078,10 +1077,7 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
         ],
         # The sandboxes' CFS periods, those that ran out of quota, and the seconds held.
         "throttling": [
-            sum(x)
-            for x in zip(
-                *(s.throttling for f in functions for s in f.sandboxes), (0, 0, 0.0), strict=True
-            )
+            sum(s.throttling[i] for f in functions for s in f.sandboxes) for i in range(3)
         ],
         "queue_per_entity": sum(i.queue for i in invocations) / max(1, entities),
         "ddb_per_call": ddb_requests / max(1.0, calls),
@@ -1103,7 +1099,7 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
         "errors": sorted({f"{i.function}: {i.error[:160]}" for i in invocations if i.error}),
         "timeline": timeline,
         # Budget slots claimed, used for a call, given back, and lost (none of those).
-        "slots": {k: sum(i.slots.get(k, 0) for i in invocations) for k in BUDGET_COUNTERS},
+        "slots": sum((Counter(i.slots) for i in invocations), Counter()),
         # Full garbage collections during invocations: every thread of one waits them out.
         "gc": {k: sum(i.gc.get(k, 0.0) for i in invocations) for k in ("full", "ms")},
         "vendor_nice": simulator.nice,
@@ -1147,7 +1143,7 @@ def print_timeline(timeline: list[dict[str, Any]]) -> None:
         previous = point["calls"]
 
 
-def slots_line(slots: dict[str, float]) -> str:
+def slots_line(slots: Counter[str]) -> str:
     """The budget's slots: every one claimed is used for a call, given back or lost."""
     lost = slots["claimed"] - slots["used"] - slots["given back"]
     return (

@@ -34,6 +34,7 @@ import sqlite3
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,19 +69,6 @@ class Settings:
     s3_latency: float  # seconds added to every sink request
     memory_mb: int  # the function's memory setting (the context reports it)
     budget_endpoint: str  # the DynamoDB that holds the budget's item
-
-
-# DynamoBudget.slots: what each invocation reports of its budget.
-BUDGET_COUNTERS = (
-    "claimed",
-    "used",
-    "given back",
-    "claims",
-    "refused",
-    "late",
-    "made room",
-    "no room",
-)
 
 
 class Meter:
@@ -278,9 +266,11 @@ class Sandbox:
         pipeline.aws.runtime.DynamoBudget = budget  # type: ignore[assignment]
 
     def budget_slots(self) -> dict[str, int]:
-        """The budget slots this sandbox's DynamoBudgets claimed, used and gave back, and the
-        claims they wrote and had refused."""
-        return {f"slots {k}": sum(b.slots[k] for b in self.budgets) for k in BUDGET_COUNTERS}
+        """Every counter of this sandbox's DynamoBudgets (`DynamoBudget.slots`), summed."""
+        total: Counter[str] = Counter()
+        for b in self.budgets:
+            total.update(b.slots)
+        return {f"slots {k}": n for k, n in total.items()}
 
     def invoke(self, handler: Callable[[Any, Any], Any], request: dict[str, Any]) -> dict[str, Any]:
         """Run one invocation; what it cost. (Vendor calls are counted by the simulator, CPU
@@ -305,7 +295,8 @@ class Sandbox:
         return {
             "duration": duration,
             "error": error,
-            **{k: after[k] - before[k] for k in after},
+            # A budget made during this invocation has no counters in `before`.
+            **{k: after[k] - before.get(k, 0) for k in after},
             "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
 

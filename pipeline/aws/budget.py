@@ -268,12 +268,14 @@ class DynamoBudget:
         self._tail: tuple[float, float] | None = None
         self._voids = 0  # how often the held slots were voided (_void)
         # Slots claimed, used for a call and given back; claims written, and refused by the
-        # item's condition (each refusal costs a request and sizes the claim again).
-        self.slots = {"claimed": 0, "used": 0, "given back": 0, "claims": 0, "refused": 0}
-        # Calls that left later than LATE after their slot, and the slots not used (held
-        # ones dropped, or the schedule's end pushed) to make room for them (`arrived`).
-        # "no room": late calls whose window the schedule was booked past already.
-        self.slots.update({"late": 0, "made room": 0, "no room": 0})
+        # item's condition (each refusal costs a request and sizes the claim again); calls
+        # that left later than LATE after their slot, the slots not used (held ones dropped,
+        # or the schedule's end pushed) to make room for them, and those whose window the
+        # schedule was booked past already (`arrived`).
+        self.slots = dict.fromkeys(
+            ("claimed", "used", "given back", "claims", "refused", "late", "made room", "no room"),
+            0,
+        )
         self._handed = threading.local()  # (slot, how late after it) of this thread's call
         self._room: list[float] = []  # where room was made lately (slot times)
 

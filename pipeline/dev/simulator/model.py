@@ -175,10 +175,9 @@ class SimulatorStats:
                 self.refusals.append({"at": at, "stamps": stamps})
 
     def paused(self, at: float, seconds: float) -> None:
-        """A garbage collection: called from gc's callback on whatever thread allocated, maybe
-        one holding `_lock`, so no lock here (list.append is atomic)."""
-        if seconds >= PAUSE_KEPT_SECONDS:
-            self.pauses.append((at, seconds))
+        """A long garbage collection: called from gc's callback on whatever thread allocated,
+        maybe one holding `_lock`, so no lock here (list.append is atomic)."""
+        self.pauses.append((at, seconds))
 
     def observe_window(self, in_window: int) -> None:
         with self._lock:

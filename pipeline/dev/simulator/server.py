@@ -451,10 +451,11 @@ def _time_collections(stats: SimulatorStats) -> None:
     started = [0.0]
 
     def timed(phase: str, info: dict[str, int]) -> None:
+        now = time.monotonic()
         if phase == "start":
-            started[0] = time.monotonic()
-        elif time.monotonic() - started[0] >= PAUSE_KEPT_SECONDS:
-            stats.paused(started[0], time.monotonic() - started[0])
+            started[0] = now
+        elif now - started[0] >= PAUSE_KEPT_SECONDS:
+            stats.paused(started[0], now - started[0])
 
     gc.callbacks.append(timed)
 
