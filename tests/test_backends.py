@@ -103,3 +103,92 @@ def test_a_collector_turned_off_before_the_first_build_stays_off(
 
     assert not gc.isenabled()
     assert fresh == ["freeze"]
+
+
+class BuiltWithClient(Built):
+    """A fake build whose vendor client, as Runtime.client, is made on first use."""
+
+    builds = 0
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        BuiltWithClient.builds += 1
+        self.clients_made = 0
+        self._client: object | None = None
+
+    @property
+    def client(self) -> object:
+        if self._client is None:
+            self.clients_made += 1
+            self._client = object()
+        return self._client
+
+
+@pytest.fixture
+def in_lambda(fresh: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Config:
+    """A Lambda sandbox's environment for an AWS-backend configuration, with fake builds."""
+    aws = config(tmp_path, Backend.AWS)
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "harvest-drain-warriors")
+    for name, value in aws.to_env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("HARVEST_VENDOR_TOKEN", aws.token)
+    monkeypatch.setattr(BuiltWithClient, "builds", 0)
+    monkeypatch.setattr(pipeline.aws.runtime, "build", BuiltWithClient)
+    return aws
+
+
+def test_in_lambda_the_runtime_and_vendor_client_are_built_at_init_for_the_handler(
+    in_lambda: Config,
+) -> None:
+    # WHEN a handler module prepares at import, then its handler asks for the runtime
+    prepared = backends.prepare()
+    handed = backends.runtime(Config.from_env())
+
+    # THEN the handler gets the one built at init, its vendor client already made
+    assert isinstance(prepared, BuiltWithClient)
+    assert handed is prepared
+    assert BuiltWithClient.builds == 1
+    assert prepared.clients_made == 1
+
+
+def test_the_kickoff_leaves_its_vendor_client_to_the_handler(in_lambda: Config) -> None:
+    # The token read is an AWS request, which the kickoff's patched botocore would trace
+    prepared = backends.prepare(vendor_client=False)
+
+    assert isinstance(prepared, BuiltWithClient)
+    assert prepared.clients_made == 0
+
+
+def test_outside_lambda_nothing_is_built_at_import(
+    in_lambda: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AWS_LAMBDA_FUNCTION_NAME")
+
+    assert backends.prepare() is None
+    assert BuiltWithClient.builds == 0
+
+
+def test_the_local_backend_builds_nothing_at_import(
+    in_lambda: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HARVEST_BACKEND", "local")
+
+    assert backends.prepare() is None
+    assert BuiltWithClient.builds == 0
+
+
+def test_a_build_that_fails_at_init_is_logged_and_fails_again_in_the_handler(
+    in_lambda: Config, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(config: Config) -> Any:
+        raise RuntimeError("no such table")
+
+    monkeypatch.setattr(pipeline.aws.runtime, "build", broken)
+
+    # WHEN the build fails at import THEN the import goes on, with the error logged
+    assert backends.prepare() is None
+    assert "could not build the runtime at init" in caplog.text
+
+    # AND the handler's own build fails with it, where the invocation reports it
+    with pytest.raises(RuntimeError, match="no such table"):
+        backends.runtime(Config.from_env())

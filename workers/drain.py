@@ -12,7 +12,7 @@ from pipeline.config import Config
 from pipeline.drain import StopReason
 from pipeline.errors import AuthError
 from pipeline.telemetry import publish
-from workers.backends import runtime
+from workers.backends import prepare, runtime
 
 logger = Logger(service="harvest")
 metrics = Metrics(namespace="Harvest", service="harvest")
@@ -22,6 +22,9 @@ metrics = Metrics(namespace="Harvest", service="harvest")
 # stubbed botocore PutObject (a drain makes one per data group), and an invocation's thousands of
 # them pass X-Ray's trace document size anyway (docs/benchmarks.md, 2026-12-03).
 tracer = Tracer(service="harvest", auto_patch=False)
+
+# Built during the sandbox's init, not in its first invocation (see prepare).
+prepare()
 
 
 @logger.inject_lambda_context

@@ -11,13 +11,16 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from pipeline.config import Config
 from pipeline.telemetry import publish
 from pipeline.window import Window
-from workers.backends import runtime
+from workers.backends import prepare, runtime
 
 logger = Logger(service="harvest")
 metrics = Metrics(namespace="Harvest", service="harvest")
 # Patched: its few AWS requests are subsegments (a drain's are not: workers/drain.py).
 # Explicit, since Tracer instances share their settings within a process.
 tracer = Tracer(service="harvest", auto_patch=True)
+
+# Built during the sandbox's init, not in its first invocation (see prepare).
+prepare(vendor_client=False)
 
 
 @logger.inject_lambda_context
