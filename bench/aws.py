@@ -14,11 +14,14 @@ What plays what:
   (default 2, Terraform's), and a kickoff function. An invocation goes to an idle warm
   sandbox of its function, else to a new one: a cold start, a fresh interpreter importing
   the handler (`bench/aws_sandbox.py`). A sandbox serves one invocation at a time and is
-  reused, as Lambda reuses them. The handlers, `workers.kickoff.handler` and
-  `workers.drain.handler`, get what Lambda gives them: the event (`{}` from the schedule),
-  `HARVEST_*` in the environment (the stage in `HARVEST_STAGE`), and a context
-  (`pipeline.local.scheduler.LocalContext`) whose remaining time counts down from the function's
-  timeout. A sandbox still busy a second past its timeout is killed, as Lambda kills it.
+  reused, as Lambda reuses them. By default every drain starts cold at the kickoff (a
+  harvest right after a deployment); `--warm` first gives each drain one idle tick,
+  waited for and not counted, so that each has the warm sandbox a daily harvest finds.
+  The handlers, `workers.kickoff.handler` and `workers.drain.handler`, get what Lambda
+  gives them: the event (`{}` from the schedule), `HARVEST_*` in the environment (the
+  stage in `HARVEST_STAGE`), and a context (`pipeline.local.scheduler.LocalContext`) whose
+  remaining time counts down from the function's timeout. A sandbox still busy a second
+  past its timeout is killed, as Lambda kills it.
 - **EventBridge**: one tick per stage; time is compressed: `--tick` seconds (default 20)
   stand for the schedule's minute, and the drain timeout (120 s), its safety margin (30 s),
   the visibility timeout (timeout + 60 s) and the kickoff timeout (300 s) shrink with it,
@@ -314,6 +317,10 @@ class Settings:
     # Each sandbox gets Lambda's CPU share for its memory once its handler is imported
     # (CpuShare), where the machine lets the harness make cgroups.
     lambda_cpu: bool = True
+    # Every drain has one warm sandbox when the kickoff starts, as the schedule's ticks
+    # (every minute, finding nothing to do) leave them before a daily harvest; off: every
+    # drain starts cold, as a harvest right after a deployment or a long pause finds them.
+    warm: bool = False
 
     @property
     def compression(self) -> float:
@@ -838,6 +845,23 @@ class _Record:
             self.invocations.append(invocation)
 
 
+def warm_up(drains: list[Function]) -> list[Invocation]:
+    """One scheduled tick of every drain, all at once, waited for: with every queue empty,
+    each cold-starts a sandbox, finds nothing and returns, leaving the sandbox warm."""
+    done: list[Invocation] = []
+    threads = [
+        threading.Thread(target=lambda f=f: done.append(f.invoke({})), daemon=True) for f in drains
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    failed = [f"{i.function}: {i.error}" for i in done if i.error]
+    if failed or len(done) != len(drains):
+        raise RuntimeError(f"warming the drains failed: {'; '.join(failed) or 'no answer'}")
+    return done
+
+
 def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> dict[str, Any]:
     """One harvest of `scenario` with every invocation in a sandbox process; its numbers."""
     from bench.aws_sandbox import SETTINGS_ENV
@@ -977,6 +1001,11 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
         data_dir = manifest.parent / "data"
         expected = simulator.expected_calls(window.start, window.end)
         stalled_after = max(120.0, 20 * expected * scenario.rate_period / scenario.vendor_calls)
+        warmed = warm_up(list(drains.values())) if settings.warm else []
+        # The ticks that warmed them are no part of the harvest (the cost model counts idle
+        # ticks apart): neither its invocations nor their CPU nor their DynamoDB requests.
+        record.invocations.clear()
+        warm_cpu = sum(f.cpu() for f in functions)
         host_started, cpu_started = _host_ticks(), _children_cpu()
         self_started = resource.getrusage(resource.RUSAGE_SELF)
         started = time.monotonic()
@@ -1019,7 +1048,7 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
         traced = (daemon.documents, daemon.bytes)
         self_ended = resource.getrusage(resource.RUSAGE_SELF)
         wall = (settled_at or time.monotonic()) - started
-        sandbox_cpu = sum(f.cpu() for f in functions)
+        sandbox_cpu = sum(f.cpu() for f in functions) - warm_cpu
         vendor = simulator.stats()
         status = DynamoLedger(harness.client, TABLE).status(run_id)
         comparison = None
@@ -1034,6 +1063,7 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
         + sum(moto_budget.requests.values())
         - harness.requests
         - harness_budget.requests
+        - sum(i.ddb for i in warmed)
     )
 
     invocations = record.invocations
@@ -1317,6 +1347,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " not start them, a drain out of time starts no successor",
     )
     group.add_argument(
+        "--warm",
+        action="store_true",
+        help="every drain has one warm sandbox when the kickoff starts (the schedule's idle"
+        " ticks leave them so before a daily harvest); default: all start cold",
+    )
+    group.add_argument(
         "--timeline",
         action="store_true",
         help="after each line, calls per second and each stage's queue, one line a second",
@@ -1334,6 +1370,7 @@ def main(args: argparse.Namespace, scratch: str | None) -> int:
         phase=args.phase,
         start_drains=args.start_drains,
         lambda_cpu=args.lambda_cpu,
+        warm=args.warm,
     )
     print(
         f"# AWS mode, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, python {sys.version.split()[0]}:"
@@ -1342,8 +1379,9 @@ def main(args: argparse.Namespace, scratch: str | None) -> int:
         f" DynamoDB >= {settings.ddb_ms:g} ms, SQS +{settings.sqs_ms:g} ms,"
         f" S3 +{settings.s3_ms:g} ms; first tick {settings.phase:g} tick after the kickoff,"
         f" drains started by the kickoff and by each other:"
-        f" {'yes' if settings.start_drains else 'no'}; CPU per sandbox after its init: "
-        + cpu_note(settings)
+        f" {'yes' if settings.start_drains else 'no'};"
+        f" drains {'warm (one sandbox each)' if settings.warm else 'cold'} at the kickoff;"
+        " CPU per sandbox after its init: " + cpu_note(settings)
     )
     print(HEADER, flush=True)
     failed = False

@@ -84,6 +84,23 @@ def test_aws_mode_harvests_exactly_and_fills_every_column(tmp_path: Path) -> Non
     assert result["trace_per_call"] > 0 and result["trace_kb"] > 0
 
 
+@pytest.mark.integration
+def test_aws_mode_with_warm_drains_leaves_only_the_kickoff_cold(tmp_path: Path) -> None:
+    pytest.importorskip("moto.server", reason="moto[server] not installed")
+    scenario = AwsScenario("tiny", 1, 2, 3, rate_calls=1000, vendor_calls=1000, latency=0.0)
+    settings = Settings(ddb_ms=0.0, sqs_ms=0.0, s3_ms=0.0, warm=True)
+
+    # WHEN every drain has a warm sandbox (one idle tick each) before the kickoff
+    result = run_one(scenario, settings, str(tmp_path))
+
+    # THEN the harvest is exact, and of its invocations only the kickoff started cold: the
+    # warming ticks are not counted as the harvest's
+    assert result["exact"] and result["complete"]
+    assert result["failed"] == 0
+    assert result["cold"] == 1
+    assert [f for _, f, _, _ in result["invocation_log"]][0] == "kickoff"
+
+
 def test_partition_queries_answered_by_the_bench_page_as_motos_own(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
