@@ -75,7 +75,8 @@ def test_aws_mode_harvests_exactly_and_fills_every_column(tmp_path: Path) -> Non
     # THEN the output equals the ground truth, and the AWS columns were measured
     assert result["exact"] and result["complete"]
     assert (result["failed"], result["stalled"]) == (0, False)
-    assert result["calls"] == 10
+    # (Once, in CI under load, 11: what the run did is in the message, should it recur.)
+    assert result["calls"] == 10, {k: v for k, v in result.items() if k != "timeline"}
     assert result["ddb_per_call"] > 0 and result["gbs_per_1k"] > 0
     assert result["cold"] >= 4  # the kickoff and each stage's drain started a sandbox
     assert line(scenario.name, result).startswith("tiny ")
