@@ -1119,6 +1119,9 @@ def run_one(scenario: AwsScenario, settings: Settings, scratch: str | None) -> d
         "exact": bool(comparison and comparison.exact),
         "complete": bool(status and status.complete and not dead_letters),
         "first_output": first_output,
+        # The vendor's first and last request, seconds into the run (0.0 if none came).
+        "first_call": vendor["first_at"] - started if vendor["first_at"] else 0.0,
+        "last_call": vendor["last_at"] - started if vendor["last_at"] else 0.0,
         "stalled": stalled,
         "throttled": sum(f.throttled for f in drains.values()),  # attempts, retries included
         "dropped": lambda_service.dropped,  # events too old when a retry came
@@ -1197,6 +1200,17 @@ def cpu_note(settings: Settings) -> str:
 def trace_note(per_call: float, kb: float) -> str:
     """What active tracing sent the X-Ray daemon."""
     return f"; X-Ray: {per_call:.2f} segment documents per call, {kb:.0f} KB"
+
+
+def phases_line(r: dict[str, Any]) -> str:
+    """Where the wall time went around the calls: before the first vendor call (the kickoff's
+    start), between it and the first output (the listing stages), and after the last call
+    until the manifest (the run's settling)."""
+    return (
+        f"  phases: first vendor call at {r['first_call']:.2f} s, first output at"
+        f" {r['first_output']:.2f} s, last vendor call at {r['last_call']:.2f} s, settled at"
+        f" {r['wall']:.2f} s (the tail {r['wall'] - r['last_call']:.2f} s)"
+    )
 
 
 def gc_note(collections: dict[str, float]) -> str:
@@ -1402,6 +1416,7 @@ def main(args: argparse.Namespace, scratch: str | None) -> int:
             + throttling_note(result["throttling"])
         )
         print(slots_line(result["slots"]) + note, flush=True)
+        print(phases_line(result), flush=True)
         for at, ages, pauses in result["refusals"]:
             print(
                 refusal_line(at, ages, scenario.rate_period, scenario.vendor_calls, pauses),

@@ -18,6 +18,7 @@ from bench.aws import (
     _own_cgroup,
     create_state_table,
     line,
+    phases_line,
     run_one,
 )
 
@@ -80,6 +81,9 @@ def test_aws_mode_harvests_exactly_and_fills_every_column(tmp_path: Path) -> Non
     assert result["ddb_per_call"] > 0 and result["gbs_per_1k"] > 0
     assert result["cold"] >= 4  # the kickoff and each stage's drain started a sandbox
     assert line(scenario.name, result).startswith("tiny ")
+    # the phases around the calls: the first call before the last, the manifest after it
+    assert 0 < result["first_call"] <= result["last_call"] <= result["wall"]
+    assert phases_line(result).startswith("  phases: first vendor call at ")
     assert result["vendor_nice"] is not None  # what the simulator ran at is reported
     # traced as Lambda traces them: the invocations' segments reached the X-Ray daemon
     assert result["trace_per_call"] > 0 and result["trace_kb"] > 0

@@ -21,6 +21,7 @@ import json
 import math
 import re
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -158,12 +159,18 @@ class SimulatorStats:
     # Garbage collections in the simulator's process that held every thread for at least
     # PAUSE_KEPT_SECONDS: (start on the monotonic clock, seconds), all of them.
     pauses: list[tuple[float, float]] = field(default_factory=list)
+    # When the first and the last vendor request came (the monotonic clock), 0.0 before any.
+    first_at: float = 0.0
+    last_at: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def record(self, status: int, rate_limited: bool | None = None) -> None:
         """Count one response; `rate_limited` None means "if the status is 429"."""
+        now = time.monotonic()
         with self._lock:
             self.requests += 1
+            self.first_at = self.first_at or now
+            self.last_at = now
             self.by_status[status] = self.by_status.get(status, 0) + 1
             if status == 429 if rate_limited is None else rate_limited:
                 self.rate_limited += 1
@@ -191,6 +198,7 @@ class SimulatorStats:
             self.max_in_window = 0
             self.refusals = []
             self.pauses = []
+            self.first_at = self.last_at = 0.0
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -201,6 +209,8 @@ class SimulatorStats:
                 "max_in_window": self.max_in_window,
                 "refusals": list(self.refusals),
                 "pauses": self.pauses[:],  # one C-level copy: an append meanwhile is safe
+                "first_at": self.first_at,
+                "last_at": self.last_at,
             }
 
 
