@@ -27,7 +27,7 @@ from typing import Any
 from aws_lambda_powertools import Logger
 
 from pipeline.ledger import Ledger, RunStatus, State
-from pipeline.queues import Queue
+from pipeline.queues import Queue, any_waiting
 from pipeline.sinks import Sink, data_key, write_manifest
 
 logger = Logger(service="harvest", child=True)
@@ -124,7 +124,7 @@ def sweep_lost(
     if not status.kicked_off or status.settled:
         return 0
     now = time.time() if now is None else now
-    if any(q.depth().total for q in queues):
+    if any_waiting(queues):
         ledger.mark_quiet(status.run_id, None)
         return 0
     since = ledger.mark_quiet(status.run_id, now)
@@ -164,7 +164,7 @@ def settle_runs(
     """
     now = time.time() if now is None else now
     starts = ledger.open_run_starts(since=now - OPEN_RUN_DAYS * 86400)
-    if any(q.depth().total for q in queues):
+    if any_waiting(queues):
         oldest = max((now - started for started in starts.values()), default=0.0)
         return Settlement(len(starts), len(starts), oldest, 0)
     runs = list(starts)

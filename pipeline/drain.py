@@ -56,6 +56,7 @@ from pipeline.queues import (
     Message,
     Outgoing,
     Queue,
+    any_waiting,
 )
 from pipeline.sinks import Sink, write_records
 from pipeline.stats import CallStats
@@ -416,7 +417,7 @@ class Drain:
             return True
         if time.monotonic() < self._expect_until:
             return False
-        return all(q.depth().total == 0 for q in self.upstream)
+        return not any_waiting(self.upstream)
 
     def _work(
         self,

@@ -9,6 +9,7 @@ and a redrive to the dead-letter queue once a message has been received more tha
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -86,3 +87,15 @@ class Queue(Protocol):
 
 def chunks(items: Sequence[Any], size: int = BATCH) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def any_waiting(queues: Sequence[Queue]) -> bool:
+    """Whether any of `queues` holds a message (visible or in flight).
+
+    Their depths are read at once: in SQS each is a request of its own, and a run's tail
+    waits for them (the drain that finds its stage idle, then the run's completion check).
+    """
+    if len(queues) <= 1:
+        return any(q.depth().total for q in queues)
+    with ThreadPoolExecutor(len(queues), thread_name_prefix="depth") as pool:
+        return any(depth.total for depth in pool.map(lambda q: q.depth(), queues))

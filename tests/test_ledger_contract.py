@@ -10,7 +10,7 @@ import types
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import boto3
 import pytest
@@ -590,3 +590,51 @@ def test_a_listing_of_ids_full_of_quotes_and_backslashes_is_recorded_whole(
 
     assert len(ledger.children(RUN, "warriors", "w")) == 2000
     assert counts(ledger, "data_groups") == StageCounts(enqueued=2000)
+
+
+# -- DynamoLedger only -------------------------------------------------------------------
+
+
+def test_dynamo_status_reads_every_listing_after_the_run_and_every_state(
+    dynamodb: DynamoDBClient,
+) -> None:
+    # GIVEN a run with listings and states at every stage, and the requests of a status
+    # read recorded as they start and as they end
+    ledger = DynamoLedger(dynamodb, state_table(dynamodb, f"state-{uuid.uuid4().hex[:12]}"))
+    started(ledger)
+    ledger.enqueued(RUN, "troops", [("k1", TROOP)])
+    ledger.kicked_off(RUN)
+    ledger.enqueued(RUN, "warriors", [("w1", WARRIOR)], parent=("troops", "k1"))
+    ledger.finish(RUN, "troops", "k1", State.DONE)
+    events: list[tuple[str, str]] = []
+
+    def kind(params: dict[str, Any]) -> str:
+        pk = str(params.get("ExpressionAttributeValues", {}).get(":pk", {}).get("S", "meta"))
+        return "listing" if pk.endswith("#listed") else "state or run"
+
+    def before(params: dict[str, Any], context: dict[str, Any], **_: Any) -> None:
+        context["bench_kind"] = kind(params)
+        events.append(("start", context["bench_kind"]))
+
+    def after(context: dict[str, Any], **_: Any) -> None:
+        events.append(("end", context["bench_kind"]))
+
+    hooks = [("before-parameter-build.dynamodb.*", before), ("after-call.dynamodb.*", after)]
+    for name, hook in hooks:
+        dynamodb.meta.events.register(name, hook)
+    try:
+        # WHEN its status is read
+        status = ledger.status(RUN)
+    finally:
+        for name, hook in hooks:
+            dynamodb.meta.events.unregister(name, hook)
+
+    # THEN the counts are right, and no listing was asked for before the run's item and
+    # every stage's states had come back: a listing written before a state or `kicked_off`
+    # that the read saw is always seen too
+    assert status is not None and not status.settled
+    assert status.stages["warriors"] == StageCounts(enqueued=1)
+    first_listing = events.index(("start", "listing"))
+    assert ("end", "state or run") not in events[first_listing:]
+    assert events.count(("end", "state or run")) == 1 + len(ledger.stages)
+    assert events.count(("end", "listing")) == len(ledger.stages)
