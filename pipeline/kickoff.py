@@ -26,6 +26,9 @@ class KickoffReport:
     window_to: str
     # Drain invocations started with it (Runtime.start_drains), not waiting for the schedule.
     drains_started: int = 0
+    # Troops sent on the queue: fewer than listed when a second kickoff of the window finds
+    # some already finished, or when a troop's id is rejected.
+    sent: int = 0
 
 
 def kickoff(
@@ -71,7 +74,8 @@ def kickoff(
     finished = ledger.finished(run_id, first_stage, [t.key for t in troops])
     # (A run recorded before: kicked off, or a kickoff that failed after sending.)
     again = RELISTED if started_before else {}
-    queue.send([Outgoing(t.to_json(), again) for t in troops if t.key not in finished])
+    outgoing = [Outgoing(t.to_json(), again) for t in troops if t.key not in finished]
+    queue.send(outgoing)
     ledger.kicked_off(run_id)
     logger.info("run kicked off", extra={"run_id": run_id, "troops": len(troops)})
-    return KickoffReport(run_id, len(troops), window.from_text, window.to_text)
+    return KickoffReport(run_id, len(troops), window.from_text, window.to_text, sent=len(outgoing))

@@ -168,8 +168,12 @@ class Runtime:
             profile=self.profile,
         )
         self._attribute({report.run_id})
-        # A listing with no troops settles at once: nothing else would notice.
-        check_completion(self.ledger, self.sink, report.run_id)
+        if not report.sent:
+            # A listing with no troops (or none left to send) may settle at once: nothing
+            # else would notice. With troops sent, the drains that finish them check: a
+            # status read here would only find them queued (in DynamoDB, a query of every
+            # stage's states and listings: 7 of a 1,500-call run's 180 requests).
+            check_completion(self.ledger, self.sink, report.run_id)
         return replace(report, drains_started=started)
 
     def run_drain(

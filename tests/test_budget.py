@@ -670,11 +670,30 @@ def test_dynamo_budget_winding_down_claims_only_for_the_threads_waiting(
     budget.winding_down(False)
 
     # THEN as usual it claims for the waiting thread and those coming back, again and again
-    # (half a second of slots); winding down, for the waiting thread's one call: slots for
+    # (at 20 calls/s a second of slots: a limit this low claims up to CLAIM_SLOTS, where
+    # half a second would be 10); winding down, for the waiting thread's one call: slots for
     # threads with no more messages would be lost to every invocation
-    assert usual == 10
+    assert usual == 20
     assert last == 1
     assert budget._fill(*budget._ready(now), start, interval) == usual
+
+
+@pytest.mark.parametrize(("limit", "slots"), [(200, 100), (100, 50), (50, 40), (20, 20)])
+def test_dynamo_budget_claims_half_a_second_or_at_a_low_limit_more(
+    dynamodb: DynamoDBClient, table: str, limit: int, slots: int
+) -> None:
+    # GIVEN an invocation with more threads waiting than any claim holds
+    clock = FakeClock(1_700_000_000.0)
+    budget = DynamoBudget(dynamodb, table, limit, 1.0, clock=clock, sleep=clock.sleep)
+    budget._waiting = 500
+    now = clock()
+
+    # WHEN it sizes a claim
+    size = budget._fill(*budget._ready(now), now, budget._interval(now))
+
+    # THEN it takes half a second of slots, or at a limit where that is under 40 slots,
+    # 40 of them (at most a second): fewer writes per call where calls are few
+    assert size == slots
 
 
 def test_dynamo_budget_holds_the_usable_slots_it_claimed(

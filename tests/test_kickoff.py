@@ -167,3 +167,23 @@ def test_kickoff_retried_after_failing_past_its_sends_marks_what_it_sends_again(
     # THEN the copies it sends again are marked: the drain checks them and their subtrees
     sent = queue.receive(10)
     assert sorted(m.attributes == RELISTED for m in sent) == [False, False, True, True]
+
+
+def test_kickoff_that_sends_troops_leaves_the_completion_check_to_the_drains(
+    tmp_path: Path, local_runtime: Callable[[Config], Runtime], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN an account with two troops, and the run's status reads counted
+    rt = local_runtime(local_config(tmp_path, VENDOR))
+    reads: list[str] = []
+    read = rt.ledger.status
+    monkeypatch.setattr(rt.ledger, "status", lambda run_id: reads.append(run_id) or read(run_id))
+
+    # WHEN the window is kicked off
+    with troop_listing([{"id": "t1"}, {"id": "t2"}]):
+        report = rt.run_kickoff(WINDOW)
+
+    # THEN both troops are sent, and the run's status is not read: it could only find them
+    # queued (the drains that finish them check the run)
+    assert (report.troops, report.sent) == (2, 2)
+    assert rt.queues["troops"].depth().total == 2
+    assert reads == []
