@@ -97,13 +97,17 @@ threads that came back too late or not at all, or left unused to make room for a
 call), in how many claims, and how many claims the
 item's condition refused (each costs a request); how many calls left later than LATE after
 their slot, the slots left unused to make room for them, and those whose window was booked
-past already (`DynamoBudget.arrived`). Then the simulator's niceness, and how often the CPU
+past already (`DynamoBudget.arrived`); how many calls were not sent because their thread
+reached the write after the slot's last moment (`DynamoBudget.missed`: the call took another
+slot). Then the simulator's niceness, and how often the CPU
 share held a sandbox: CFS periods out of quota, and the time held. Then one line per 429
 (the first 20 of each run, every run of a `--repeat`): when, and the window the vendor found
 full: how many of its gaps between calls were under half the even spacing, the tightest
 three with how long before the 429 each came, and the simulator's own garbage collections
 over 2 ms that began in the W (plus 0.1 s) before it (requests arriving during one are
-stamped together after it).
+stamped together after it). Then the phases around the calls: when the vendor saw its first
+and last request, the first output, and the manifest (the tail: from the last call to the
+manifest, the last answers, records and the run's completion check).
 `--timeline` adds DynamoDB requests per call by table (the budget's item, the ledger's
 state table) and action, one line a second of calls and queue depths, and every invocation:
 when Lambda got it, its cold start, its duration.
@@ -1181,7 +1185,8 @@ def slots_line(slots: Counter[str]) -> str:
         f" {slots['given back']:.0f} given back, {lost:.0f} lost;"
         f" {slots['claims']:.0f} claims, {slots['refused']:.0f} refused; {slots['late']:.0f} calls"
         f" sent later than LATE, {slots['made room']:.0f} slots left unused for them,"
-        f" {slots['no room']:.0f} too late to"
+        f" {slots['no room']:.0f} too late to; {slots['not sent']:.0f} not sent (late before"
+        " the write)"
     )
 
 

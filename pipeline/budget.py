@@ -59,7 +59,16 @@ class Budget(Protocol):
         """The call counted at `stamp` reached the vendor by `at` at the latest (the budget's
         clock): count it there, so that jitter before the vendor's clock cannot crowd it.
         `sent_after`, where measured: seconds from the slot's handing out (acquire's return)
-        to the request written whole, how late the call left on this side."""
+        to the request's write, how late the call left on this side."""
+
+    def send_by(self) -> float | None:
+        """For the slot this thread was last handed: the latest time (time.perf_counter) its
+        request may start being written and still leave in time, or None if any time will
+        do (the budget counts a late call where it arrived)."""
+
+    def missed(self, stamp: float) -> None:
+        """The call of this thread's slot `stamp` was not sent: it would have left too late
+        (`send_by`). The slot is not used again; the thread asks for another."""
 
     def pause(self, seconds: float) -> None:
         """Start no call for `seconds` from now (a 429's Retry-After), however long that is."""

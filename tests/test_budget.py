@@ -670,30 +670,38 @@ def test_dynamo_budget_winding_down_claims_only_for_the_threads_waiting(
     budget.winding_down(False)
 
     # THEN as usual it claims for the waiting thread and those coming back, again and again
-    # (at 20 calls/s a second of slots: a limit this low claims up to CLAIM_SLOTS, where
-    # half a second would be 10); winding down, for the waiting thread's one call: slots for
+    # (half a second of slots); winding down, for the waiting thread's one call: slots for
     # threads with no more messages would be lost to every invocation
-    assert usual == 20
+    assert usual == 10
     assert last == 1
     assert budget._fill(*budget._ready(now), start, interval) == usual
 
 
-@pytest.mark.parametrize(("limit", "slots"), [(200, 100), (100, 50), (50, 40), (20, 20)])
-def test_dynamo_budget_claims_half_a_second_or_at_a_low_limit_more(
-    dynamodb: DynamoDBClient, table: str, limit: int, slots: int
+def test_dynamo_budget_says_when_a_slot_is_too_late_to_send_and_counts_it_not_sent(
+    dynamodb: DynamoDBClient, table: str
 ) -> None:
-    # GIVEN an invocation with more threads waiting than any claim holds
+    # GIVEN a thread handed a slot
     clock = FakeClock(1_700_000_000.0)
-    budget = DynamoBudget(dynamodb, table, limit, 1.0, clock=clock, sleep=clock.sleep)
-    budget._waiting = 500
-    now = clock()
+    budget = DynamoBudget(dynamodb, table, 20, 1.0, clock=clock, sleep=clock.sleep)
+    stamp = budget.acquire()
+    on_time = budget.send_by()
 
-    # WHEN it sizes a claim
-    size = budget._fill(*budget._ready(now), now, budget._interval(now))
+    # WHEN it is held past LATE after its slot before writing its request
+    clock.advance(budget._late + 0.01)
+    held = budget.send_by()
 
-    # THEN it takes half a second of slots, or at a limit where that is under 40 slots,
-    # 40 of them (at most a second): fewer writes per call where calls are few
-    assert size == slots
+    # THEN its last moment was LATE after the slot (in perf_counter's terms), so it has
+    # passed; the slot given up counts as not sent, not used, and the thread is not counted
+    # away on a call
+    now = time.perf_counter()
+    assert on_time is not None and held is not None
+    assert on_time > now and held < now
+    assert held == pytest.approx(on_time - budget._late - 0.01, abs=0.005)
+    budget.missed(stamp)
+    assert (budget.slots["used"], budget.slots["not sent"]) == (0, 1)
+    assert budget._away == {}
+    budget.missed(stamp)  # a second word about the same slot changes nothing
+    assert budget.slots["not sent"] == 1
 
 
 def test_dynamo_budget_holds_the_usable_slots_it_claimed(

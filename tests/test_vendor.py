@@ -28,7 +28,7 @@ from pipeline.errors import (
     RetryableError,
 )
 from pipeline.stats import CallStats
-from pipeline.vendor_api.client import VendorClient
+from pipeline.vendor_api.client import MAX_MISSED_SLOTS, VendorClient
 from pipeline.vendor_api.transport import VendorAdapter, encode_segment
 
 BASE = "https://vendor.test"
@@ -54,6 +54,12 @@ class FakeBudget:
 
     def arrived(self, stamp: float, at: float, sent_after: float | None = None) -> None:
         self.sent_after.append(sent_after)
+
+    def send_by(self) -> float | None:
+        return None
+
+    def missed(self, stamp: float) -> None:
+        self.events.append(("missed", stamp))
 
     def pause(self, seconds: float) -> None:
         self.events.append(("pause", seconds))
@@ -565,6 +571,8 @@ class _PageHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: one connection serves every call
 
     def do_GET(self) -> None:
+        if isinstance(self.server, CountingServer):
+            self.server.requests += 1
         body = json.dumps(CONNECT_AHEAD_PAGE).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -577,13 +585,14 @@ class _PageHandler(BaseHTTPRequestHandler):
 
 
 class CountingServer(ThreadingHTTPServer):
-    """Counts the TCP connections it has accepted."""
+    """Counts the TCP connections it has accepted, and the requests it answered."""
 
     daemon_threads = True
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _PageHandler)
         self.connections = 0
+        self.requests = 0  # GETs read and answered
 
     def get_request(self) -> tuple[socket.socket, Any]:
         request = super().get_request()
@@ -696,3 +705,67 @@ def test_a_connection_refused_spends_no_slot_and_is_retried_as_a_transport_failu
     # ...and no attempt took a budget slot: nothing reached the vendor
     assert budget.seen == []
     assert stats.retries == 1
+
+
+class LateOnceBudget(FakeBudget):
+    """Hands out slots counted 1, 2, ...; the first one's last moment has passed by the
+    time its request would be written (a thread held after its slot), the others' not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handed = 0
+
+    def acquire(self, max_pause: float = math.inf) -> float:
+        super().acquire(max_pause)
+        self.handed += 1
+        return float(self.handed)
+
+    def send_by(self) -> float | None:
+        return time.perf_counter() + (-1.0 if self.handed == 1 else 60.0)
+
+
+def test_a_call_found_late_before_its_request_is_written_sends_nothing_and_takes_another_slot(
+    server: CountingServer,
+) -> None:
+    # GIVEN a budget whose first slot is already past its last moment when the request
+    # would be written
+    budget = LateOnceBudget()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    served_before = server.connections
+    with VendorClient(base, "token", budget, CallStats()) as client:
+        # WHEN a call is made
+        items = list(client.items(WARRIORS, "t1"))
+
+    # THEN the first slot was given up unsent and the call made on a second one: the
+    # vendor answered once, on a connection opened again before the second slot
+    assert items == CONNECT_AHEAD_PAGE["items"]
+    assert budget.count("acquire") == 2
+    assert [e for e in budget.events if e[0] == "missed"] == [("missed", 1.0)]
+    assert len(budget.sent_after) == 1
+    assert server.requests == 1
+    assert server.connections - served_before == 2
+
+
+class AlwaysLateBudget(LateOnceBudget):
+    """Every slot's last moment has passed by the time its request would be written."""
+
+    def send_by(self) -> float | None:
+        return time.perf_counter() - 1.0
+
+
+def test_a_call_late_at_every_slot_is_sent_after_giving_up_max_missed_slots(
+    server: CountingServer,
+) -> None:
+    # GIVEN a budget whose every slot is past its last moment at the write (a sandbox held
+    # at every call)
+    budget = AlwaysLateBudget()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    with VendorClient(base, "token", budget, CallStats()) as client:
+        # WHEN a call is made
+        items = list(client.items(WARRIORS, "t1"))
+
+    # THEN it gave up MAX_MISSED_SLOTS slots unsent, then went at the next one anyway
+    assert items == CONNECT_AHEAD_PAGE["items"]
+    assert budget.count("missed") == MAX_MISSED_SLOTS
+    assert budget.count("acquire") == MAX_MISSED_SLOTS + 1
+    assert server.requests == 1

@@ -24,13 +24,15 @@ needed:
   will be back by the time a slot of the claim comes, each counted again for every later slot
   it can reach (its time away is learned: mean plus two mean deviations of the time between
   its slot and its next `acquire`). The claim ends at the first slot no thread would be there
-  for; at most CLAIM_SECONDS (half a second) of slots, or at a low limit up to CLAIM_SLOTS
-  (40) of them within a second (at 50 calls/s, 0.8 s: one budget write per 30-40 calls
-  instead of 20-25; measured 2026-12-03, the budget's requests per call 0.036-0.051 against
-  0.052-0.070 at 50 calls/s and with the vendor's limit at half, utilization unchanged). A
-  thread away for over two of its usual times away is not counted (it may be doing other
-  work, or be done). A busy invocation with fast calls thus claims half a second of slots
-  in one write; one with one call to make claims one slot; 16 threads at 200 ms claim 16.
+  for; at most CLAIM_SECONDS (half a second) of slots. A thread away for over two of its
+  usual times away is not counted (it may be doing other work, or be done). A busy
+  invocation with fast calls thus claims half a second of slots in one write; one with one
+  call to make claims one slot; 16 threads at 200 ms claim 16. (Claims of up to 40 slots
+  within a second at low limits were measured on 2026-12-03: at 50 calls/s the budget's
+  requests per call fell from 0.052-0.070 to 0.036-0.051, utilization unchanged, but
+  another invocation's 429 or hold then reaches this one up to 0.8 s of slots later
+  instead of 0.5 s. One or two budget writes a second at 50 calls/s are no load worth that:
+  not kept.)
 - Where the claim will land: behind the schedule's end, which other invocations have moved
   since this one last saw it. The claim is sized for the backlog its recent claims found (less
   its usual variation) and made on the condition that the schedule does reach that far; if it
@@ -139,11 +141,8 @@ LEARNED_LIMIT_SECONDS = 3600.0
 # spacing has room for it): waking from a sleep, getting a core back, a claim answered late.
 LATE_FRACTION = 0.015
 LATE_MIN_SECONDS = 0.015
-# The most schedule one DynamoBudget claim takes: CLAIM_SECONDS, or up to CLAIM_SECONDS_LOW_RATE
-# where that holds fewer than CLAIM_SLOTS slots (a low limit: fewer calls per write).
+# The most schedule one DynamoBudget claim takes.
 CLAIM_SECONDS = 0.5
-CLAIM_SLOTS = 40
-CLAIM_SECONDS_LOW_RATE = 1.0
 # A DynamoBudget waiting on another thread's claim looks again after at most this long.
 CLAIM_POLL_SECONDS = 0.002
 # "Nothing remaining" from the vendor pauses every invocation only if the wait is at least
@@ -277,9 +276,20 @@ class DynamoBudget:
         # item's condition (each refusal costs a request and sizes the claim again); calls
         # that left later than LATE after their slot, the slots not used (held ones dropped,
         # or the schedule's end pushed) to make room for them, and those whose window the
-        # schedule was booked past already (`arrived`).
+        # schedule was booked past already (`arrived`); slots whose call was not sent, found
+        # late before its request was written (`missed`).
         self.slots = dict.fromkeys(
-            ("claimed", "used", "given back", "claims", "refused", "late", "made room", "no room"),
+            (
+                "claimed",
+                "used",
+                "given back",
+                "claims",
+                "refused",
+                "late",
+                "made room",
+                "no room",
+                "not sent",
+            ),
             0,
         )
         self._handed = threading.local()  # (slot, how late after it) of this thread's call
@@ -384,12 +394,7 @@ class DynamoBudget:
     def _fill(self, ready: list[float], away: float, start: float, interval: float) -> int:
         """How many consecutive slots from `start` the threads ready at `ready` will take,
         each again `away` after its slot; at most CLAIM_SECONDS of them, at least one."""
-        rate = self._limit / self.period
-        most = max(
-            1,
-            math.ceil(CLAIM_SECONDS * rate),
-            min(CLAIM_SLOTS, math.ceil(CLAIM_SECONDS_LOW_RATE * rate)),
-        )
+        most = max(1, math.ceil(CLAIM_SECONDS * self._limit / self.period))
         queue = list(ready)
         heapq.heapify(queue)
         count = 0
@@ -529,6 +534,30 @@ class DynamoBudget:
         if wide is not None and since is not None and since > self._margin.since:
             self._margin.adopt(wide, since)
             self._void()  # spaced with a margin that drew a 429
+
+    def send_by(self) -> float | None:
+        """The latest time (time.perf_counter) the request of this thread's slot may start
+        being written: LATE after the slot. A thread held between its slot and its write
+        (its sandbox out of CPU share) would otherwise leave late, and a late call can only
+        be made room for while the schedule is not yet booked past its window (`arrived`):
+        a call found late before a byte is written is not sent (`missed`)."""
+        handed = getattr(self._handed, "call", None)
+        if handed is None:
+            return None
+        slot: float = handed[0]
+        return time.perf_counter() + (slot + self._late - self._clock())
+
+    def missed(self, stamp: float) -> None:
+        me = threading.get_ident()
+        with self._lock:
+            handed = getattr(self._handed, "call", None)
+            if handed is None or handed[0] != stamp:
+                return
+            self._handed.call = None
+            # Not a call: no time away to learn from, and the slot is lost, not used.
+            self._away.pop(me, None)
+            self.slots["used"] -= 1
+            self.slots["not sent"] += 1
 
     def arrived(self, stamp: float, at: float, sent_after: float | None = None) -> None:
         """A call that left later than LATE after its slot: make room for it a window on.

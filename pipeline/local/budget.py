@@ -98,6 +98,16 @@ class PacedBudget:
             with self._lock:
                 self._restamp(stamp, at)
 
+    def send_by(self) -> float | None:
+        return None  # a late call is restamped where it arrived (`arrived`)
+
+    def missed(self, stamp: float) -> None:
+        with self._lock:
+            try:
+                self._starts.remove(stamp)
+            except ValueError:
+                pass
+
     def _restamp(self, slot: float, actual: float) -> None:
         try:
             self._starts.remove(slot)

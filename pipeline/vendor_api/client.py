@@ -67,17 +67,23 @@ from pipeline.vendor_api.inflight import CallsInFlight
 from pipeline.vendor_api.latency import Latency
 from pipeline.vendor_api.transport import (
     TRANSIENT_EXCEPTIONS,
+    SlotMissed,
     VendorAdapter,
     describe_transport_error,
     encode_query,
     header_int,
     header_seconds,
     read_body,
+    send_by,
     sent_at,
     vendor_path,
 )
 
 logger = Logger(service="harvest", child=True)
+
+# Slots one call may give up unsent, found late before its write (Budget.send_by), before it
+# is sent late at the next one.
+MAX_MISSED_SLOTS = 3
 
 PAGE_LIMIT = "100"
 # Retry-After of a 429 that lacks a usable one.
@@ -562,35 +568,55 @@ class VendorClient:
             self._connect_ahead(
                 request, verify=self._verify, cert=None, connect_timeout=self._connect_timeout
             )
-        asked = time.perf_counter()
-        try:
-            stamp = self._budget.acquire(self._max_retry_after)
-        finally:
-            started = time.perf_counter()
-            self._waits.total = self.budget_waited() + (started - asked)
-        self.in_flight.start(self._shown(url))
-        sent_at()  # forget a request that failed after it was written
-        try:
-            # Straight to the adapter, not through Session.send: no redirects, cookies, hooks
-            # or proxies to resolve, and a fifth less CPU per call (bench/README).
-            response = self._adapter.send(
-                request,
-                stream=False,
-                timeout=(self._connect_timeout, self.latency.read_timeout),
-                verify=self._verify,
-                cert=None,
-                proxies={},
-            )
-            # Read the body now, as Session.send would: the connection goes back to the pool,
-            # and a body cut short fails here, as a transport error.
-            oversize = read_body(response, self._max_page_bytes)
-        except TRANSIENT_EXCEPTIONS as exc:
-            self._stats.add(calls=1, failures=1, latency_total=time.perf_counter() - started)
-            if isinstance(exc, requests.exceptions.ReadTimeout):
-                self.latency.timed_out()
-            raise
-        finally:
-            self.in_flight.end()
+        missed = 0
+        while True:
+            asked = time.perf_counter()
+            try:
+                stamp = self._budget.acquire(self._max_retry_after)
+            finally:
+                started = time.perf_counter()
+                self._waits.total = self.budget_waited() + (started - asked)
+            self.in_flight.start(self._shown(url))
+            sent_at()  # forget a request that failed after it was written
+            # A thread held after its slot (its sandbox out of CPU share) sends nothing once
+            # the slot's last moment has passed: the call asks for another slot instead. A
+            # call that missed MAX_MISSED_SLOTS goes at its next one whenever it gets there
+            # (the budget makes room for it), so a starved sandbox still makes progress.
+            send_by(self._budget.send_by() if missed < MAX_MISSED_SLOTS else None)
+            try:
+                # Straight to the adapter, not through Session.send: no redirects, cookies,
+                # hooks or proxies to resolve, and a fifth less CPU per call (bench/README).
+                response = self._adapter.send(
+                    request,
+                    stream=False,
+                    timeout=(self._connect_timeout, self.latency.read_timeout),
+                    verify=self._verify,
+                    cert=None,
+                    proxies={},
+                )
+                # Read the body now, as Session.send would: the connection goes back to the
+                # pool, and a body cut short fails here, as a transport error.
+                oversize = read_body(response, self._max_page_bytes)
+            except SlotMissed:
+                missed += 1
+                self._budget.missed(stamp)
+                if self._connect_ahead is not None:  # urllib3 closed the connection
+                    self._connect_ahead(
+                        request,
+                        verify=self._verify,
+                        cert=None,
+                        connect_timeout=self._connect_timeout,
+                    )
+                continue
+            except TRANSIENT_EXCEPTIONS as exc:
+                self._stats.add(calls=1, failures=1, latency_total=time.perf_counter() - started)
+                if isinstance(exc, requests.exceptions.ReadTimeout):
+                    self.latency.timed_out()
+                raise
+            finally:
+                send_by(None)
+                self.in_flight.end()
+            break
         # The vendor counted the call no later than the fastest round trip seen before the
         # response came back, and it left when its request was written: tell the budget,
         # so that a late send is counted late.
