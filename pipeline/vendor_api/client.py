@@ -562,14 +562,15 @@ class VendorClient:
         request.url = url
         # Every header is a str: requests' defaults and the two set in __init__.
         request.headers = CaseInsensitiveDict(cast(Mapping[str, str], self._session.headers))
-        # A connection opened after the slot would put its handshake between the slot and
-        # the vendor's clock: open it first (VendorAdapter.connect_ahead).
-        if self._connect_ahead is not None:
-            self._connect_ahead(
-                request, verify=self._verify, cert=None, connect_timeout=self._connect_timeout
-            )
         missed = 0
         while True:
+            # A connection opened after the slot would put its handshake between the slot and
+            # the vendor's clock: open it first (VendorAdapter.connect_ahead; again after a
+            # missed slot, whose connection urllib3 closed).
+            if self._connect_ahead is not None:
+                self._connect_ahead(
+                    request, verify=self._verify, cert=None, connect_timeout=self._connect_timeout
+                )
             asked = time.perf_counter()
             try:
                 stamp = self._budget.acquire(self._max_retry_after)
@@ -600,13 +601,6 @@ class VendorClient:
             except SlotMissed:
                 missed += 1
                 self._budget.missed(stamp)
-                if self._connect_ahead is not None:  # urllib3 closed the connection
-                    self._connect_ahead(
-                        request,
-                        verify=self._verify,
-                        cert=None,
-                        connect_timeout=self._connect_timeout,
-                    )
                 continue
             except TRANSIENT_EXCEPTIONS as exc:
                 self._stats.add(calls=1, failures=1, latency_total=time.perf_counter() - started)

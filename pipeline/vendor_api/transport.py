@@ -40,8 +40,8 @@ TRANSIENT_EXCEPTIONS: tuple[type[Exception], ...] = (
 )
 
 
-# When this thread last finished writing a request on a vendor connection (perf_counter),
-# and the latest it may start writing its next one (`send_by`).
+# When this thread last began writing a request on a vendor connection (perf_counter), and
+# the latest it may begin writing its next one (`send_by`).
 _SENT = threading.local()
 
 
@@ -65,8 +65,9 @@ class _TimedRequest:
     Both happen at the socket write (`send`), not around `request`: urllib3 and http.client
     build the request line and headers in Python first, and a thread held meanwhile (a
     sandbox out of its CPU share) is late by the time it writes, not when it began.
-    Measured in the AWS-mode bench (2026-12-03, 200 calls/s): checked before `request`, 5-13
-    calls a run were stopped and 10-43 still left late; at the write, see docs/benchmarks.md.
+    Measured in the AWS-mode bench (2026-12-03, 200 calls/s): checked as `request` began,
+    6-38 calls a run were stopped and 39-132 still left late; at the write, none was counted
+    late (docs/benchmarks.md says what that count cannot see).
     """
 
     _send_by: float | None = None
@@ -106,8 +107,8 @@ _TIMED: dict[type[Any], type[Any]] = {
 
 def sent_at() -> float | None:
     """When this thread's last request on a vendor connection began its write, in one
-    piece (time.perf_counter), once: None if none was since the last ask (a test double answered,
-    or the request failed before it was written)."""
+    piece (time.perf_counter), once: None if none was since the last ask (a test double
+    answered, or the request failed before it was written)."""
     at: float | None = getattr(_SENT, "at", None)
     _SENT.at = None
     return at
